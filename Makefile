@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh clone (with ../shared beside it):
+#   make run    create .venv, install the pinned dependencies, pull the data, run the pipeline
+#   make test   the same set-up, then the test suite
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+# dvc.yaml's stage commands call `python`: make it the project's
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test test-fast setup data bench clean
+
+run: data
+	dvc repro
+
+test: data
+	python -m pytest
+
+test-fast: data
+	python -m pytest -m "not slow"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+data: setup
+	dvc pull data/raw.dvc
+
+clean:
+	rm -rf outputs multirun data/flat models reports/*.json reports/*.csv reports/*.png

@@ -1,0 +1,107 @@
+"""What every stage shares: where files are, how errors are reported, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from omegaconf import DictConfig
+
+from catnet.errors import CatnetError, DataError
+from pipeline import config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+
+config.register()
+log = logging.getLogger("catnet")
+
+
+def resolve(path: str | Path) -> Path:
+    """A path from the config: absolute as given, relative to the project root otherwise."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The files the stages write (the ``outs`` of dvc.yaml), under one root."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> "Outputs":
+        if cfg.paths.out_dir:
+            return cls(resolve(cfg.paths.out_dir))
+        if is_multirun():  # each job of a sweep writes into its own Hydra output dir
+            from hydra.core.hydra_config import HydraConfig
+
+            return cls(Path(HydraConfig.get().runtime.output_dir))
+        return cls(ROOT)
+
+    flat_train = property(lambda s: s.root / "data/flat/train.npz")  # load
+    flat_test = property(lambda s: s.root / "data/flat/test.npz")
+    normalizer = property(lambda s: s.root / "models/normalizer.npz")  # normalize
+    weights = property(lambda s: s.root / "models/weights.npz")  # train
+    run_info = property(lambda s: s.root / "reports/mlflow_run.json")
+    history = property(lambda s: s.root / "reports/train_history.csv")
+    curve = property(lambda s: s.root / "reports/learning_curve.png")
+    metrics = property(lambda s: s.root / "reports/metrics.json")  # evaluate
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through ``write(file)`` into a temporary file beside ``path``, then rename:
+    a stage that fails or is killed never leaves a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+
+
+def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
+    """Arrays written by an earlier stage (never unpickled)."""
+    if not path.exists():
+        raise DataError(f"{path}: not found; run the '{stage}' stage first (dvc repro {stage})")
+    with np.load(path, allow_pickle=False) as f:
+        return dict(f)
+
+
+def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a stage from its Hydra entry point: check the config's values, then do the work.
+
+    A CatnetError (bad file, bad value, divergence) becomes one line on stderr and exit
+    status 2, without a traceback unless HYDRA_FULL_ERROR=1.
+    """
+    try:
+        config.validate(cfg)
+        return task(cfg)
+    except CatnetError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"catnet: error: {e}", file=sys.stderr)
+        sys.exit(2)

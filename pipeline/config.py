@@ -1,0 +1,137 @@
+"""Typed schema of the configuration composed from ``conf/``.
+
+Hydra checks types when it merges the YAML files and the command line (``train.lr=abc``
+fails there); ``validate`` checks values (``train.lr=-1``) before any stage does work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from catnet.errors import ConfigError
+from catnet.network import ACTIVATIONS, INITS, LOSSES
+from catnet.preprocess import METHODS
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class DataConfig:
+    train_path: str = MISSING  # HDF5 file, relative to the project root or absolute
+    test_path: str = MISSING
+    image_shape: list[int] = field(default_factory=lambda: [64, 64, 3])
+
+
+@dataclass
+class NormalizeConfig:
+    method: str = "scale"  # scale: x / divisor; standardize: per-feature, train-set statistics
+    divisor: float = 255.0
+
+
+@dataclass
+class ModelConfig:
+    hidden_sizes: list[int] = MISSING
+    activation: str = "sigmoid"  # hidden layers; the output neuron is always a sigmoid
+    bias: bool = False
+    init: str = "xavier"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    lr: float = MISSING
+    dtype: str = "float32"
+    loss: str = "sse"
+    progress: bool = True  # progress bar when stderr is a terminal (never in multirun)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: sqlite:///<project>/mlruns/mlflow.db
+    experiment: str = "catnet"
+    run_name: Optional[str] = None  # None: the command-line overrides, or MLflow's random name
+    flush_seconds: float = 10.0  # per-epoch metrics are sent in batches at most this often
+
+
+@dataclass
+class PathsConfig:
+    out_dir: Optional[str] = None  # None: the project root (one job) or the job's Hydra dir (multirun)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError, naming the knob, for the first value that is out of range."""
+    if not cfg.data.train_path or not cfg.data.test_path:
+        raise ConfigError("data.train_path and data.test_path must name HDF5 files")
+    shape = list(cfg.data.image_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(f"data.image_shape={shape}: must be positive sizes, e.g. [64,64,3]")
+    _choice("normalize.method", cfg.normalize.method, METHODS)
+    if not cfg.normalize.divisor > 0:
+        raise ConfigError(f"normalize.divisor={cfg.normalize.divisor}: must be > 0")
+    hidden = cfg.model.hidden_sizes
+    if not isinstance(hidden, (list, ListConfig)) or len(hidden) == 0:
+        raise ConfigError(f"model.hidden_sizes={_show(hidden)}: must list at least one layer width, e.g. [20,7]")
+    if any(h < 1 for h in hidden):
+        raise ConfigError(f"model.hidden_sizes={_show(hidden)}: every width must be >= 1")
+    _choice("model.activation", cfg.model.activation, ACTIVATIONS)
+    _choice("model.init", cfg.model.init, INITS)
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: must be >= 1")
+    lr = cfg.train.lr
+    if not (lr > 0 and lr != float("inf")):
+        raise ConfigError(f"train.lr={lr}: must be a finite number > 0")
+    _choice("train.dtype", cfg.train.dtype, DTYPES)
+    _choice("train.loss", cfg.train.loss, LOSSES)
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed}: must be >= 0")
+    if not cfg.tracking.experiment:
+        raise ConfigError("tracking.experiment: must not be empty")
+    if not cfg.tracking.flush_seconds >= 0:
+        raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds}: must be >= 0")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return str(OmegaConf.to_container(value))
+    return str(value)
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """{'model.hidden_sizes': '[20, 7]', 'train.lr': '0.005', ...}: MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out

@@ -1,0 +1,215 @@
+"""The one place that talks to MLflow.
+
+A pipeline execution is one MLflow run. ``open_run`` creates it (train stage) or re-opens it
+by id (evaluate stage, when ``dvc repro`` runs the stages as separate processes), and sets its
+status honestly: FINISHED only when the last stage succeeded, FAILED (or KILLED on Ctrl-C)
+with the reason as a tag when a stage raised. Per-epoch metrics are buffered and sent in
+batches. ``mlflow`` is imported only when tracking is on: it costs over a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from catnet.data import dvc_digest
+from catnet.errors import ConfigError
+from pipeline import config
+from pipeline.common import ROOT, resolve
+
+log = logging.getLogger("catnet")
+
+
+class NullRun:
+    """What the stages log to when ``tracking.enabled=false``: nothing."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float]) -> None: ...
+    def log_artifact(self, path: Path) -> None: ...
+    def flush(self) -> None: ...
+    def end(self, status: str, reason: str | None = None) -> None: ...
+
+
+def store_uri(cfg: DictConfig) -> tuple[str, Path | None]:
+    """(tracking URI, artifact root). SQLite paths become absolute, so Hydra jobs and DVC's
+    temporary runs in other directories all write to the same store."""
+    uri = cfg.tracking.uri or "sqlite:///mlruns/mlflow.db"
+    if uri.startswith("sqlite:///"):
+        db = resolve(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}", db.parent / "artifacts"
+    if uri.startswith(("http://", "https://", "databricks")):
+        return uri, None
+    raise ConfigError(
+        f"tracking.uri={uri!r}: use sqlite:///<path>.db or http(s)://<server> "
+        "(MLflow's file store is not supported)"
+    )
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _run_name(cfg: DictConfig) -> str | None:
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("tracking.")]
+        if overrides:
+            return " ".join(overrides)[:250]
+    return None
+
+
+class MlflowRun(NullRun):
+    def __init__(self, client, run_id: str, tracking_uri: str, flush_seconds: float):
+        self.client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.flush_seconds = flush_seconds
+        self._buffer: list = []
+        self._last_flush = time.monotonic()
+
+    @classmethod
+    def create(cls, cfg: DictConfig) -> "MlflowRun":
+        from mlflow import MlflowClient
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+
+        uri, artifact_root = store_uri(cfg)
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, cfg.tracking.experiment, artifact_root)
+        data_files = [resolve(cfg.data.train_path), resolve(cfg.data.test_path)]
+        digest = dvc_digest(data_files)
+        import numpy
+
+        tags = {
+            "mlflow.source.name": "pipeline",
+            "mlflow.source.type": "LOCAL",
+            "catnet.data.md5": digest,
+            "catnet.seed": str(cfg.seed),
+            "catnet.versions": f"python {platform.python_version()}, numpy {numpy.__version__}",
+        }
+        commit = _git("rev-parse", "HEAD")
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        run = client.create_run(experiment_id, run_name=_run_name(cfg), tags=tags)
+        run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in config.flatten(cfg).items()]
+        client.log_batch(run_id, params=params)
+        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        source = json.dumps({"train": str(data_files[0]), "test": str(data_files[1])})
+        dataset = Dataset(name=data_files[0].parent.name or "data", digest=digest,
+                          source_type="local", source=source)
+        client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        log.info("tracking: MLflow run %s in experiment '%s' (%s)", run_id, cfg.tracking.experiment, uri)
+        return cls(client, run_id, uri, cfg.tracking.flush_seconds)
+
+    @classmethod
+    def attach(cls, cfg: DictConfig, run_id: str, tracking_uri: str) -> "MlflowRun":
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                f"MLflow run {run_id} (written by the train stage) is not in {tracking_uri}; "
+                "re-run training: dvc repro --force train"
+            ) from None
+        return cls(client, run_id, tracking_uri, cfg.tracking.flush_seconds)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, epoch) for k, v in metrics.items())
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self.client.log_batch(self.run_id, metrics=self._buffer)
+            self._buffer = []
+        self._last_flush = time.monotonic()
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        if reason:
+            self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
+        self.client.set_terminated(self.run_id, status)
+
+
+def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = (artifact_root / name).as_uri() if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a parallel job
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"tracking.experiment={name!r}: this experiment is deleted; restore it or pick another name")
+    return exp.experiment_id
+
+
+@contextmanager
+def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True) -> Iterator[NullRun]:
+    """The run the stages inside the block log to.
+
+    ``resume``: the run info the train stage wrote ({'run_id', 'tracking_uri'}), to continue
+    that run instead of creating one. On success the run is FINISHED if ``finish``, else left
+    RUNNING for the next stage. On any exception it is FAILED (KILLED for Ctrl-C) and the
+    reason is tagged ``catnet.failure``; the exception propagates.
+    """
+    if not cfg.tracking.enabled:
+        yield NullRun()
+        return
+    if resume is not None:
+        if not resume.get("run_id"):  # training ran with tracking off
+            yield NullRun()
+            return
+        run = MlflowRun.attach(cfg, resume["run_id"], resume["tracking_uri"])
+    else:
+        run = MlflowRun.create(cfg)
+    try:
+        yield run
+        run.flush()
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            run.flush()
+        finally:
+            run.end(status, reason=f"{type(e).__name__}: {e}")
+        raise
+    if finish:
+        run.end("FINISHED")

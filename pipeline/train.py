@@ -1,0 +1,127 @@
+"""Stage ``train``: train the network by full-batch gradient descent, log it to MLflow.
+
+Writes models/weights.npz (W1..WL, b1..bL with bias), reports/train_history.csv (the error
+of every epoch, a DVC plot), reports/learning_curve.png and reports/mlflow_run.json (the id
+of the MLflow run, which the evaluate stage continues).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from catnet import network, train as catnet_train
+from catnet.data import Split
+from catnet.network import Network
+from catnet.preprocess import Normalizer
+from pipeline import load, normalize, tracking
+from pipeline.common import (
+    CONF_DIR, Outputs, atomic_write, is_multirun, load_npz, log, run_cli, save_json, save_npz,
+)
+
+
+def run(cfg: DictConfig, train: Split, normalizer: Normalizer, mlrun: tracking.NullRun) -> Network:
+    out = Outputs.of(cfg)
+    dtype = np.dtype(cfg.train.dtype)
+    x = normalizer.apply(train.x, dtype)  # (N, D)
+    net = network.init_network(
+        [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
+        activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype,
+    )
+    save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": mlrun.tracking_uri})
+
+    epochs = cfg.train.epochs
+    show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, desc="train", unit="epoch", leave=False, mininterval=0.2)
+
+    def on_epoch(epoch: int, error: float) -> None:
+        mlrun.log_epoch(epoch, {"train/error": error})
+        if bar is not None:
+            bar.update()
+            if epoch % 10 == 0 or epoch == epochs:
+                bar.set_postfix_str(f"error={error:.4f}", refresh=False)
+
+    start = time.perf_counter()
+    try:
+        history = catnet_train.fit(net, x, train.y, epochs=epochs, lr=cfg.train.lr,
+                                   loss=cfg.train.loss, on_epoch=on_epoch)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+
+    save_npz(out.weights, **net.arrays())
+    atomic_write(out.history, lambda f: _write_history(f, history), mode="w")
+    atomic_write(out.curve, lambda f: _plot_curve(f, history, cfg), mode="wb")
+    for path in (out.weights, out.history, out.curve):
+        mlrun.log_artifact(path)
+    log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, error %.4g -> %.4g",
+             epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg), history[0], history[-1])
+    return net
+
+
+def read(cfg: DictConfig) -> Network:
+    arrays = load_npz(Outputs.of(cfg).weights, "train")
+    return Network.from_arrays(arrays, activation=cfg.model.activation)
+
+
+def read_run_info(cfg: DictConfig) -> dict:
+    import json
+
+    path = Outputs.of(cfg).run_info
+    if not path.exists():
+        return {"run_id": None, "tracking_uri": None}
+    return json.loads(path.read_text())
+
+
+def _describe(net: Network, cfg: DictConfig) -> str:
+    sizes = "-".join(map(str, net.layer_sizes))
+    return f"{sizes} {cfg.model.activation}{' +bias' if cfg.model.bias else ''} {cfg.train.dtype}"
+
+
+def _write_history(f, history: np.ndarray) -> None:
+    f.write("epoch,error\n")
+    f.writelines(f"{i},{e:.9g}\n" for i, e in enumerate(history, 1))
+
+
+def _plot_curve(f, history: np.ndarray, cfg: DictConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(np.arange(1, len(history) + 1), history)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"training error ({cfg.train.loss})")
+    ax.set_title(f"hidden {list(cfg.model.hidden_sizes)}, lr {cfg.train.lr}, seed {cfg.seed}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def _stage(cfg: DictConfig) -> None:
+    train_set, _ = load.read(cfg)
+    normalizer = normalize.read(cfg)
+    with tracking.open_run(cfg, finish=False) as mlrun:  # evaluate finishes the run
+        run(cfg, train_set, normalizer, mlrun)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_cli(_stage, cfg)
+
+
+if __name__ == "__main__":
+    main()

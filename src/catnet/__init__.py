@@ -1,0 +1,10 @@
+"""catnet: a from-scratch backpropagation network that tells cats from non-cats.
+
+The library is pure NumPy (plus h5py for loading). It knows nothing of Hydra,
+MLflow or DVC: those live in ``pipeline/``.
+"""
+
+from catnet.errors import CatnetError, ConfigError, DataError, TrainingDiverged
+
+__all__ = ["CatnetError", "ConfigError", "DataError", "TrainingDiverged"]
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""Load and validate the cat / non-cat HDF5 files, flatten the images.
+
+Schema (the one the course material ships): a file holds ``<split>_set_x``, images of
+shape (N, 64, 64, 3) with pixel values 0..255, and ``<split>_set_y``, N labels in {0, 1}
+(1 = cat). A file whose only ``*_set_x`` / ``*_set_y`` pair has another prefix is accepted
+too, so any file in the same schema can be used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catnet.errors import DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    """One set of images and labels."""
+
+    x: np.ndarray  # (N, H, W, C) uint8 images, or (N, H*W*C) once flattened
+    y: np.ndarray  # (N,) uint8 labels, 1 = cat
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _find_key(keys: list[str], split: str, suffix: str, path: Path) -> str:
+    preferred = f"{split}_set_{suffix}"
+    if preferred in keys:
+        return preferred
+    candidates = [k for k in keys if k.endswith(f"_set_{suffix}")]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise DataError(
+        f"{path}: no dataset '{preferred}' (datasets in file: {', '.join(sorted(keys)) or 'none'})"
+    )
+
+
+def load_split(path: str | Path, split: str, image_shape: tuple[int, ...]) -> Split:
+    """Read and validate one HDF5 file. ``split`` is 'train' or 'test'."""
+    import h5py  # imported here: only the load stage needs it
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{path}: not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = [k for k in f.keys() if isinstance(f[k], h5py.Dataset)]
+            x_key = _find_key(keys, split, "x", path)
+            y_key = _find_key(keys, split, "y", path)
+            x = f[x_key][()]
+            y = f[y_key][()]
+    except DataError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        raise DataError(f"{path}: unreadable HDF5 file (truncated or corrupt?): {e}") from None
+    return Split(x=_check_images(x, x_key, path, image_shape), y=_check_labels(y, y_key, path, len(x)))
+
+
+def _check_images(x: np.ndarray, key: str, path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
+    where = f"{path}:{key}"
+    if x.dtype.kind not in "uif":
+        raise DataError(f"{where}: images must be numbers, got dtype {x.dtype}")
+    if x.ndim != 1 + len(image_shape) or tuple(x.shape[1:]) != tuple(image_shape):
+        raise DataError(
+            f"{where}: expected images of shape (N, {', '.join(map(str, image_shape))}), got {x.shape}"
+        )
+    if len(x) == 0:
+        raise DataError(f"{where}: the set is empty (0 images)")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{where}: {int((~np.isfinite(x)).sum())} pixel values are NaN or infinite")
+    lo, hi = x.min(), x.max()
+    if lo < 0 or hi > 255:
+        raise DataError(f"{where}: pixel values must lie in 0..255, found {lo}..{hi}")
+    if x.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
+        raise DataError(f"{where}: pixel values must be whole numbers 0..255")
+    return x.astype(np.uint8, copy=False)
+
+
+def _check_labels(y: np.ndarray, key: str, path: Path, n_images: int) -> np.ndarray:
+    where = f"{path}:{key}"
+    if y.dtype.kind not in "buif":
+        raise DataError(f"{where}: labels must be numbers, got dtype {y.dtype}")
+    if y.ndim == 2 and 1 in y.shape:  # (1, N) or (N, 1) as some copies store them
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise DataError(f"{where}: expected labels of shape (N,), got {y.shape}")
+    if len(y) != n_images:
+        raise DataError(f"{where}: {len(y)} labels for {n_images} images")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise DataError(f"{where}: labels contain NaN or infinite values")
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        raise DataError(
+            f"{where}: labels must be 0 or 1, found {np.unique(y[bad])[:5].tolist()}"
+        )
+    return y.astype(np.uint8)
+
+
+def load_dataset(
+    train_path: str | Path, test_path: str | Path, image_shape: tuple[int, ...] = (64, 64, 3)
+) -> tuple[Split, Split]:
+    """Load both files and check that they fit together."""
+    train = load_split(train_path, "train", image_shape)
+    test = load_split(test_path, "test", image_shape)
+    if len(np.unique(train.y)) < 2:
+        raise DataError(
+            f"{train_path}: the training set holds only label {int(train.y[0])}; both classes are needed"
+        )
+    return train, test
+
+
+def flatten(split: Split) -> Split:
+    """(N, H, W, C) -> (N, H*W*C), row-major: the pixel triples in order."""
+    return Split(x=np.ascontiguousarray(split.x.reshape(len(split.x), -1)), y=split.y)
+
+
+def dvc_digest(paths: list[str | Path]) -> str:
+    """The md5 DVC gives a directory holding exactly these files (``<md5>.dir`` without suffix).
+
+    For the files of ``data/raw`` this equals the md5 in ``data/raw.dvc``.
+    """
+    entries = []
+    for p in paths:
+        p = Path(p)
+        h = hashlib.md5()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        entries.append({"md5": h.hexdigest(), "relpath": p.name})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries).encode()).hexdigest()

@@ -1,0 +1,25 @@
+"""Errors the pipeline reports as one line (exit status 2) instead of a traceback."""
+
+
+class CatnetError(Exception):
+    """Base class: a problem with the user's input, not a bug."""
+
+
+class DataError(CatnetError):
+    """An input file is missing, unreadable or not in the expected schema."""
+
+
+class ConfigError(CatnetError):
+    """A configuration value has the right type but an invalid value."""
+
+
+class TrainingDiverged(CatnetError):
+    """The training error became NaN or infinite."""
+
+    def __init__(self, epoch: int, error: float):
+        self.epoch = epoch
+        self.error = error
+        super().__init__(
+            f"training diverged at epoch {epoch}: error is {error} "
+            "(try a smaller train.lr)"
+        )

@@ -1,0 +1,45 @@
+"""Normalization fitted on the training set and applied to any set: x' = (x - shift) / scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from catnet.errors import ConfigError
+
+METHODS = ("scale", "standardize")
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    method: str
+    shift: np.ndarray  # (D,) float64, subtracted from every image
+    scale: np.ndarray  # (D,) float64, divides every image
+
+    def apply(self, x: np.ndarray, dtype: str | np.dtype = np.float32) -> np.ndarray:
+        """(N, D) pixels -> (N, D) network inputs of ``dtype``, a fresh C-contiguous array."""
+        out = x.astype(np.float64)  # exact for uint8, so float32 and float64 runs see the same inputs
+        out -= self.shift
+        out /= self.scale
+        return out.astype(dtype, copy=False)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"method": np.array(self.method), "shift": self.shift, "scale": self.scale}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Normalizer":
+        return cls(method=str(arrays["method"]), shift=arrays["shift"], scale=arrays["scale"])
+
+
+def fit(x_train: np.ndarray, method: str = "scale", divisor: float = 255.0, eps: float = 1e-8) -> Normalizer:
+    """``scale``: divide by ``divisor`` (the seed's x/255). ``standardize``: per-feature mean and
+    standard deviation of the training images (features that never vary are only centred)."""
+    d = x_train.shape[1]
+    if method == "scale":
+        return Normalizer(method, np.zeros(d), np.full(d, float(divisor)))
+    if method == "standardize":
+        x = x_train.astype(np.float64)
+        std = x.std(axis=0)
+        return Normalizer(method, x.mean(axis=0), np.where(std > eps, std, 1.0))
+    raise ConfigError(f"normalize.method={method!r}: must be one of {', '.join(METHODS)}")

@@ -1,0 +1,54 @@
+"""Full-batch gradient descent, epoch after epoch."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from catnet.errors import ConfigError, TrainingDiverged
+from catnet.network import LOSSES, Network, backward, check_choice, forward, loss_value
+
+
+def fit(
+    net: Network,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    loss: str = "sse",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> np.ndarray:
+    """Train ``net`` in place; return the error of every epoch (before that epoch's update).
+
+    x: (N, D) inputs, y: (N,) labels in {0, 1}. Each epoch: forward pass over all N images,
+    E = loss over the set, backward pass, W <- W - lr * dE/dW. ``on_epoch(epoch, error)`` is
+    called after each update (epoch counts from 1). Raises TrainingDiverged when the error
+    becomes NaN or infinite.
+    """
+    check_choice("train.loss", loss, LOSSES)
+    if epochs < 1:
+        raise ConfigError(f"train.epochs={epochs}: must be >= 1")
+    if not lr > 0:
+        raise ConfigError(f"train.lr={lr}: must be > 0")
+    dtype = net.weights[0].dtype
+    x = np.ascontiguousarray(x, dtype=dtype)
+    y = np.asarray(y, dtype=dtype).reshape(-1, 1)  # (N, 1), like the output layer
+    history = np.empty(epochs)
+    for epoch in range(1, epochs + 1):
+        acts = forward(net, x)
+        error = loss_value(acts[-1], y, loss)
+        if not np.isfinite(error):
+            raise TrainingDiverged(epoch, error)
+        grads_w, grads_b = backward(net, x, acts, y, loss)
+        for w, g in zip(net.weights, grads_w):
+            g *= lr
+            w -= g
+        if grads_b is not None:
+            for b, g in zip(net.biases, grads_b):
+                b -= lr * g
+        history[epoch - 1] = error
+        if on_epoch is not None:
+            on_epoch(epoch, error)
+    return history
