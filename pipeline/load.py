@@ -14,7 +14,8 @@ from pipeline.common import CONF_DIR, Outputs, load_npz, log, resolve, run_cli, 
 
 def run(cfg: DictConfig) -> tuple[Split, Split]:
     train, test = load_dataset(
-        resolve(cfg.data.train_path), resolve(cfg.data.test_path), tuple(cfg.data.image_shape)
+        resolve(cfg.data.train_path), resolve(cfg.data.test_path), tuple(cfg.data.image_shape),
+        names=(f"data.train_path={cfg.data.train_path}", f"data.test_path={cfg.data.test_path}"),
     )
     train, test = flatten(train), flatten(test)
     out = Outputs.of(cfg)

@@ -71,7 +71,7 @@ def _run_name(cfg: DictConfig) -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("tracking.")]
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("tracking.", "paths.", "hydra"))]
         if overrides:
             return " ".join(overrides)[:250]
     return None

@@ -29,7 +29,7 @@ class Split:
         return len(self.y)
 
 
-def _find_key(keys: list[str], split: str, suffix: str, path: Path) -> str:
+def _find_key(keys: list[str], split: str, suffix: str, path: str) -> str:
     preferred = f"{split}_set_{suffix}"
     if preferred in keys:
         return preferred
@@ -41,35 +41,37 @@ def _find_key(keys: list[str], split: str, suffix: str, path: Path) -> str:
     )
 
 
-def load_split(path: str | Path, split: str, image_shape: tuple[int, ...]) -> Split:
-    """Read and validate one HDF5 file. ``split`` is 'train' or 'test'."""
+def load_split(path: str | Path, split: str, image_shape: tuple[int, ...], name: str | None = None) -> Split:
+    """Read and validate one HDF5 file. ``split`` is 'train' or 'test'; ``name`` is how error
+    messages call the file (default: its path)."""
     import h5py  # imported here: only the load stage needs it
 
     path = Path(path)
+    shown = name or str(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{shown}: file not found")
     if not path.is_file():
-        raise DataError(f"{path}: not a file")
+        raise DataError(f"{shown}: not a file")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{shown}: file is empty")
     if not h5py.is_hdf5(path):
-        raise DataError(f"{path}: not an HDF5 file")
+        raise DataError(f"{shown}: not an HDF5 file")
     try:
         with h5py.File(path, "r") as f:
             keys = [k for k in f.keys() if isinstance(f[k], h5py.Dataset)]
-            x_key = _find_key(keys, split, "x", path)
-            y_key = _find_key(keys, split, "y", path)
+            x_key = _find_key(keys, split, "x", shown)
+            y_key = _find_key(keys, split, "y", shown)
             x = f[x_key][()]
             y = f[y_key][()]
     except DataError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise DataError(f"{path}: unreadable HDF5 file (truncated or corrupt?): {e}") from None
-    return Split(x=_check_images(x, x_key, path, image_shape), y=_check_labels(y, y_key, path, len(x)))
+        raise DataError(f"{shown}: unreadable HDF5 file (truncated or corrupt?): {e}") from None
+    return Split(x=_check_images(x, x_key, shown, image_shape), y=_check_labels(y, y_key, shown, len(x)))
 
 
-def _check_images(x: np.ndarray, key: str, path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
-    where = f"{path}:{key}"
+def _check_images(x: np.ndarray, key: str, path: str, image_shape: tuple[int, ...]) -> np.ndarray:
+    where = f"{path} (dataset '{key}')"
     if x.dtype.kind not in "uif":
         raise DataError(f"{where}: images must be numbers, got dtype {x.dtype}")
     if x.ndim != 1 + len(image_shape) or tuple(x.shape[1:]) != tuple(image_shape):
@@ -88,8 +90,8 @@ def _check_images(x: np.ndarray, key: str, path: Path, image_shape: tuple[int, .
     return x.astype(np.uint8, copy=False)
 
 
-def _check_labels(y: np.ndarray, key: str, path: Path, n_images: int) -> np.ndarray:
-    where = f"{path}:{key}"
+def _check_labels(y: np.ndarray, key: str, path: str, n_images: int) -> np.ndarray:
+    where = f"{path} (dataset '{key}')"
     if y.dtype.kind not in "buif":
         raise DataError(f"{where}: labels must be numbers, got dtype {y.dtype}")
     if y.ndim == 2 and 1 in y.shape:  # (1, N) or (N, 1) as some copies store them
@@ -109,14 +111,16 @@ def _check_labels(y: np.ndarray, key: str, path: Path, n_images: int) -> np.ndar
 
 
 def load_dataset(
-    train_path: str | Path, test_path: str | Path, image_shape: tuple[int, ...] = (64, 64, 3)
+    train_path: str | Path, test_path: str | Path, image_shape: tuple[int, ...] = (64, 64, 3),
+    names: tuple[str, str] | None = None,
 ) -> tuple[Split, Split]:
-    """Load both files and check that they fit together."""
-    train = load_split(train_path, "train", image_shape)
-    test = load_split(test_path, "test", image_shape)
+    """Load both files and check that they fit together. ``names``: how messages call them."""
+    train_name, test_name = names or (str(train_path), str(test_path))
+    train = load_split(train_path, "train", image_shape, train_name)
+    test = load_split(test_path, "test", image_shape, test_name)
     if len(np.unique(train.y)) < 2:
         raise DataError(
-            f"{train_path}: the training set holds only label {int(train.y[0])}; both classes are needed"
+            f"{train_name}: the training set holds only label {int(train.y[0])}; both classes are needed"
         )
     return train, test
 

@@ -1,0 +1,94 @@
+"""Shared fixtures: small HDF5 files made on the spot, the composed config, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.common import CONF_DIR, ROOT
+
+REAL_TRAIN = ROOT / "data/raw/train_catvnoncat.h5"
+REAL_TEST = ROOT / "data/raw/test_catvnoncat.h5"
+
+
+def write_h5(path: Path, x, y, split: str = "train", extra: dict | None = None) -> Path:
+    """An HDF5 file in the catvnoncat schema: <split>_set_x, <split>_set_y, list_classes."""
+    with h5py.File(path, "w") as f:
+        if x is not None:
+            f[f"{split}_set_x"] = x
+        if y is not None:
+            f[f"{split}_set_y"] = y
+        f["list_classes"] = np.array([b"non-cat", b"cat"])
+        for k, v in (extra or {}).items():
+            f[k] = v
+    return path
+
+
+def make_images(n: int, rng: np.random.Generator, shape=(64, 64, 3)) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 images, both classes present: cats are brighter, so a net can learn them."""
+    y = np.arange(n) % 2
+    x = rng.integers(0, 128, size=(n, *shape)).astype(np.uint8)
+    x[y == 1] += 100
+    return x, y.astype(np.int64)
+
+
+@pytest.fixture
+def small_data(tmp_path) -> tuple[Path, Path]:
+    """A small learnable data set in two files (train 40 images, test 12), 8x8x3 images."""
+    rng = np.random.default_rng(0)
+    x, y = make_images(40, rng, (8, 8, 3))
+    xt, yt = make_images(12, rng, (8, 8, 3))
+    return (write_h5(tmp_path / "train.h5", x, y, "train"), write_h5(tmp_path / "test.h5", xt, yt, "test"))
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides): the config exactly as the CLI composes it."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_cli(*args: str, module: str = "pipeline", env: dict | None = None, check: bool = True):
+    """Run ``python -m <module> <args>`` from the project root, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A temporary MLflow store and output folder: the overrides that point a run at them."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    return {
+        "uri": f"sqlite:///{db}",
+        "out": tmp_path / "out",
+        "args": [f"tracking.uri=sqlite:///{db}", f"paths.out_dir={tmp_path / 'out'}", "tracking.experiment=test"],
+    }
+
+
+def runs_of(uri: str, experiment: str = "test"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

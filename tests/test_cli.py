@@ -1,0 +1,131 @@
+"""The pipeline as a user runs it: the CLI on the real data, a temporary MLflow store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import REAL_TEST, REAL_TRAIN, make_images, read_json, run_cli, runs_of, write_h5
+
+from pipeline.common import ROOT
+
+pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+
+
+def test_one_process_run_is_fully_recorded(store):
+    proc = run_cli("train.epochs=30", "model.hidden_sizes=[6,3]", *store["args"])
+    assert "load: 209 train images" in proc.stderr + proc.stdout
+    client, runs = runs_of(store["uri"])
+    assert len(runs) == 1
+    run = runs[0]
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_sizes"] == "[6, 3]"
+    assert run.data.params["train.epochs"] == "30" and run.data.params["model.activation"] == "sigmoid"
+    history = client.get_metric_history(rid, "train/error")
+    assert sorted(m.step for m in history) == list(range(1, 31))
+    for key in ("train/accuracy", "test/accuracy", "test/error", "test/precision", "test/recall"):
+        assert key in run.data.metrics
+    assert run.info.run_name == "train.epochs=30 model.hidden_sizes=[6,3]"
+    # the tags and input that make the run reproducible
+    assert run.data.tags["catnet.data.md5"] == "7cabf6ba16c3e599c4eec990b3fb2f26"
+    assert run.inputs.dataset_inputs[0].dataset.digest == "7cabf6ba16c3e599c4eec990b3fb2f26"
+    assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
+    names = {a.path for a in client.list_artifacts(rid)}
+    assert {"weights.npz", "config.yaml", "learning_curve.png"} <= names
+    local = client.download_artifacts(rid, "weights.npz", str(store["out"].parent))
+    with np.load(local, allow_pickle=False) as w:
+        assert sorted(w) == ["W1", "W2", "W3"]
+        assert [w[k].shape for k in ("W1", "W2", "W3")] == [(12288, 6), (6, 3), (3, 1)]
+        assert w["W1"].dtype == np.float32
+    metrics = read_json(store["out"] / "reports/metrics.json")
+    assert metrics["test"]["accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
+    assert sum(metrics["test"]["confusion"].values()) == 50
+    assert (store["out"] / "reports/train_history.csv").read_text().count("\n") == 31
+
+
+def test_stages_in_separate_processes_share_one_run(store):
+    for stage in ("load", "normalize", "train", "evaluate"):
+        run_cli("train.epochs=5", "model.hidden_sizes=[4,2]", *store["args"], module=f"pipeline.{stage}")
+    client, runs = runs_of(store["uri"])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 5
+    assert "test/accuracy" in runs[0].data.metrics
+
+
+def _independent_gradients(weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """dE/dW for E = 1/2 sum (y - h)^2, sigmoid everywhere, no bias, written out unit by unit
+    in the textbook form, separately from catnet.network."""
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    outs = [x]
+    for w in weights:
+        outs.append(sig(outs[-1] @ w))
+    delta = -(y - outs[-1]) * outs[-1] * (1 - outs[-1])  # dE/dnet at the output
+    grads = []
+    for l in range(len(weights) - 1, -1, -1):
+        grads.insert(0, outs[l].T @ delta)
+        delta = (delta @ weights[l].T) * outs[l] * (1 - outs[l])
+    return grads
+
+
+def test_cli_weights_follow_the_textbook_gradient(tmp_path):
+    """Weights after epoch 1 and 2 (float64): W(2) = W(1) - lr * dE/dW at W(1)."""
+    import h5py
+
+    lr, w = 0.005, {}
+    for epochs in (1, 2):
+        out = tmp_path / f"e{epochs}"
+        run_cli(f"train.epochs={epochs}", "train.dtype=float64", f"train.lr={lr}", "tracking.enabled=false",
+                f"paths.out_dir={out}")
+        with np.load(out / "models/weights.npz", allow_pickle=False) as f:
+            w[epochs] = [f[f"W{i}"] for i in range(1, 4)]
+    with h5py.File(REAL_TRAIN) as f:
+        x = f["train_set_x"][()].reshape(209, -1) / 255.0
+        y = f["train_set_y"][()].reshape(-1, 1).astype(np.float64)
+    grads = _independent_gradients(w[1], x, y)
+    for w1, w2, g in zip(w[1], w[2], grads):
+        step = (w1 - w2) / lr
+        assert np.linalg.norm(step - g) / np.linalg.norm(g) < 1e-6
+
+
+def test_same_seed_gives_identical_weights(tmp_path):
+    arrays = []
+    for name in ("a", "b"):
+        run_cli("train.epochs=20", "tracking.enabled=false", f"paths.out_dir={tmp_path / name}")
+        with np.load(tmp_path / name / "models/weights.npz", allow_pickle=False) as f:
+            arrays.append({k: f[k] for k in f})
+    assert all(np.array_equal(arrays[0][k], arrays[1][k]) for k in arrays[0])
+
+
+def test_runs_on_another_dataset_in_the_same_schema(tmp_path, store):
+    rng = np.random.default_rng(5)
+    train = write_h5(tmp_path / "mine_train.h5", *make_images(30, rng), "train")
+    test = write_h5(tmp_path / "mine_test.h5", *make_images(10, rng), "test")
+    run_cli(f"data.train_path={train}", f"data.test_path={test}", "train.epochs=40", *store["args"])
+    metrics = read_json(store["out"] / "reports/metrics.json")
+    assert sum(metrics["test"]["confusion"].values()) == 10
+    _, runs = runs_of(store["uri"])
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["data.train_path"] == str(train)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["data.train_path=missing.h5"], "data.train_path=missing.h5: file not found"),
+    (["data.test_path=dvc.yaml"], "data.test_path=dvc.yaml: not an HDF5 file"),
+    (["train.lr=-1"], "train.lr=-1.0: must be a finite number > 0"),
+    (["train.epochs=0"], "train.epochs=0: must be >= 1"),
+    (["model.hidden_sizes=[]"], "model.hidden_sizes=[]: must list at least one layer width"),
+    (["model.activation=gelu"], "model.activation='gelu': must be one of"),
+])
+def test_bad_input_fails_cleanly(store, args, expected):
+    proc = run_cli(*args, *store["args"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"catnet: error: {expected}")
+    assert "Traceback" not in proc.stderr
+    assert not (store["out"] / "models/weights.npz").exists()
+    _, runs = runs_of(store["uri"])
+    assert all(r.info.status != "FINISHED" for r in runs)
+
+
+def test_wrong_type_fails_before_any_work(store):
+    proc = run_cli("train.lr=abc", *store["args"], check=False)
+    assert proc.returncode != 0 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert not store["out"].exists()

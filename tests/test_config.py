@@ -1,0 +1,63 @@
+"""Every config in conf/ composes; bad values are refused before any work, naming the knob."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from catnet.errors import ConfigError
+from pipeline.common import ROOT
+from pipeline.config import flatten, validate
+
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+
+
+def test_default_is_the_seed_network(compose_cfg):
+    cfg = compose_cfg()
+    validate(cfg)
+    assert cfg.model.activation == "sigmoid" and cfg.model.bias is False
+    assert len(cfg.model.hidden_sizes) == 2
+    assert cfg.train.loss == "sse" and cfg.normalize.method == "scale" and cfg.normalize.divisor == 255
+    assert cfg.train.dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={p.stem}" for g in GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))],
+)
+def test_every_config_composes_and_validates(compose_cfg, override):
+    validate(compose_cfg(override))
+
+
+def test_public_overrides_reach_the_config(compose_cfg):
+    cfg = compose_cfg("seed=3", "model.hidden_sizes=[64,16,4]", "model.activation=tanh", "model.bias=true",
+                      "train.epochs=7", "train.lr=0.01", "train.dtype=float64", "data.train_path=/a.h5",
+                      "data.test_path=b.h5", "tracking.uri=sqlite:///x.db", "tracking.experiment=e",
+                      "tracking.enabled=false")
+    validate(cfg)
+    flat = flatten(cfg)
+    assert flat["model.hidden_sizes"] == "[64, 16, 4]" and flat["train.lr"] == "0.01"
+    assert flat["seed"] == "3" and flat["model.bias"] == "True" and flat["tracking.enabled"] == "False"
+
+
+@pytest.mark.parametrize("override, knob", [
+    ("train.lr=-0.1", "train.lr"), ("train.lr=0", "train.lr"), ("train.lr=nan", "train.lr"),
+    ("train.lr=inf", "train.lr"), ("train.epochs=0", "train.epochs"),
+    ("model.hidden_sizes=[]", "model.hidden_sizes"), ("model.hidden_sizes=[4,0]", "model.hidden_sizes"),
+    ("model.activation=softmax", "model.activation"), ("model.init=zeros", "model.init"),
+    ("train.dtype=float16", "train.dtype"), ("train.loss=hinge", "train.loss"),
+    ("normalize.method=minmax", "normalize.method"), ("seed=-1", "seed"),
+    ("data.image_shape=[]", "data.image_shape"), ("tracking.experiment=''", "tracking.experiment"),
+])
+def test_bad_values_name_the_knob(compose_cfg, override, knob):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(override))
+    assert str(e.value).startswith(knob)
+
+
+@pytest.mark.parametrize("override", ["train.lr=abc", "train.epochs=1.5", "model.bias=maybe",
+                                      "model.hidden_sizes=[a]", "train.lrr=1"])
+def test_wrong_types_and_unknown_keys_fail_at_composition(compose_cfg, override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_cfg(override)

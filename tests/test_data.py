@@ -1,0 +1,137 @@
+"""The loader on small HDF5 files made here: good ones, and every way they can be wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import REAL_TEST, REAL_TRAIN, make_images, write_h5
+
+from catnet.data import dvc_digest, flatten, load_dataset, load_split
+from catnet.errors import DataError
+from catnet.preprocess import fit
+
+SHAPE = (64, 64, 3)
+
+
+@pytest.fixture
+def good(tmp_path):
+    x, y = make_images(6, np.random.default_rng(0))
+    return x, y, write_h5(tmp_path / "good.h5", x, y, "train")
+
+
+def test_loads_a_good_file(good):
+    x, y, path = good
+    split = load_split(path, "train", SHAPE)
+    assert split.x.dtype == np.uint8 and split.x.shape == (6, 64, 64, 3)
+    assert np.array_equal(split.x, x) and split.y.tolist() == y.tolist()
+
+
+def test_flatten_is_row_major_pixel_triples(good):
+    x, _, path = good
+    flat = flatten(load_split(path, "train", SHAPE))
+    assert flat.x.shape == (6, 12288) and flat.x.flags.c_contiguous
+    i, r, c, ch = 4, 10, 33, 2
+    assert flat.x[i, (r * 64 + c) * 3 + ch] == x[i, r, c, ch]
+    assert flat.x[i, :3].tolist() == x[i, 0, 0].tolist()  # first pixel's R, G, B
+
+
+def test_other_prefix_and_row_labels_are_accepted(tmp_path):
+    x, y = make_images(4, np.random.default_rng(1))
+    path = write_h5(tmp_path / "other.h5", x, y.reshape(1, -1), "dev")
+    assert load_split(path, "test", SHAPE).y.tolist() == y.tolist()
+
+
+def test_scale_normalization_is_x_over_255(good):
+    _, _, path = good
+    flat = flatten(load_split(path, "train", SHAPE))
+    norm = fit(flat.x)
+    np.testing.assert_array_equal(norm.apply(flat.x, np.float64), flat.x / 255.0)
+    assert norm.apply(flat.x).dtype == np.float32
+
+
+def test_standardize_uses_training_statistics(good):
+    _, _, path = good
+    flat = flatten(load_split(path, "train", SHAPE))
+    z = fit(flat.x, "standardize").apply(flat.x, np.float64)
+    varying = flat.x.std(0) > 0
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-9)
+    np.testing.assert_allclose(z[:, varying].std(0), 1, atol=1e-9)
+
+
+def _bad_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = make_images(6, rng)
+    cases = {}
+
+    def h5(name, *args, **kw):
+        cases[name] = write_h5(tmp_path / f"{name.replace('/', '_')}.h5", *args, **kw)
+
+    (tmp_path / "empty.h5").write_bytes(b"")
+    cases["empty file"] = tmp_path / "empty.h5"
+    (tmp_path / "text.h5").write_text("not hdf5 at all\n" * 100)
+    cases["not HDF5"] = tmp_path / "text.h5"
+    write_h5(tmp_path / "full.h5", x, y)
+    data = (tmp_path / "full.h5").read_bytes()
+    (tmp_path / "truncated.h5").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = tmp_path / "truncated.h5"
+    h5("no images", None, y)
+    h5("no labels", x, None)
+    h5("wrong image shape", rng.integers(0, 255, (6, 32, 32, 3)).astype(np.uint8), y)
+    h5("wrong rank", x.reshape(6, -1), y)
+    h5("strings as images", np.array([b"a"] * 6), y)
+    h5("pixels above 255", x.astype(np.int64) + 200, y)
+    h5("negative pixels", x.astype(np.int64) - 200, y)
+    nan = x.astype(np.float64)
+    nan[0, 0, 0, 0] = np.nan
+    h5("non-finite pixels", nan, y)
+    h5("labels outside 0/1", x, np.array([0, 1, 2, 0, 1, 0]))
+    h5("fewer labels than images", x, y[:4])
+    h5("empty set", x[:0], y[:0])
+    h5("one class only", x, np.ones(6, dtype=np.int64))
+    return cases
+
+
+EXPECTED = {
+    "empty file": "empty", "not HDF5": "not an HDF5 file", "truncated": "HDF5",
+    "no images": "no dataset 'train_set_x'", "no labels": "no dataset 'train_set_y'",
+    "wrong image shape": "expected images of shape", "wrong rank": "expected images of shape",
+    "strings as images": "must be numbers", "pixels above 255": "0..255", "negative pixels": "0..255",
+    "non-finite pixels": "NaN or infinite", "labels outside 0/1": "must be 0 or 1",
+    "fewer labels than images": "4 labels for 6 images", "empty set": "empty",
+    "one class only": "only label 1",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_file_gives_one_clear_line(tmp_path, case):
+    bad = _bad_files(tmp_path)[case]
+    x, y = make_images(6, np.random.default_rng(2))
+    good_test = write_h5(tmp_path / "test_ok.h5", x, y, "test")
+    with pytest.raises(DataError) as e:
+        load_dataset(bad, good_test, SHAPE, names=("data.train_path=bad.h5", "data.test_path=t.h5"))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("data.train_path=bad.h5")
+    assert EXPECTED[case] in msg
+
+
+def test_missing_file_and_train_test_mismatch(tmp_path):
+    x, y = make_images(6, np.random.default_rng(0))
+    train = write_h5(tmp_path / "train.h5", x, y, "train")
+    with pytest.raises(DataError, match="file not found"):
+        load_dataset(train, tmp_path / "nowhere.h5", SHAPE)
+    small = write_h5(tmp_path / "small.h5", x[:, :32, :32], y, "test")
+    with pytest.raises(DataError, match=r"small.h5.*expected images of shape \(N, 64, 64, 3\)"):
+        load_dataset(train, small, SHAPE)
+
+
+@pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+def test_real_data_and_its_dvc_digest():
+    import yaml
+
+    from pipeline.common import ROOT
+
+    train, test = load_dataset(REAL_TRAIN, REAL_TEST, SHAPE)
+    assert (len(train), len(test), int(train.y.sum())) == (209, 50, 72)
+    tracked = yaml.safe_load((ROOT / "data/raw.dvc").read_text())["outs"][0]["md5"]
+    assert dvc_digest([REAL_TRAIN, REAL_TEST]) + ".dir" == tracked

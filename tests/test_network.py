@@ -1,0 +1,127 @@
+"""The learning math: gradients against finite differences, training, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from catnet import network
+from catnet.network import Network, backward, forward, init_network, loss_value
+from catnet.train import fit
+
+
+def numeric_gradient(net: Network, x, y, loss: str, param: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of the loss with respect to every entry of ``param``."""
+    grad = np.zeros_like(param)
+    for i in np.ndindex(param.shape):
+        old = param[i]
+        param[i] = old + eps
+        plus = loss_value(forward(net, x)[-1], y, loss)
+        param[i] = old - eps
+        minus = loss_value(forward(net, x)[-1], y, loss)
+        param[i] = old
+        grad[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300))
+
+
+@pytest.mark.parametrize("loss", ["sse", "cross_entropy"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_backward_matches_finite_differences(activation, bias, loss):
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, size=(7, 6))
+    y = (rng.uniform(size=(7, 1)) > 0.5).astype(np.float64)
+    net = init_network([6, 5, 4, 1], rng, activation=activation, bias=bias, init="he", dtype=np.float64)
+    if bias:  # non-zero biases, so their gradients are exercised away from the start point
+        for b in net.biases:
+            b[:] = rng.normal(scale=0.3, size=b.shape)
+    grads_w, grads_b = backward(net, x, forward(net, x), y, loss)
+    for l, w in enumerate(net.weights):
+        num = numeric_gradient(net, x, y, loss, w)
+        assert grads_w[l].shape == w.shape
+        assert rel_error(grads_w[l], num) < 1e-6, f"W{l + 1}"
+    for l, b in enumerate(net.biases or []):
+        assert rel_error(grads_b[l], numeric_gradient(net, x, y, loss, b)) < 1e-6, f"b{l + 1}"
+
+
+def test_sse_matches_the_definition():
+    h = np.array([[0.2], [0.9], [0.5]])
+    y = np.array([[0.0], [1.0], [1.0]])
+    assert loss_value(h, y, "sse") == pytest.approx(0.5 * (0.04 + 0.01 + 0.25))
+
+
+def test_forward_shapes_and_sigmoid_output():
+    rng = np.random.default_rng(0)
+    net = init_network([12, 5, 3, 1], rng)
+    acts = forward(net, rng.uniform(size=(4, 12)).astype(np.float32))
+    assert [a.shape for a in acts] == [(4, 5), (4, 3), (4, 1)]
+    assert all(a.dtype == np.float32 for a in acts)
+    assert ((acts[-1] > 0) & (acts[-1] < 1)).all()
+    assert network.sigmoid(np.array([-1000.0, 0.0, 1000.0])).tolist() == [0.0, 0.5, 1.0]
+
+
+def separable_problem(n=60, d=10, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, size=(n, d))
+    y = (x[:, :d // 2].sum(1) > x[:, d // 2:].sum(1)).astype(np.uint8)
+    return x, y
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_training_lowers_the_error_and_learns(activation):
+    x, y = separable_problem()
+    net = init_network([10, 8, 4, 1], np.random.default_rng(0), activation=activation, dtype=np.float64)
+    history = fit(net, x, y, epochs=800, lr=0.05)
+    assert history.shape == (800,)
+    assert history[-1] < 0.3 * history[0]
+    assert history[-1] < history[-100]  # still going down at the end
+    pred = forward(net, x)[-1][:, 0] > 0.5
+    assert (pred == y).mean() >= 0.9
+
+
+def test_each_epoch_is_one_gradient_step():
+    x, y = separable_problem()
+    net = init_network([10, 3, 1], np.random.default_rng(0), dtype=np.float64)
+    before = [w.copy() for w in net.weights]
+    grads, _ = backward(net, x, forward(net, x), y.reshape(-1, 1).astype(np.float64))
+    fit(net, x, y, epochs=1, lr=0.1)
+    for w0, g, w1 in zip(before, grads, net.weights):
+        np.testing.assert_allclose(w1, w0 - 0.1 * g, rtol=0, atol=1e-15)
+
+
+def test_same_seed_same_weights_and_float32_follows_float64():
+    x, y = separable_problem()
+    runs = {}
+    for dtype in ("float32", "float64", "float64"):
+        net = init_network([10, 6, 1], np.random.default_rng(42), dtype=dtype)
+        fit(net, x, y, epochs=20, lr=0.05)
+        runs.setdefault(dtype, []).append(net)
+    a, b = runs["float64"]
+    assert all(np.array_equal(wa, wb) for wa, wb in zip(a.weights, b.weights))
+    for w32, w64 in zip(runs["float32"][0].weights, a.weights):
+        assert w32.dtype == np.float32
+        np.testing.assert_allclose(w32, w64, rtol=1e-4, atol=1e-5)
+
+
+def test_divergence_is_reported_with_its_epoch():
+    from catnet.errors import TrainingDiverged
+
+    x, y = separable_problem()
+    x[3, 2] = np.nan  # one bad input poisons the error of the first epoch
+    net = init_network([10, 6, 1], np.random.default_rng(0), dtype=np.float64)
+    with pytest.raises(TrainingDiverged) as e:
+        fit(net, x, y, epochs=50, lr=0.1)
+    assert e.value.epoch == 1
+    assert "epoch 1" in str(e.value)
+
+
+def test_weights_round_trip_through_arrays():
+    net = init_network([5, 3, 2, 1], np.random.default_rng(0), bias=True)
+    back = Network.from_arrays(net.arrays())
+    assert list(net.arrays()) == ["W1", "W2", "W3", "b1", "b2", "b3"]
+    assert back.layer_sizes == [5, 3, 2, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(back.biases, net.biases))

@@ -1,0 +1,68 @@
+"""The MLflow adapter: honest run status, batched per-epoch metrics, absolute store paths."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REAL_TRAIN, runs_of
+
+from catnet.errors import DataError
+from pipeline import tracking
+
+pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+
+
+@pytest.fixture
+def cfg(compose_cfg, store):
+    return compose_cfg(f"tracking.uri={store['uri']}", "tracking.experiment=test")
+
+
+def test_failure_marks_the_run_failed_with_the_reason(cfg, store):
+    with pytest.raises(DataError):
+        with tracking.open_run(cfg):
+            raise DataError("x.h5: file not found")
+    client, runs = runs_of(store["uri"])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["catnet.failure"] == "DataError: x.h5: file not found"
+
+
+def test_ctrl_c_marks_the_run_killed_and_keeps_the_epochs(cfg, store):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.open_run(cfg) as run:
+            for epoch in range(1, 8):
+                run.log_epoch(epoch, {"train/error": 1.0 / epoch})
+            raise KeyboardInterrupt
+    client, runs = runs_of(store["uri"])
+    assert runs[0].info.status == "KILLED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 7
+
+
+def test_a_run_continued_by_a_later_stage_finishes_once(cfg, store):
+    with tracking.open_run(cfg, finish=False) as run:
+        for epoch in range(1, 2501):  # more than one log_batch call can carry
+            run.log_epoch(epoch, {"train/error": float(epoch)})
+        info = {"run_id": run.run_id, "tracking_uri": run.tracking_uri}
+    client, runs = runs_of(store["uri"])
+    assert runs[0].info.status == "RUNNING"
+    with tracking.open_run(cfg, resume=info) as run:
+        run.log_metrics({"test/accuracy": 0.5})
+    client, runs = runs_of(store["uri"])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(run.run_id, "train/error")) == 2500
+
+
+def test_relative_sqlite_uri_is_made_absolute(compose_cfg):
+    uri, artifacts = tracking.store_uri(compose_cfg())
+    assert uri.startswith("sqlite:////") and uri.endswith("/mlruns/mlflow.db")
+    assert artifacts.is_absolute() and artifacts.parent.name == "mlruns"
+
+
+def test_tracking_off_never_imports_mlflow(compose_cfg):
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline import tracking; from omegaconf import OmegaConf;"
+            "cfg = OmegaConf.create({'tracking': {'enabled': False}});"
+            "cm = tracking.open_run(cfg); run = cm.__enter__(); run.log_epoch(1, {'e': 1.0});"
+            "print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
