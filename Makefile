@@ -6,9 +6,10 @@ BIN    := $(abspath $(VENV))/bin
 # dvc.yaml's stage commands call `python`: make it the project's
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-fast setup data bench clean
+.PHONY: run test test-fast setup setup-cluster data clean
 
 run: data
+	python -m pipeline.params
 	dvc repro
 
 test: data
@@ -23,6 +24,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# the optional `cluster` extra: Ray and SLURM (submitit) launchers for sweeps
+setup-cluster: $(VENV)/.installed-cluster
+
+$(VENV)/.installed-cluster: $(VENV)/.installed requirements-cluster.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-cluster.lock
 	touch $@
 
 data: setup

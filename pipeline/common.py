@@ -19,7 +19,6 @@ from pipeline import config
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 
-config.register()
 log = logging.getLogger("catnet")
 
 
@@ -52,8 +51,8 @@ class Outputs:
             return cls(Path(HydraConfig.get().runtime.output_dir))
         return cls(ROOT)
 
-    flat_train = property(lambda s: s.root / "data/flat/train.npz")  # load
-    flat_test = property(lambda s: s.root / "data/flat/test.npz")
+    flat_dir = property(lambda s: s.root / "data/flat")  # load: train.npz, test.npz, val.npz
+    flat_val = property(lambda s: s.root / "data/flat/val.npz")
     normalizer = property(lambda s: s.root / "models/normalizer.npz")  # normalize
     weights = property(lambda s: s.root / "models/weights.npz")  # train
     run_info = property(lambda s: s.root / "reports/mlflow_run.json")
@@ -91,14 +90,15 @@ def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
-def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool = True) -> Any:
     """Run a stage from its Hydra entry point: check the config's values, then do the work.
 
     A CatnetError (bad file, bad value, divergence) becomes one line on stderr and exit
     status 2, without a traceback unless HYDRA_FULL_ERROR=1.
     """
     try:
-        config.validate(cfg)
+        if validate:
+            cfg = config.prepare(cfg, ROOT)
         return task(cfg)
     except CatnetError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -1,7 +1,10 @@
 """Typed schema of the configuration composed from ``conf/``.
 
-Hydra checks types when it merges the YAML files and the command line (``train.lr=abc``
-fails there); ``validate`` checks values (``train.lr=-1``) before any stage does work.
+``prepare`` turns what Hydra composed into the typed config every stage uses: it checks
+types against the schema below (``train.lr=abc`` fails) and values (``train.lr=-1`` fails)
+before any stage does work, each failure one line naming the knob. The schema is applied
+here rather than from the defaults list so that any Hydra composition of ``conf/`` (DVC's
+``dvc exp run`` composes it too) needs nothing but the YAML files.
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
+import os
+from pathlib import Path
+
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from catnet.errors import ConfigError
 from catnet.network import ACTIVATIONS, INITS, LOSSES
@@ -24,6 +30,8 @@ class DataConfig:
     train_path: str = MISSING  # HDF5 file, relative to the project root or absolute
     test_path: str = MISSING
     image_shape: list[int] = field(default_factory=lambda: [64, 64, 3])
+    val_fraction: float = 0.0  # > 0: a stratified validation set carved from the training file
+    split_seed: int = 0  # seeds that split (apart from ``seed``, so the split stays put)
 
 
 @dataclass
@@ -59,6 +67,13 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    objective: str = "val/balanced_accuracy"  # the metric a sweep ranks its jobs by (never a test metric)
+    direction: str = "maximize"  # maximize | minimize
+    fallback: str = "train/balanced_accuracy"  # ranked by when no job logged the objective (val_fraction=0)
+
+
+@dataclass
 class PathsConfig:
     out_dir: Optional[str] = None  # None: the project root (one job) or the job's Hydra dir (multirun)
 
@@ -71,12 +86,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-def register() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
+def prepare(cfg: DictConfig, root: Path | None = None) -> DictConfig:
+    """The composed config, typed and checked. Inside ``dvc exp run`` the stage reads
+    ``params.yaml`` instead, which DVC has just composed from ``conf/`` and the ``-S`` overrides."""
+    if root is not None and os.environ.get("DVC_EXP_BASELINE_REV") and (root / "params.yaml").exists():
+        cfg = OmegaConf.load(root / "params.yaml")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    validate(typed)
+    return typed
 
 
 def _choice(name: str, value: Any, choices) -> None:
@@ -91,6 +116,8 @@ def validate(cfg: DictConfig) -> None:
     shape = list(cfg.data.image_shape)
     if not shape or any(s < 1 for s in shape):
         raise ConfigError(f"data.image_shape={shape}: must be positive sizes, e.g. [64,64,3]")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must lie in [0, 1)")
     _choice("normalize.method", cfg.normalize.method, METHODS)
     if not cfg.normalize.divisor > 0:
         raise ConfigError(f"normalize.divisor={cfg.normalize.divisor}: must be > 0")
@@ -112,6 +139,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed}: must be >= 0")
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment: must not be empty")
+    _choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))
+    if cfg.sweep.objective.startswith("test/"):
+        raise ConfigError(f"sweep.objective={cfg.sweep.objective}: sweeps never optimize a test metric; "
+                          "use val/... with data.val_fraction > 0")
     if not cfg.tracking.flush_seconds >= 0:
         raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds}: must be >= 0")
 

@@ -1,6 +1,7 @@
 """Stage ``load``: read and validate the HDF5 files, flatten every image to a vector.
 
-Writes data/flat/{train,test}.npz: x (N, 12288) uint8, y (N,) uint8.
+Writes data/flat/{train,test}.npz: x (N, 12288) uint8, y (N,) uint8; with
+``data.val_fraction`` > 0 also data/flat/val.npz, carved (stratified) from the training file.
 """
 
 from __future__ import annotations
@@ -8,31 +9,50 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from catnet.data import Split, flatten, load_dataset
+from dataclasses import dataclass
+
+import numpy as np
+
+from catnet.data import Split, flatten, load_dataset, stratified_split
 from pipeline.common import CONF_DIR, Outputs, load_npz, log, resolve, run_cli, save_npz
 
 
-def run(cfg: DictConfig) -> tuple[Split, Split]:
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    test: Split
+    val: Split | None = None
+
+    def named(self) -> list[tuple[str, Split]]:
+        return [(n, s) for n, s in (("train", self.train), ("val", self.val), ("test", self.test)) if s]
+
+
+def run(cfg: DictConfig) -> Splits:
     train, test = load_dataset(
         resolve(cfg.data.train_path), resolve(cfg.data.test_path), tuple(cfg.data.image_shape),
         names=(f"data.train_path={cfg.data.train_path}", f"data.test_path={cfg.data.test_path}"),
     )
-    train, test = flatten(train), flatten(test)
+    splits = Splits(flatten(train), flatten(test))
+    if cfg.data.val_fraction > 0:
+        rest, val = stratified_split(splits.train, cfg.data.val_fraction,
+                                     np.random.default_rng(cfg.data.split_seed))
+        splits = Splits(rest, splits.test, val)
     out = Outputs.of(cfg)
-    save_npz(out.flat_train, x=train.x, y=train.y)
-    save_npz(out.flat_test, x=test.x, y=test.y)
-    log.info(
-        "load: %d train images (%d cats), %d test images (%d cats), %d features each",
-        len(train), int(train.y.sum()), len(test), int(test.y.sum()), train.x.shape[1],
-    )
-    return train, test
+    out.flat_val.unlink(missing_ok=True)
+    for name, split in splits.named():
+        save_npz(out.flat_dir / f"{name}.npz", x=split.x, y=split.y)
+    log.info("load: %s; %d features each", ", ".join(
+        f"{len(s)} {n} images ({int(s.y.sum())} cats)" for n, s in splits.named()), train.x[0].size)
+    return splits
 
 
-def read(cfg: DictConfig) -> tuple[Split, Split]:
+def read(cfg: DictConfig) -> Splits:
     """This stage's outputs, for the stages that run after it in another process."""
     out = Outputs.of(cfg)
-    train, test = load_npz(out.flat_train, "load"), load_npz(out.flat_test, "load")
-    return Split(train["x"], train["y"]), Split(test["x"], test["y"])
+    arrays = {n: load_npz(out.flat_dir / f"{n}.npz", "load") for n in ("train", "test")}
+    if cfg.data.val_fraction > 0:
+        arrays["val"] = load_npz(out.flat_val, "load")
+    return Splits(**{n: Split(a["x"], a["y"]) for n, a in arrays.items()})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

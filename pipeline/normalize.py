@@ -30,7 +30,7 @@ def read(cfg: DictConfig) -> Normalizer:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_cli(lambda c: run(c, load.read(c)[0]), cfg)
+    run_cli(lambda c: run(c, load.read(c).train), cfg)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -24,6 +25,7 @@ from catnet.data import dvc_digest
 from catnet.errors import ConfigError
 from pipeline import config
 from pipeline.common import ROOT, resolve
+from pipeline.sweep import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger("catnet")
 
@@ -46,7 +48,9 @@ def store_uri(cfg: DictConfig) -> tuple[str, Path | None]:
     temporary runs in other directories all write to the same store."""
     uri = cfg.tracking.uri or "sqlite:///mlruns/mlflow.db"
     if uri.startswith("sqlite:///"):
-        db = resolve(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///"):]).expanduser()
+        # relative to the project; inside `dvc exp run --temp`, to the project DVC runs for
+        db = path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or ROOT) / path
         db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{db}", db.parent / "artifacts"
     if uri.startswith(("http://", "https://", "databricks")):
@@ -72,6 +76,9 @@ def _run_name(cfg: DictConfig) -> str | None:
 
     if HydraConfig.initialized():
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("tracking.", "paths.", "hydra"))]
+        swept = os.environ.get(SWEPT_ENV)
+        if swept:  # a sweep's child: named by the values it sweeps
+            overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept.split(",")]
         if overrides:
             return " ".join(overrides)[:250]
     return None
@@ -88,27 +95,21 @@ class MlflowRun(NullRun):
 
     @classmethod
     def create(cls, cfg: DictConfig) -> "MlflowRun":
-        from mlflow import MlflowClient
         from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
-        uri, artifact_root = store_uri(cfg)
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, cfg.tracking.experiment, artifact_root)
+        client, experiment_id = client_and_experiment(cfg)
         data_files = [resolve(cfg.data.train_path), resolve(cfg.data.test_path)]
         digest = dvc_digest(data_files)
-        import numpy
-
         tags = {
             "mlflow.source.name": "pipeline",
             "mlflow.source.type": "LOCAL",
             "catnet.data.md5": digest,
             "catnet.seed": str(cfg.seed),
-            "catnet.versions": f"python {platform.python_version()}, numpy {numpy.__version__}",
+            **provenance_tags(),
         }
-        commit = _git("rev-parse", "HEAD")
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-            tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=_run_name(cfg), tags=tags)
         run_id = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in config.flatten(cfg).items()]
@@ -118,8 +119,9 @@ class MlflowRun(NullRun):
         dataset = Dataset(name=data_files[0].parent.name or "data", digest=digest,
                           source_type="local", source=source)
         client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
-        log.info("tracking: MLflow run %s in experiment '%s' (%s)", run_id, cfg.tracking.experiment, uri)
-        return cls(client, run_id, uri, cfg.tracking.flush_seconds)
+        log.info("tracking: MLflow run %s in experiment '%s' (%s)", run_id, cfg.tracking.experiment,
+                 client.tracking_uri)
+        return cls(client, run_id, client.tracking_uri, cfg.tracking.flush_seconds)
 
     @classmethod
     def attach(cls, cfg: DictConfig, run_id: str, tracking_uri: str) -> "MlflowRun":
@@ -163,6 +165,28 @@ class MlflowRun(NullRun):
         if reason:
             self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
         self.client.set_terminated(self.run_id, status)
+
+
+def provenance_tags() -> dict[str, str]:
+    """What it takes to reproduce a run: the code's commit and the package versions."""
+    import importlib.metadata as md
+
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "h5py", "hydra-core", "mlflow"))
+    tags = {"catnet.versions": f"python {platform.python_version()}, {versions}"}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    return tags
+
+
+def client_and_experiment(cfg: DictConfig):
+    """An MlflowClient on the configured store (created if new) and the experiment's id."""
+    from mlflow import MlflowClient
+
+    uri, artifact_root = store_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    return client, _experiment_id(client, cfg.tracking.experiment, artifact_root)
 
 
 def _experiment_id(client, name: str, artifact_root: Path | None) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from catnet import network, train as catnet_train
-from catnet.data import Split
 from catnet.network import Network
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking
@@ -24,11 +23,15 @@ from pipeline.common import (
     CONF_DIR, Outputs, atomic_write, is_multirun, load_npz, log, run_cli, save_json, save_npz,
 )
 
+METRIC = {"error": "train/error", "val_error": "val/error"}  # per-epoch MLflow metric names
 
-def run(cfg: DictConfig, train: Split, normalizer: Normalizer, mlrun: tracking.NullRun) -> Network:
+
+def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tracking.NullRun) -> Network:
     out = Outputs.of(cfg)
     dtype = np.dtype(cfg.train.dtype)
+    train = splits.train
     x = normalizer.apply(train.x, dtype)  # (N, D)
+    val = (normalizer.apply(splits.val.x, dtype), splits.val.y) if splits.val else None
     net = network.init_network(
         [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
         activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype,
@@ -43,17 +46,17 @@ def run(cfg: DictConfig, train: Split, normalizer: Normalizer, mlrun: tracking.N
 
         bar = tqdm(total=epochs, desc="train", unit="epoch", leave=False, mininterval=0.2)
 
-    def on_epoch(epoch: int, error: float) -> None:
-        mlrun.log_epoch(epoch, {"train/error": error})
+    def on_epoch(epoch: int, errors: dict[str, float]) -> None:
+        mlrun.log_epoch(epoch, {METRIC[k]: v for k, v in errors.items()})
         if bar is not None:
             bar.update()
             if epoch % 10 == 0 or epoch == epochs:
-                bar.set_postfix_str(f"error={error:.4f}", refresh=False)
+                bar.set_postfix_str(" ".join(f"{k}={v:.4f}" for k, v in errors.items()), refresh=False)
 
     start = time.perf_counter()
     try:
         history = catnet_train.fit(net, x, train.y, epochs=epochs, lr=cfg.train.lr,
-                                   loss=cfg.train.loss, on_epoch=on_epoch)
+                                   loss=cfg.train.loss, on_epoch=on_epoch, val=val)
     finally:
         if bar is not None:
             bar.close()
@@ -65,7 +68,8 @@ def run(cfg: DictConfig, train: Split, normalizer: Normalizer, mlrun: tracking.N
     for path in (out.weights, out.history, out.curve):
         mlrun.log_artifact(path)
     log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, error %.4g -> %.4g",
-             epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg), history[0], history[-1])
+             epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg), history["error"][0],
+             history["error"][-1])
     return net
 
 
@@ -88,19 +92,22 @@ def _describe(net: Network, cfg: DictConfig) -> str:
     return f"{sizes} {cfg.model.activation}{' +bias' if cfg.model.bias else ''} {cfg.train.dtype}"
 
 
-def _write_history(f, history: np.ndarray) -> None:
-    f.write("epoch,error\n")
-    f.writelines(f"{i},{e:.9g}\n" for i, e in enumerate(history, 1))
+def _write_history(f, history: dict[str, np.ndarray]) -> None:
+    f.write(",".join(["epoch", *history]) + "\n")
+    rows = zip(*history.values())
+    f.writelines(",".join([str(i), *(f"{e:.9g}" for e in row)]) + "\n" for i, row in enumerate(rows, 1))
 
 
-def _plot_curve(f, history: np.ndarray, cfg: DictConfig) -> None:
+def _plot_curve(f, history: dict[str, np.ndarray], cfg: DictConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(np.arange(1, len(history) + 1), history)
+    for name, values in history.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=METRIC[name])
+    ax.legend()
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"training error ({cfg.train.loss})")
@@ -112,10 +119,9 @@ def _plot_curve(f, history: np.ndarray, cfg: DictConfig) -> None:
 
 
 def _stage(cfg: DictConfig) -> None:
-    train_set, _ = load.read(cfg)
-    normalizer = normalize.read(cfg)
+    splits, normalizer = load.read(cfg), normalize.read(cfg)
     with tracking.open_run(cfg, finish=False) as mlrun:  # evaluate finishes the run
-        run(cfg, train_set, normalizer, mlrun)
+        run(cfg, splits, normalizer, mlrun)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

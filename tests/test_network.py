@@ -75,12 +75,23 @@ def separable_problem(n=60, d=10, seed=0):
 def test_training_lowers_the_error_and_learns(activation):
     x, y = separable_problem()
     net = init_network([10, 8, 4, 1], np.random.default_rng(0), activation=activation, dtype=np.float64)
-    history = fit(net, x, y, epochs=800, lr=0.05)
+    history = fit(net, x, y, epochs=800, lr=0.05)["error"]
     assert history.shape == (800,)
     assert history[-1] < 0.3 * history[0]
     assert history[-1] < history[-100]  # still going down at the end
     pred = forward(net, x)[-1][:, 0] > 0.5
     assert (pred == y).mean() >= 0.9
+
+
+def test_validation_error_is_measured_on_the_same_weights():
+    x, y = separable_problem(80)
+    net = init_network([10, 4, 1], np.random.default_rng(0), dtype=np.float64)
+    seen = []
+    history = fit(net, x[:60], y[:60], epochs=30, lr=0.05, val=(x[60:], y[60:]),
+                  on_epoch=lambda e, errs: seen.append((e, errs)))
+    assert [e for e, _ in seen] == list(range(1, 31))
+    assert history["val_error"][-1] == seen[-1][1]["val_error"] < history["val_error"][0]
+    assert loss_value(forward(net, x[60:])[-1], y[60:].reshape(-1, 1).astype(float)) < history["val_error"][-1]
 
 
 def test_each_epoch_is_one_gradient_step():

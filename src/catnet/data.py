@@ -145,3 +145,20 @@ def dvc_digest(paths: list[str | Path]) -> str:
         entries.append({"md5": h.hexdigest(), "relpath": p.name})
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries).encode()).hexdigest()
+
+
+def stratified_split(split: Split, fraction: float, rng: np.random.Generator) -> tuple[Split, Split]:
+    """Carve a validation set of about ``fraction`` of the images out of ``split``, keeping the
+    share of each class; every class keeps at least one image on each side. Order is kept."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    val_idx = []
+    for label in np.unique(split.y):
+        idx = np.flatnonzero(split.y == label)
+        n_val = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)
+        val_idx.append(rng.permutation(idx)[:n_val])
+    is_val = np.zeros(len(split.y), dtype=bool)
+    is_val[np.concatenate(val_idx)] = True
+    if is_val.all() or not is_val.any():
+        raise DataError(f"cannot carve a validation set of {fraction} from {len(split.y)} images")
+    return (Split(split.x[~is_val], split.y[~is_val]), Split(split.x[is_val], split.y[is_val]))

@@ -18,12 +18,14 @@ def fit(
     epochs: int,
     lr: float,
     loss: str = "sse",
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> np.ndarray:
-    """Train ``net`` in place; return the error of every epoch (before that epoch's update).
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Train ``net`` in place; return {"error": the training error of every epoch} (measured
+    before that epoch's update), plus "val_error" on the same weights when ``val`` is given.
 
     x: (N, D) inputs, y: (N,) labels in {0, 1}. Each epoch: forward pass over all N images,
-    E = loss over the set, backward pass, W <- W - lr * dE/dW. ``on_epoch(epoch, error)`` is
+    E = loss over the set, backward pass, W <- W - lr * dE/dW. ``on_epoch(epoch, errors)`` is
     called after each update (epoch counts from 1). Raises TrainingDiverged when the error
     becomes NaN or infinite.
     """
@@ -35,12 +37,20 @@ def fit(
     dtype = net.weights[0].dtype
     x = np.ascontiguousarray(x, dtype=dtype)
     y = np.asarray(y, dtype=dtype).reshape(-1, 1)  # (N, 1), like the output layer
-    history = np.empty(epochs)
+    if val is not None:
+        x_val = np.ascontiguousarray(val[0], dtype=dtype)
+        y_val = np.asarray(val[1], dtype=dtype).reshape(-1, 1)
+    history = {"error": np.empty(epochs)}
+    if val is not None:
+        history["val_error"] = np.empty(epochs)
     for epoch in range(1, epochs + 1):
         acts = forward(net, x)
         error = loss_value(acts[-1], y, loss)
         if not np.isfinite(error):
             raise TrainingDiverged(epoch, error)
+        errors = {"error": error}
+        if val is not None:
+            errors["val_error"] = loss_value(forward(net, x_val)[-1], y_val, loss)
         grads_w, grads_b = backward(net, x, acts, y, loss)
         for w, g in zip(net.weights, grads_w):
             g *= lr
@@ -48,7 +58,8 @@ def fit(
         if grads_b is not None:
             for b, g in zip(net.biases, grads_b):
                 b -= lr * g
-        history[epoch - 1] = error
+        for k, v in errors.items():
+            history[k][epoch - 1] = v
         if on_epoch is not None:
-            on_epoch(epoch, error)
+            on_epoch(epoch, errors)
     return history

@@ -1,0 +1,123 @@
+"""``python -m pipeline.compare``: a table and a plot comparing the runs of an experiment or sweep.
+
+    python -m pipeline.compare experiment=catnet
+    python -m pipeline.compare experiment=catnet parent=<sweep parent run id>
+
+Reads the runs with ``mlflow.search_runs``; writes reports/compare/runs.{md,csv} (the params
+that differ between the runs, the key metrics, sorted by the objective) and
+reports/compare/error_curves.png (the per-epoch training error of every run, overlaid).
+Prints the table; with ``parent`` also logs both files to that run under ``compare/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from catnet.errors import ConfigError
+from pipeline.common import CONF_DIR, atomic_write, log, resolve, run_cli
+from pipeline.config import TrackingConfig
+
+KEY_METRICS = ["val/balanced_accuracy", "val/accuracy", "train/accuracy", "test/accuracy", "val/final_error",
+               "train/final_error", "test/error"]
+
+
+@dataclass
+class CompareConfig:
+    experiment: str = "catnet"
+    parent: Optional[str] = None  # a sweep's parent run: compare its children only
+    objective: str = "val/balanced_accuracy"  # sort key; falls back to ``fallback`` when no run has it
+    fallback: str = "train/balanced_accuracy"
+    direction: str = "maximize"
+    max_runs: int = 200
+    max_curves: int = 20  # the plot shows the best runs only
+    out_dir: str = "reports/compare"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+ConfigStore.instance().store(name="compare_schema", node=CompareConfig)
+
+
+def compare(cfg: DictConfig):
+    import mlflow
+    import pandas as pd
+
+    from pipeline import tracking
+
+    uri, _ = tracking.store_uri(cfg)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    if client.get_experiment_by_name(cfg.experiment) is None:
+        raise ConfigError(f"experiment={cfg.experiment!r}: no such MLflow experiment in {uri}")
+    filters = ["attributes.status = 'FINISHED'"]
+    if cfg.parent:
+        filters.append(f"tags.mlflow.parentRunId = '{cfg.parent}'")
+    runs = mlflow.search_runs(experiment_names=[cfg.experiment], filter_string=" and ".join(filters),
+                              max_results=cfg.max_runs)
+    if "tags.catnet.sweep" in runs:  # sweep parents summarize; they are not runs to compare
+        runs = runs[runs["tags.catnet.sweep"] != "parent"]
+    if runs.empty:
+        raise ConfigError(f"no finished runs in experiment {cfg.experiment!r}"
+                          + (f" under parent {cfg.parent}" if cfg.parent else ""))
+
+    objective = next((k for k in (cfg.objective, cfg.fallback) if f"metrics.{k}" in runs), None)
+    params = [c for c in runs if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
+    metrics = [f"metrics.{m}" for m in dict.fromkeys([objective, *KEY_METRICS]) if f"metrics.{m}" in runs]
+    table = runs[["run_id", "tags.mlflow.runName", *params, *metrics]].copy()
+    if objective:
+        table = table.sort_values(f"metrics.{objective}", ascending=cfg.direction == "minimize",
+                                  kind="stable")
+    table.columns = ["run_id", "run_name", *(c.split(".", 1)[1] for c in params + metrics)]
+    table["run_id"] = table["run_id"].str[:8]
+
+    out = resolve(cfg.out_dir)
+    md, csv, png = out / "runs.md", out / "runs.csv", out / "error_curves.png"
+    text = table.to_markdown(index=False, floatfmt=".4g")
+    atomic_write(md, lambda f: f.write(f"Sorted by {objective or 'nothing'} ({cfg.direction}).\n\n{text}\n"),
+                 mode="w")
+    atomic_write(csv, lambda f: table.to_csv(f, index=False), mode="w")
+    histories = {
+        r["tags.mlflow.runName"] or r["run_id"][:8]: pd.DataFrame(
+            [(m.step, m.value) for m in client.get_metric_history(r["run_id"], "train/error")],
+            columns=["epoch", "error"]).sort_values("epoch")
+        for _, r in runs.set_index(table.index).loc[table.index[: cfg.max_curves]].iterrows()
+    }
+    atomic_write(png, lambda f: _plot(f, histories), mode="wb")
+    print(text)
+    if cfg.parent:
+        for path in (md, csv, png):
+            client.log_artifact(cfg.parent, str(path), "compare")
+    log.info("compare: %d runs -> %s, %s, %s", len(table), md, csv, png)
+    return table
+
+
+def _plot(f, histories) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for name, h in histories.items():
+        ax.plot(h["epoch"], h["error"], label=name[:60], linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training error")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
+def main(cfg: DictConfig) -> None:
+    run_cli(compare, cfg, validate=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Sweeps land as comparable MLflow runs: parent + children, comparison report, REST access."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import REAL_TRAIN, run_cli, runs_of
+
+from pipeline.common import ROOT
+
+pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+
+SWEEP = ["train.lr=0.001,0.005", "model.hidden_sizes=[20,7],[8,4]", "train.epochs=12", "data.val_fraction=0.2"]
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory):
+    """A 4-job sweep on the joblib launcher, 2 jobs at a time, in a temporary store."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = run_cli("-m", *SWEEP, f"tracking.uri={uri}", "tracking.experiment=test",
+                   "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp / 'multirun'}")
+    return {"uri": uri, "tmp": tmp, "log": proc.stderr + proc.stdout}
+
+
+def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
+    client, runs = runs_of(sweep_store["uri"])
+    parents = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    names = {c.info.run_name for c in children}
+    assert names == {f"train.lr={lr} model.hidden_sizes={h}" for lr in ("0.001", "0.005") for h in ("[20,7]", "[8,4]")}
+    for c in children:
+        for key in ("train/error", "val/error"):
+            assert sorted(m.step for m in client.get_metric_history(c.info.run_id, key)) == list(range(1, 13))
+        assert "val/accuracy" in c.data.metrics
+    assert parent.data.params["sweep.launcher"] == "JoblibLauncher"
+    assert parent.data.params["sweep.overrides"].startswith("train.lr=0.001,0.005")
+    assert parent.data.metrics["sweep/jobs"] == 4
+    best = max(children, key=lambda c: (c.data.metrics["val/balanced_accuracy"], -c.data.metrics["val/final_error"]))
+    assert parent.data.tags["catnet.best_run_id"] == best.info.run_id
+    assert parent.data.tags["catnet.best_by"] == "val/balanced_accuracy"
+
+
+def test_compare_report_lists_the_sweep_and_logs_to_its_parent(sweep_store):
+    client, runs = runs_of(sweep_store["uri"])
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    out = sweep_store["tmp"] / "compare"
+    proc = run_cli(f"tracking.uri={sweep_store['uri']}", "experiment=test", f"parent={parent.info.run_id}",
+                   f"out_dir={out}", module="pipeline.compare")
+    import pandas as pd
+
+    table = pd.read_csv(out / "runs.csv")
+    assert len(table) == 4
+    assert {"train.lr", "model.hidden_sizes", "val/balanced_accuracy", "test/accuracy"} <= set(table.columns)
+    assert "train.epochs" not in table.columns  # the same in every run
+    objective = table["val/balanced_accuracy"].tolist()
+    assert objective == sorted(objective, reverse=True)
+    assert "| run_id" in proc.stdout
+    assert (out / "error_curves.png").stat().st_size > 10_000
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} == {
+        "compare/runs.md", "compare/runs.csv", "compare/error_curves.png"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def test_mlflow_server_serves_the_sweep_over_rest(sweep_store):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_store["uri"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        for _ in range(120):
+            try:
+                exp = _get(f"{base}/experiments/get-by-name?experiment_name=test")["experiment"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer within 60 s")
+        runs = _get(f"{base}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        assert len(runs) == 5
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parent_id = next(r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("catnet.sweep") == "parent")
+        children = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id]
+        assert len(children) == 4
+        for child in children:
+            params = {p["key"]: p["value"] for p in child["data"]["params"]}
+            assert params["train.epochs"] == "12" and params["model.hidden_sizes"] in ("[20, 7]", "[8, 4]")
+            rid = child["info"]["run_id"]
+            history = _get(f"{base}/metrics/get-history?run_id={rid}&metric_key=train/error")["metrics"]
+            assert sorted(m["step"] for m in history) == list(range(1, 13))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_cli("-m", "train.lr=0.005,-1", "train.epochs=3", f"tracking.uri={uri}", "tracking.experiment=test",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 1
+    assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["train.lr=0.005"]
