@@ -222,7 +222,8 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
         if not resume.get("run_id"):  # training ran with tracking off
             yield NullRun()
             return
-        run = MlflowRun.attach(cfg, resume["run_id"], resume["tracking_uri"])
+        uri, _ = store_uri(OmegaConf.merge(cfg, {"tracking": {"uri": resume.get("tracking_uri")}}))
+        run = MlflowRun.attach(cfg, resume["run_id"], uri)
     else:
         run = MlflowRun.create(cfg)
     try:

@@ -36,7 +36,8 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
         [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
         activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype,
     )
-    save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": mlrun.tracking_uri})
+    # the configured tracking.uri, not the resolved one: this file is committed with dvc.lock
+    save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": cfg.tracking.uri})
 
     epochs = cfg.train.epochs
     show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()
