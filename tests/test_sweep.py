@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import REAL_TRAIN, run_cli, runs_of
@@ -126,3 +128,40 @@ def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 1
     assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["train.lr=0.005"]
+
+
+@pytest.mark.slow
+def test_ray_launcher_sweep_lands_as_children(tmp_path):
+    pytest.importorskip("ray", reason="the cluster extra is not installed (make setup-cluster)")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_cli("-m", "train.lr=0.001,0.005", "train.epochs=6", f"tracking.uri={uri}", "tracking.experiment=test",
+            "hydra/launcher=ray_local", f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["sweep.launcher"] == "RayLauncher"
+    assert sorted(c.info.run_name for c in children) == ["train.lr=0.001", "train.lr=0.005"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "train/error")) == 6 for c in children)
+
+
+def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
+    """`dvc exp run -S train.lr=...` in a copy of the project: the MLflow run and `dvc exp show`
+    both carry the value."""
+    import shutil
+
+    work = tmp_path / "project"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+    shutil.copytree(ROOT / "data" / "raw", work / "data" / "raw")
+    (work / ".dvc" / "config.local").write_text("")  # no remote needed: the data is in place
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = subprocess.run(
+        ["dvc", "exp", "run", "-S", "train.lr=0.0123", "-S", "train.epochs=4", "-S", f"tracking.uri={uri}",
+         "-S", "tracking.experiment=test"], cwd=work, env={**os.environ, **env}, capture_output=True, text=True)
+    assert exp.returncode == 0, exp.stderr[-2000:] + exp.stdout[-2000:]
+    _, runs = runs_of(uri)
+    assert [(r.data.params["train.lr"], r.info.status) for r in runs] == [("0.0123", "FINISHED")]
+    show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, env={**os.environ, **env},
+                          capture_output=True, text=True, check=True)
+    assert "0.0123" in show.stdout
