@@ -29,8 +29,11 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
             "recall": m["recall"],
             "confusion": {k: m[k] for k in ("tp", "fp", "fn", "tn")},
         }
-    save_json(Outputs.of(cfg).metrics, results)
+    out = Outputs.of(cfg)
+    save_json(out.metrics, results)
     mlrun.log_metrics(mlflow_metrics(results))
+    example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
+    mlrun.log_model(out.weights, out.normalizer, cfg, example)
     log.info("evaluate: %s | test precision %.3f recall %.3f", " | ".join(
         f"{n} accuracy {m['accuracy']:.3f} error {m['error']:.4g}" for n, m in results.items()),
         results["test"]["precision"], results["test"]["recall"])

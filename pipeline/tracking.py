@@ -39,6 +39,7 @@ class NullRun:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
+    def log_model(self, weights: Path, normalizer: Path, cfg: DictConfig, example) -> None: ...
     def flush(self) -> None: ...
     def end(self, status: str, reason: str | None = None) -> None: ...
 
@@ -161,10 +162,44 @@ class MlflowRun(NullRun):
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_model(self, weights: Path, normalizer: Path, cfg: DictConfig, example) -> None:
+        """The network as a pyfunc model ``model`` of this run (pipeline/mlflow_model.py),
+        with a signature and an input example; its URI goes in the tag catnet.model_uri."""
+        import mlflow
+        import numpy
+        import pandas
+        from mlflow.models import Model, infer_signature
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        quiet_model_warnings()
+        signature = infer_signature(example, pandas.DataFrame(
+            {"probability": numpy.zeros(len(example)), "label": numpy.zeros(len(example), numpy.int64)}))
+        info = Model.log(
+            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.run_id,
+            python_model=str(ROOT / "pipeline" / "mlflow_model.py"),
+            artifacts={"weights": str(weights), "normalizer": str(normalizer)},
+            code_paths=[str(ROOT / "src" / "catnet")],
+            model_config={"activation": cfg.model.activation, "dtype": cfg.train.dtype,
+                          "image_shape": list(cfg.data.image_shape)},
+            signature=signature, input_example=example,
+            pip_requirements=[f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}",
+                              f"mlflow=={mlflow.__version__}"],
+        )
+        self.client.set_tag(self.run_id, "catnet.model_uri", info.model_uri)
+
     def end(self, status: str, reason: str | None = None) -> None:
         if reason:
             self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
         self.client.set_terminated(self.run_id, status)
+
+
+def quiet_model_warnings() -> None:
+    """MLflow's hints that do not apply: predict validates its input itself (no type hints
+    wanted), and the integer label column never holds missing values."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
 
 
 def provenance_tags() -> dict[str, str]:

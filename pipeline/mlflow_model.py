@@ -1,0 +1,45 @@
+"""The trained network as an MLflow pyfunc model, logged from code (nothing is pickled).
+
+Input: raw images, a uint8 tensor (N, 64, 64, 3) with values 0..255 (one image (64, 64, 3)
+is taken as N=1), exactly what the HDF5 files hold; the model flattens and normalizes them
+as the pipeline did. Output: a DataFrame with ``probability`` (of cat) and ``label`` (1 = cat).
+The weights and the normalizer travel as artifacts (.npz, loaded without pickle), the catnet
+package as code, so loading needs only numpy, pandas and MLflow.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class CatnetModel(PythonModel):
+    def load_context(self, context) -> None:
+        from catnet.network import Network
+        from catnet.preprocess import Normalizer
+
+        cfg = context.model_config
+        with np.load(context.artifacts["weights"], allow_pickle=False) as f:
+            self.net = Network.from_arrays(dict(f), activation=cfg["activation"])
+        with np.load(context.artifacts["normalizer"], allow_pickle=False) as f:
+            self.normalizer = Normalizer.from_arrays(dict(f))
+        self.image_shape = tuple(cfg["image_shape"])
+        self.dtype = np.dtype(cfg["dtype"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from catnet.network import predict_proba
+
+        x = np.asarray(model_input)
+        if x.shape == self.image_shape:
+            x = x[None]
+        if x.shape[1:] != self.image_shape:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.image_shape))}), got {x.shape}")
+        if x.dtype.kind not in "uif" or x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError("expected pixel values 0..255")
+        proba = predict_proba(self.net, self.normalizer.apply(x.reshape(len(x), -1), self.dtype))
+        return pd.DataFrame({"probability": proba.astype(np.float64), "label": (proba >= 0.5).astype(np.int64)})
+
+
+mlflow.models.set_model(CatnetModel())

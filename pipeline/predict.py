@@ -1,0 +1,127 @@
+"""``python -m pipeline.predict``: classify image files with any MLflow model URI.
+
+    python -m pipeline.predict model=models:/catnet@champion images=[a.png,b.jpg]
+    python -m pipeline.predict model=runs:/<run id>/model images=[photos/] csv=predictions.csv
+    python -m pipeline.predict model=null images=[a.png] json=input.json   # input for `mlflow models predict`
+
+Each image is converted to RGB and resized to 64x64 (Pillow), as the training images are.
+Prints one line per image: path, label (cat / non-cat), probability of cat. An image that
+cannot be read gets one line on stderr and the others are still predicted (exit status 1).
+"""
+
+from __future__ import annotations
+
+import csv as csv_module
+import json as json_module
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from catnet.errors import ConfigError
+from pipeline.common import CONF_DIR, atomic_write, resolve, run_cli
+from pipeline.config import TrackingConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class PredictConfig:
+    model: Optional[str] = "models:/catnet@champion"  # any MLflow model URI
+    images: list[str] = field(default_factory=list)  # files or folders
+    size: list[int] = field(default_factory=lambda: [64, 64])
+    csv: Optional[str] = None  # also write path,label,probability here
+    json: Optional[str] = None  # also write the images as `mlflow models predict` JSON input
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
+def image_paths(items: list[str]) -> list[Path]:
+    """The files named, and the image files inside the folders named, in order."""
+    paths: list[Path] = []
+    for item in items:
+        p = resolve(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(p)
+    return paths
+
+
+def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, resized like the training images."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image (or a format Pillow cannot read)") from None
+    except OSError as e:
+        raise ValueError(f"unreadable image: {e}") from None
+
+
+def predict(cfg: DictConfig) -> int:
+    if not cfg.images:
+        raise ConfigError("images: name at least one image file or folder, e.g. images=[cat.png]")
+    size = (int(cfg.size[1]), int(cfg.size[0]))  # Pillow wants (width, height)
+    good, arrays, failed = [], [], 0
+    for path in image_paths(list(cfg.images)):
+        try:
+            arrays.append(read_image(path, size))
+            good.append(path)
+        except ValueError as e:
+            print(f"{path}: error: {e}", file=sys.stderr)
+            failed += 1
+    if not good:
+        raise ConfigError("images: no readable image among those given")
+    x = np.stack(arrays)  # (N, 64, 64, 3) uint8
+    if cfg.json:
+        atomic_write(resolve(cfg.json), lambda f: json_module.dump({"inputs": x.tolist()}, f), mode="w")
+    if cfg.model:
+        out = load_model(cfg).predict(x)
+        rows = [(str(p), "cat" if lab == 1 else "non-cat", float(pr))
+                for p, lab, pr in zip(good, out["label"], out["probability"])]
+        for path, label, proba in rows:
+            print(f"{path}\t{label}\t{proba:.4f}")
+        if cfg.csv:
+            def write(f):
+                w = csv_module.writer(f)
+                w.writerow(["path", "label", "probability"])
+                w.writerows(rows)
+            atomic_write(resolve(cfg.csv), write, mode="w")
+    return 1 if failed else 0
+
+
+def load_model(cfg: DictConfig):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    uri, _ = tracking.store_uri(cfg)
+    tracking.quiet_model_warnings()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(cfg.model)
+    except (MlflowException, OSError) as e:
+        raise ConfigError(f"model={cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    sys.exit(run_cli(predict, cfg, validate=False))
+
+
+if __name__ == "__main__":
+    main()
