@@ -1,0 +1,111 @@
+"""Using a trained model: the pyfunc model, the registry alias, predict on image files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
+
+from pipeline.common import ROOT
+
+pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two runs with a validation split in a temporary store, and the champion registered."""
+    tmp = tmp_path_factory.mktemp("model")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    for epochs in (5, 300):
+        run_cli(f"train.epochs={epochs}", "data.val_fraction=0.2", f"tracking.uri={uri}",
+                "tracking.experiment=test", f"paths.out_dir={tmp / f'out{epochs}'}")
+    proc = run_cli(f"tracking.uri={uri}", "experiment=test", module="pipeline.register")
+    return {"uri": uri, "tmp": tmp, "register": proc.stdout}
+
+
+def _test_images():
+    with h5py.File(REAL_TEST) as f:
+        return f["test_set_x"][()], f["test_set_y"][()]
+
+
+def test_logged_model_reproduces_the_network_and_its_accuracy(trained):
+    import mlflow
+
+    from catnet.network import Network, predict_proba
+    from catnet.preprocess import Normalizer
+
+    client, runs = runs_of(trained["uri"])
+    run = next(r for r in runs if r.data.params["train.epochs"] == "300")
+    mlflow.set_tracking_uri(trained["uri"])
+    model = mlflow.pyfunc.load_model(run.data.tags["catnet.model_uri"])
+    assert str(model.metadata.get_input_schema()) == "[Tensor('uint8', (-1, 64, 64, 3))]"
+    x, y = _test_images()
+    out = model.predict(x)
+    out_dir = trained["tmp"] / "out300"
+    with np.load(out_dir / "models/weights.npz", allow_pickle=False) as w, \
+            np.load(out_dir / "models/normalizer.npz", allow_pickle=False) as n:
+        net, norm = Network.from_arrays(dict(w)), Normalizer.from_arrays(dict(n))
+    expected = predict_proba(net, norm.apply(x.reshape(50, -1)))
+    np.testing.assert_allclose(out["probability"], expected, rtol=1e-6)
+    assert (out["label"].to_numpy() == y).mean() == pytest.approx(run.data.metrics["test/accuracy"])
+    with pytest.raises(Exception, match="shape"):
+        model.predict(x[:, :32])
+
+
+def test_register_points_the_alias_at_the_best_validation_run(trained):
+    from mlflow import MlflowClient
+
+    client, runs = runs_of(trained["uri"])
+    best = max(runs, key=lambda r: r.data.metrics["val/balanced_accuracy"])
+    registry = MlflowClient(tracking_uri=trained["uri"], registry_uri=trained["uri"])
+    version = registry.get_model_version_by_alias("catnet", "champion")
+    assert version.run_id == best.info.run_id
+    assert f"models:/catnet@champion = version {version.version}" in trained["register"]
+
+
+def test_predict_on_png_and_jpeg_files_skips_a_bad_one(trained):
+    from PIL import Image
+
+    x, y = _test_images()
+    folder = trained["tmp"] / "images"
+    folder.mkdir()
+    names = []
+    for i in range(6):
+        name = folder / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(x[i]).save(name, quality=95)
+        names.append(name)
+    (folder / "broken.png").write_text("not an image")
+    csv = trained["tmp"] / "pred.csv"
+    proc = run_cli(f"tracking.uri={trained['uri']}", f"images=[{folder}]", f"csv={csv}",
+                   f"json={trained['tmp'] / 'input.json'}", module="pipeline.predict", check=False)
+    assert proc.returncode == 1
+    assert f"{folder / 'broken.png'}: error: not an image" in proc.stderr
+    lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert [p for p, _, _ in lines] == [str(n) for n in sorted(names)]
+    assert all(label in ("cat", "non-cat") and 0 <= float(p) <= 1 for _, label, p in lines)
+    assert csv.read_text().count("\n") == 7
+    # the PNG files are lossless: the same answer as the model on the original pixels
+    import mlflow
+
+    mlflow.set_tracking_uri(trained["uri"])
+    direct = mlflow.pyfunc.load_model("models:/catnet@champion").predict(x[:6])
+    by_path = {p: float(pr) for p, _, pr in lines}
+    for i in (1, 3, 5):
+        assert by_path[str(folder / f"img{i}.png")] == pytest.approx(direct["probability"][i], abs=1e-4)
+
+
+def test_mlflow_models_predict_cli_on_the_champion(trained):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", "models:/catnet@champion",
+         "--env-manager", "local", "-i", str(trained["tmp"] / "input.json"), "-t", "json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predictions = json.loads(proc.stdout.strip().splitlines()[-1])["predictions"]
+    assert len(predictions) == 6 and {"probability", "label"} <= set(predictions[0])
