@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,23 @@ def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a stage stops the way Ctrl-C stops it."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool = True) -> Any:
     """Run a stage from its Hydra entry point: check the config's values, then do the work.
 
     A CatnetError (bad file, bad value, divergence) becomes one line on stderr and exit
-    status 2, without a traceback unless HYDRA_FULL_ERROR=1.
+    status 2, without a traceback unless HYDRA_FULL_ERROR=1. Ctrl-C or SIGTERM: one line, exit
+    130 or 143 (the MLflow run was marked KILLED on the way out; outputs are written whole or
+    not at all).
     """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if validate:
             cfg = config.prepare(cfg, ROOT)
@@ -105,3 +117,7 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool =
             raise
         print(f"catnet: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"catnet: interrupted by {name}; stopped cleanly", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)

@@ -55,6 +55,7 @@ class TrainConfig:
     dtype: str = "float32"
     loss: str = "sse"
     progress: bool = True  # progress bar when stderr is a terminal (never in multirun)
+    divergence_ratio: Optional[float] = 1.4  # stop when the error exceeds this x its first value
 
 
 @dataclass
@@ -134,9 +135,16 @@ def validate(cfg: DictConfig) -> None:
     if not (lr > 0 and lr != float("inf")):
         raise ConfigError(f"train.lr={lr}: must be a finite number > 0")
     _choice("train.dtype", cfg.train.dtype, DTYPES)
+    ratio = cfg.train.divergence_ratio
+    if ratio is not None and not ratio > 1:
+        raise ConfigError(f"train.divergence_ratio={ratio}: must be > 1, or null to stop only on NaN/inf")
     _choice("train.loss", cfg.train.loss, LOSSES)
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be >= 0")
+    uri = cfg.tracking.uri
+    if uri is not None and not str(uri).startswith(("sqlite:///", "http://", "https://", "databricks")):
+        raise ConfigError(f"tracking.uri={uri}: use sqlite:///<path>.db or http(s)://<server> "
+                          "(MLflow's file store is not supported)")
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment: must not be empty")
     _choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catnet.data import Split, flatten, load_dataset, stratified_split
-from pipeline.common import CONF_DIR, Outputs, load_npz, log, resolve, run_cli, save_npz
+from pathlib import Path
+
+from catnet.data import Split, dvc_dir_digest, flatten, load_dataset, stratified_split
+from catnet.errors import DataError
+from pipeline.common import CONF_DIR, ROOT, Outputs, load_npz, log, resolve, run_cli, save_npz
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,32 @@ class Splits:
         return [(n, s) for n, s in (("train", self.train), ("val", self.val), ("test", self.test)) if s]
 
 
+def verify_dvc_tracked(path: Path) -> None:
+    """If ``path`` lies in a folder DVC tracks (``<folder>.dvc`` beside it), refuse to go on
+    when the folder no longer matches what that file records: no silent training on altered data."""
+    import yaml
+
+    for folder in path.parents:
+        if folder == ROOT.parent or folder == folder.parent:
+            return
+        dvcfile = folder.with_name(folder.name + ".dvc")
+        if dvcfile.is_file():
+            outs = (yaml.safe_load(dvcfile.read_text()) or {}).get("outs") or [{}]
+            tracked = str(outs[0].get("md5", "")).removesuffix(".dir")
+            actual = dvc_dir_digest(folder)
+            if tracked and actual != tracked:
+                raise DataError(
+                    f"{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder} does not match "
+                    f"{dvcfile.name} (md5 {actual}, recorded {tracked}): restore it with "
+                    f"`dvc checkout {dvcfile.name}`, or record the change with `dvc add`")
+            return
+
+
 def run(cfg: DictConfig) -> Splits:
+    for key in ("train_path", "test_path"):
+        path = resolve(cfg.data[key])
+        if path.exists():
+            verify_dvc_tracked(path)
     train, test = load_dataset(
         resolve(cfg.data.train_path), resolve(cfg.data.test_path), tuple(cfg.data.image_shape),
         names=(f"data.train_path={cfg.data.train_path}", f"data.test_path={cfg.data.test_path}"),

@@ -22,9 +22,9 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from catnet.data import dvc_digest
-from catnet.errors import ConfigError
+from catnet.errors import ConfigError, TrainingDiverged
 from pipeline import config
-from pipeline.common import ROOT, resolve
+from pipeline.common import ROOT, Terminated, resolve
 from pipeline.sweep import PARENT_ENV, SWEPT_ENV
 
 log = logging.getLogger("catnet")
@@ -215,11 +215,31 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, before any training, when no MLflow server answers at ``uri``
+    (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise ConfigError(f"tracking.uri={uri}: no MLflow server answers there ({reason})")
+
+
 def client_and_experiment(cfg: DictConfig):
     """An MlflowClient on the configured store (created if new) and the experiment's id."""
     from mlflow import MlflowClient
 
     uri, artifact_root = store_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     client = MlflowClient(tracking_uri=uri)
     return client, _experiment_id(client, cfg.tracking.experiment, artifact_root)
 
@@ -265,9 +285,11 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
         yield run
         run.flush()
     except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED"
         try:
             run.flush()
+            if isinstance(e, TrainingDiverged):
+                run.client.set_tag(run.run_id, "catnet.diverged_epoch", str(e.epoch))
         finally:
             run.end(status, reason=f"{type(e).__name__}: {e}")
         raise

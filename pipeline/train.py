@@ -57,7 +57,8 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
     start = time.perf_counter()
     try:
         history = catnet_train.fit(net, x, train.y, epochs=epochs, lr=cfg.train.lr,
-                                   loss=cfg.train.loss, on_epoch=on_epoch, val=val)
+                                   loss=cfg.train.loss, on_epoch=on_epoch, val=val,
+                                   max_error_ratio=cfg.train.divergence_ratio)
     finally:
         if bar is not None:
             bar.close()

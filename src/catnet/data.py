@@ -130,21 +130,32 @@ def flatten(split: Split) -> Split:
     return Split(x=np.ascontiguousarray(split.x.reshape(len(split.x), -1)), y=split.y)
 
 
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_md5(entries: list[dict]) -> str:
+    entries = sorted(entries, key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries).encode()).hexdigest()
+
+
 def dvc_digest(paths: list[str | Path]) -> str:
     """The md5 DVC gives a directory holding exactly these files (``<md5>.dir`` without suffix).
 
     For the files of ``data/raw`` this equals the md5 in ``data/raw.dvc``.
     """
-    entries = []
-    for p in paths:
-        p = Path(p)
-        h = hashlib.md5()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        entries.append({"md5": h.hexdigest(), "relpath": p.name})
-    entries.sort(key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries).encode()).hexdigest()
+    return _dir_md5([{"md5": _md5(Path(p)), "relpath": Path(p).name} for p in paths])
+
+
+def dvc_dir_digest(directory: str | Path) -> str:
+    """The md5 ``dvc add <directory>`` would record for the directory as it is now."""
+    directory = Path(directory)
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    return _dir_md5([{"md5": _md5(p), "relpath": p.relative_to(directory).as_posix()} for p in files])
 
 
 def stratified_split(split: Split, fraction: float, rng: np.random.Generator) -> tuple[Split, Split]:

@@ -14,12 +14,10 @@ class ConfigError(CatnetError):
 
 
 class TrainingDiverged(CatnetError):
-    """The training error became NaN or infinite."""
+    """The training error became NaN or infinite, or rose far above where it started."""
 
-    def __init__(self, epoch: int, error: float):
+    def __init__(self, epoch: int, error: float, why: str = "the error is not finite"):
         self.epoch = epoch
         self.error = error
-        super().__init__(
-            f"training diverged at epoch {epoch}: error is {error} "
-            "(try a smaller train.lr)"
-        )
+        self.why = why
+        super().__init__(f"training diverged at epoch {epoch}: {why} (error {error:.6g}); try a smaller train.lr")

@@ -20,6 +20,7 @@ def fit(
     loss: str = "sse",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
+    max_error_ratio: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Train ``net`` in place; return {"error": the training error of every epoch} (measured
     before that epoch's update), plus "val_error" on the same weights when ``val`` is given.
@@ -27,7 +28,9 @@ def fit(
     x: (N, D) inputs, y: (N,) labels in {0, 1}. Each epoch: forward pass over all N images,
     E = loss over the set, backward pass, W <- W - lr * dE/dW. ``on_epoch(epoch, errors)`` is
     called after each update (epoch counts from 1). Raises TrainingDiverged when the error
-    becomes NaN or infinite.
+    becomes NaN or infinite, or (with ``max_error_ratio``) exceeds that multiple of the first
+    epoch's error: gradient descent overshooting until the sigmoids saturate, which with a
+    bounded output never shows as NaN.
     """
     check_choice("train.loss", loss, LOSSES)
     if epochs < 1:
@@ -48,6 +51,9 @@ def fit(
         error = loss_value(acts[-1], y, loss)
         if not np.isfinite(error):
             raise TrainingDiverged(epoch, error)
+        if max_error_ratio is not None and epoch > 1 and error > max_error_ratio * history["error"][0]:
+            raise TrainingDiverged(epoch, error, f"the error rose above {max_error_ratio} times "
+                                                 f"its first value {history['error'][0]:.6g}")
         errors = {"error": error}
         if val is not None:
             errors["val_error"] = loss_value(forward(net, x_val)[-1], y_val, loss)

@@ -1,0 +1,179 @@
+"""Nothing lost, nothing half-written: divergence, interruption, parallel writers, a remote
+tracking server (up and down), reproducibility, data integrity, the malformed-input matrix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
+from test_data import EXPECTED, _bad_files
+from test_sweep import _free_port, _get
+
+from catnet.errors import DataError
+from pipeline.common import ROOT
+
+pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+
+
+def test_divergence_fails_the_run_at_that_epoch_and_publishes_nothing(store):
+    proc = run_cli("train.lr=1e10", "train.epochs=50", *store["args"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("catnet: error: training diverged at epoch 2")
+    client, runs = runs_of(store["uri"])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["catnet.diverged_epoch"] == "2"
+    assert "TrainingDiverged" in runs[0].data.tags["catnet.failure"]
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 1  # epoch 1 completed
+    assert not (store["out"] / "models/weights.npz").exists()
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"config.yaml"}
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interruption_marks_the_run_killed_with_the_epochs_so_far(store, sig, code):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train.epochs=1000000", "tracking.flush_seconds=0.2",
+                             *store["args"]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    client = None
+    try:
+        for _ in range(300):  # wait until some epochs have reached the store
+            time.sleep(0.2)
+            if (store["out"] / "reports/mlflow_run.json").exists():
+                client, runs = runs_of(store["uri"])
+                if runs and client.get_metric_history(runs[0].info.run_id, "train/error"):
+                    break
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("catnet: interrupted by")
+    client, runs = runs_of(store["uri"])
+    assert runs[0].info.status == "KILLED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/error")]
+    assert steps and sorted(steps) == list(range(1, len(steps) + 1))
+    assert not (store["out"] / "models/weights.npz").exists()
+    assert not list((store["out"]).rglob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_parallel_sweeps_on_one_sqlite_store_lose_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for repeat in range(3):
+        proc = run_cli("-m", "seed=0,1,2,3,4,5,6,7", "train.epochs=25", f"tracking.uri={uri}",
+                       "tracking.experiment=test", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                       f"hydra.sweep.dir={tmp_path / f'multirun{repeat}'}")
+        assert "database is locked" not in proc.stderr
+    client, runs = runs_of(uri)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 24 and all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        assert len(client.get_metric_history(r.info.run_id, "train/error")) == 25
+
+
+def test_remote_tracking_server_records_the_same_run(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib_ok(f"{uri}/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        run_cli("train.epochs=15", f"tracking.uri={uri}", "tracking.experiment=test",
+                f"paths.out_dir={tmp_path / 'out'}")
+        client, runs = runs_of(uri)
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        rid = runs[0].info.run_id
+        assert len(client.get_metric_history(rid, "train/error")) == 15
+        assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:")
+        local = client.download_artifacts(rid, "weights.npz", str(tmp_path))
+        with np.load(local, allow_pickle=False) as w, np.load(tmp_path / "out/models/weights.npz") as mine:
+            assert all(np.array_equal(w[k], mine[k]) for k in mine)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def urllib_ok(url: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5):
+        pass
+
+
+def test_a_tracking_server_that_is_not_there_fails_fast(store):
+    start = time.monotonic()
+    proc = run_cli("train.epochs=5", f"tracking.uri=http://127.0.0.1:{_free_port()}",
+                   f"paths.out_dir={store['out']}", check=False)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 2 and "no MLflow server answers there" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (store["out"] / "models/weights.npz").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_same_config_and_seed_give_bit_identical_weights(tmp_path, dtype):
+    arrays = []
+    for name in ("a", "b"):
+        run_cli("train.epochs=15", f"train.dtype={dtype}", "seed=7", "tracking.enabled=false",
+                f"paths.out_dir={tmp_path / name}")
+        with np.load(tmp_path / name / "models/weights.npz", allow_pickle=False) as f:
+            arrays.append({k: f[k] for k in f})
+    assert arrays[0].keys() == arrays[1].keys()
+    assert all(arrays[0][k].dtype == dtype and arrays[0][k].tobytes() == arrays[1][k].tobytes() for k in arrays[0])
+
+
+def test_altered_data_is_refused_before_training(tmp_path):
+    from pipeline.load import verify_dvc_tracked
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in (REAL_TRAIN, REAL_TEST):
+        shutil.copy(f, raw / f.name)
+    shutil.copy(ROOT / "data/raw.dvc", tmp_path / "raw.dvc")
+    verify_dvc_tracked(raw / REAL_TRAIN.name)  # as pulled: fine
+    with open(raw / REAL_TEST.name, "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(DataError, match=r"does not match raw.dvc .*dvc checkout raw.dvc"):
+        verify_dvc_tracked(raw / REAL_TRAIN.name)
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_malformed_file_through_the_cli(tmp_path, store, case):
+    bad = _bad_files(tmp_path)[case]
+    proc = run_cli(f"data.train_path={bad}", *store["args"], check=False)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"catnet: error: data.train_path={bad}")
+    assert EXPECTED[case] in lines[0]
+    assert not store["out"].exists()  # no stage output at all
+    _, runs = runs_of(store["uri"])
+    assert runs == []
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=abc", "train.lr=0", "train.epochs=-3", "train.epochs=ten", "model.hidden_sizes=[]",
+    "model.hidden_sizes=abc", "model.activation=swish", "model.bias=perhaps", "model.init=zeros",
+    "train.dtype=int8", "train.loss=mae", "seed=-1", "data.val_fraction=1.5", "data.image_shape=[0,64,3]",
+    "normalize.divisor=0", "train.divergence_ratio=0.5", "tracking.uri=ftp://x", "tracking.flush_seconds=-1",
+])
+def test_bad_knob_through_the_cli(store, override):
+    proc = run_cli(*store["args"], override, check=False)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("catnet: error: " + override.split("=")[0]), lines
+    assert not (store["out"] / "models").exists()
