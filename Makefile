@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 # dvc.yaml's stage commands call `python`: make it the project's
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-fast setup setup-cluster data clean
+.PHONY: run test test-fast setup setup-cluster setup-bench bench data clean
 
 run: data
 	python -m pipeline.params
@@ -32,6 +32,16 @@ setup-cluster: $(VENV)/.installed-cluster
 $(VENV)/.installed-cluster: $(VENV)/.installed requirements-cluster.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-cluster.lock
 	touch $@
+
+# the optional `bench` extra: PyTorch, only as the benchmark's peer
+setup-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
+	touch $@
+
+bench: setup-bench data
+	python -m benchmarks.bench --torch
 
 data: setup
 	dvc pull data/raw.dvc

@@ -122,7 +122,10 @@ def init_network(
     for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:]):
         std = {"xavier": np.sqrt(2.0 / (n_in + n_out)), "he": np.sqrt(2.0 / n_in),
                "lecun": np.sqrt(1.0 / n_in)}[init]
-        weights.append((rng.standard_normal((n_in, n_out)) * std).astype(dtype))
+        w = (rng.standard_normal((n_in, n_out)) * std).astype(dtype)
+        # column-major: each unit's incoming weights are contiguous, so the first layer's
+        # gradient comes out of BLAS in the layout of W and the update W -= step is one pass
+        weights.append(np.asfortranarray(w))
     biases = [np.zeros(n, dtype=dtype) for n in layer_sizes[1:]] if bias else None
     return Network(weights, biases, activation)
 
@@ -143,22 +146,30 @@ def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:
 
 
 def backward(
-    net: Network, x: np.ndarray, acts: list[np.ndarray], y: np.ndarray, loss: str = "sse"
+    net: Network, x: np.ndarray, acts: list[np.ndarray], y: np.ndarray, loss: str = "sse",
+    scale: float = 1.0,
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """dE/dW_l (and dE/db_l) for every layer, by the chain rule, from the output back.
 
     delta_L = dE/dz_L from the loss; delta_{l-1} = (delta_l @ W_l^T) * f'(A_{l-1});
     dE/dW_l = A_{l-1}^T @ delta_l. No delta is formed for the inputs (it is not needed and
-    would cost a third (N, D) product).
+    would cost a third (N, D) product). Every gradient is linear in delta_L, so ``scale``
+    (the learning rate, for an update) is applied there, on N numbers, instead of on the
+    D x n_1 gradient of the first layer.
     """
     f_grad = ACTIVATIONS[net.activation][1]
     delta = LOSSES[loss][1](acts[-1], y)  # (N, 1)
+    if scale != 1.0:
+        delta *= scale
     n = len(net.weights)
     grads_w: list[np.ndarray] = [None] * n  # type: ignore[list-item]
     grads_b: list[np.ndarray] | None = [None] * n if net.biases is not None else None  # type: ignore[list-item]
     for l in range(n - 1, -1, -1):
         a_prev = x if l == 0 else acts[l - 1]
-        grads_w[l] = a_prev.T @ delta  # (n_{l-1}, N) @ (N, n_l) -> (n_{l-1}, n_l)
+        # dE/dW_l = A_{l-1}^T @ delta_l, computed as (delta_l^T @ A_{l-1})^T:
+        # (n_l, N) @ (N, n_{l-1}) -> (n_l, n_{l-1}), returned as its (n_{l-1}, n_l) transpose,
+        # the column-major layout the weights are kept in (see init_network)
+        grads_w[l] = (delta.T @ a_prev).T
         if grads_b is not None:
             grads_b[l] = delta.sum(axis=0)
         if l > 0:

@@ -57,13 +57,12 @@ def fit(
         errors = {"error": error}
         if val is not None:
             errors["val_error"] = loss_value(forward(net, x_val)[-1], y_val, loss)
-        grads_w, grads_b = backward(net, x, acts, y, loss)
-        for w, g in zip(net.weights, grads_w):
-            g *= lr
-            w -= g
-        if grads_b is not None:
-            for b, g in zip(net.biases, grads_b):
-                b -= lr * g
+        steps_w, steps_b = backward(net, x, acts, y, loss, scale=lr)  # lr * dE/dW
+        for w, step in zip(net.weights, steps_w):
+            w -= step
+        if steps_b is not None:
+            for b, step in zip(net.biases, steps_b):
+                b -= step
         for k, v in errors.items():
             history[k][epoch - 1] = v
         if on_epoch is not None:
