@@ -46,7 +46,7 @@ def _blas_threads() -> int | None:
 
 def _job(cfg: DictConfig) -> float:
     """One job of a sweep: a bad value or file fails this job (its run FAILED, one line in the
-    log, NaN to the sweeper) and the sweep goes on."""
+    log, NaN to the sweeper) and the sweep goes on; any other error too, with its traceback."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=_blas_threads()):
@@ -55,6 +55,9 @@ def _job(cfg: DictConfig) -> float:
             return objective_value(cfg, run_all(cfg))
         except CatnetError as e:
             log.error("catnet: error: %s", e)
+            return math.nan
+        except Exception:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
+            log.exception("catnet: job failed")
             return math.nan
 
 

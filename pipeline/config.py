@@ -55,7 +55,8 @@ class TrainConfig:
     dtype: str = "float32"
     loss: str = "sse"
     progress: bool = True  # progress bar when stderr is a terminal (never in multirun)
-    divergence_ratio: Optional[float] = 1.4  # stop when the error exceeds this x its first value
+    divergence_ratio: Optional[float] = 1.4  # stop when the error stays above this x its first value
+    divergence_patience: int = 20  # ... for this many epochs in a row
 
 
 @dataclass
@@ -138,6 +139,8 @@ def validate(cfg: DictConfig) -> None:
     ratio = cfg.train.divergence_ratio
     if ratio is not None and not ratio > 1:
         raise ConfigError(f"train.divergence_ratio={ratio}: must be > 1, or null to stop only on NaN/inf")
+    if cfg.train.divergence_patience < 1:
+        raise ConfigError(f"train.divergence_patience={cfg.train.divergence_patience}: must be >= 1")
     _choice("train.loss", cfg.train.loss, LOSSES)
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be >= 0")

@@ -49,11 +49,13 @@ def store_uri(cfg: DictConfig) -> tuple[str, Path | None]:
     temporary runs in other directories all write to the same store."""
     uri = cfg.tracking.uri or "sqlite:///mlruns/mlflow.db"
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).expanduser()
+        path_part, _, query = uri[len("sqlite:///"):].partition("?")
+        path = Path(path_part).expanduser()
         # relative to the project; inside `dvc exp run --temp`, to the project DVC runs for
         db = path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or ROOT) / path
         db.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{db}", db.parent / "artifacts"
+        # parallel jobs share the file: wait up to 30 s for a write lock (Python's default is 5 s)
+        return f"sqlite:///{db}?{query or 'timeout=30'}", db.parent / "artifacts"
     if uri.startswith(("http://", "https://", "databricks")):
         return uri, None
     raise ConfigError(
@@ -113,13 +115,18 @@ class MlflowRun(NullRun):
             tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=_run_name(cfg), tags=tags)
         run_id = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in config.flatten(cfg).items()]
-        client.log_batch(run_id, params=params)
-        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        source = json.dumps({"train": str(data_files[0]), "test": str(data_files[1])})
-        dataset = Dataset(name=data_files[0].parent.name or "data", digest=digest,
-                          source_type="local", source=source)
-        client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        try:
+            params = [Param(k, v[:6000]) for k, v in config.flatten(cfg).items()]
+            client.log_batch(run_id, params=params)
+            client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            source = json.dumps({"train": str(data_files[0]), "test": str(data_files[1])})
+            dataset = Dataset(name=data_files[0].parent.name or "data", digest=digest,
+                              source_type="local", source=source)
+            client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        except BaseException as e:
+            client.set_tag(run_id, "catnet.failure", f"{type(e).__name__}: {e}"[:5000])
+            client.set_terminated(run_id, "FAILED")
+            raise
         log.info("tracking: MLflow run %s in experiment '%s' (%s)", run_id, cfg.tracking.experiment,
                  client.tracking_uri)
         return cls(client, run_id, client.tracking_uri, cfg.tracking.flush_seconds)

@@ -47,7 +47,11 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
 
         bar = tqdm(total=epochs, desc="train", unit="epoch", leave=False, mininterval=0.2)
 
+    first_epoch_at = []
+
     def on_epoch(epoch: int, errors: dict[str, float]) -> None:
+        if epoch == 1:
+            first_epoch_at.append(time.time())
         mlrun.log_epoch(epoch, {METRIC[k]: v for k, v in errors.items()})
         if bar is not None:
             bar.update()
@@ -58,7 +62,8 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
     try:
         history = catnet_train.fit(net, x, train.y, epochs=epochs, lr=cfg.train.lr,
                                    loss=cfg.train.loss, on_epoch=on_epoch, val=val,
-                                   max_error_ratio=cfg.train.divergence_ratio)
+                                   max_error_ratio=cfg.train.divergence_ratio,
+                                   patience=cfg.train.divergence_patience)
     finally:
         if bar is not None:
             bar.close()
@@ -69,10 +74,19 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
     atomic_write(out.curve, lambda f: _plot_curve(f, history, cfg), mode="wb")
     for path in (out.weights, out.history, out.curve):
         mlrun.log_artifact(path)
-    log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, error %.4g -> %.4g",
-             epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg), history["error"][0],
-             history["error"][-1])
+    log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, error %.4g -> %.4g; first epoch done "
+             "%.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
+             history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
     return net
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:  # psutil comes with MLflow; without it, say nothing wrong
+        return float("nan")
 
 
 def read(cfg: DictConfig) -> Network:

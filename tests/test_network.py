@@ -136,3 +136,15 @@ def test_weights_round_trip_through_arrays():
     assert list(net.arrays()) == ["W1", "W2", "W3", "b1", "b2", "b3"]
     assert back.layer_sizes == [5, 3, 2, 1]
     assert all(np.array_equal(a, b) for a, b in zip(back.biases, net.biases))
+
+
+def test_a_spike_that_recovers_is_not_divergence_but_a_plateau_is():
+    from catnet.errors import TrainingDiverged
+
+    x, y = separable_problem()
+    net = init_network([10, 6, 1], np.random.default_rng(0), dtype=np.float64)
+    fit(net, x, y, epochs=50, lr=0.05, max_error_ratio=1.4, patience=5)  # ordinary training
+    net = init_network([10, 6, 1], np.random.default_rng(0), dtype=np.float64)
+    with pytest.raises(TrainingDiverged, match="since epoch 2") as e:
+        fit(net, x, y, epochs=50, lr=1e10, max_error_ratio=1.01, patience=5)
+    assert e.value.epoch == 6

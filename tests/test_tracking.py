@@ -52,7 +52,7 @@ def test_a_run_continued_by_a_later_stage_finishes_once(cfg, store):
 
 def test_relative_sqlite_uri_is_made_absolute(compose_cfg):
     uri, artifacts = tracking.store_uri(compose_cfg())
-    assert uri.startswith("sqlite:////") and uri.endswith("/mlruns/mlflow.db")
+    assert uri.startswith("sqlite:////") and uri.endswith("/mlruns/mlflow.db?timeout=30")
     assert artifacts.is_absolute() and artifacts.parent.name == "mlruns"
 
 

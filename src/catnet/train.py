@@ -21,6 +21,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
     max_error_ratio: float | None = None,
+    patience: int = 20,
 ) -> dict[str, np.ndarray]:
     """Train ``net`` in place; return {"error": the training error of every epoch} (measured
     before that epoch's update), plus "val_error" on the same weights when ``val`` is given.
@@ -28,9 +29,10 @@ def fit(
     x: (N, D) inputs, y: (N,) labels in {0, 1}. Each epoch: forward pass over all N images,
     E = loss over the set, backward pass, W <- W - lr * dE/dW. ``on_epoch(epoch, errors)`` is
     called after each update (epoch counts from 1). Raises TrainingDiverged when the error
-    becomes NaN or infinite, or (with ``max_error_ratio``) exceeds that multiple of the first
-    epoch's error: gradient descent overshooting until the sigmoids saturate, which with a
-    bounded output never shows as NaN.
+    becomes NaN or infinite, or (with ``max_error_ratio``) stays above that multiple of the
+    first epoch's error for ``patience`` epochs in a row: gradient descent overshooting until
+    the sigmoids saturate, which with a bounded output never shows as NaN. (A single spike that
+    recovers, which full-batch descent near its stability limit produces, is not divergence.)
     """
     check_choice("train.loss", loss, LOSSES)
     if epochs < 1:
@@ -46,14 +48,17 @@ def fit(
     history = {"error": np.empty(epochs)}
     if val is not None:
         history["val_error"] = np.empty(epochs)
+    above = 0  # consecutive epochs with the error above max_error_ratio x the first error
     for epoch in range(1, epochs + 1):
         acts = forward(net, x)
         error = loss_value(acts[-1], y, loss)
         if not np.isfinite(error):
             raise TrainingDiverged(epoch, error)
-        if max_error_ratio is not None and epoch > 1 and error > max_error_ratio * history["error"][0]:
-            raise TrainingDiverged(epoch, error, f"the error rose above {max_error_ratio} times "
-                                                 f"its first value {history['error'][0]:.6g}")
+        if max_error_ratio is not None and epoch > 1:
+            above = above + 1 if error > max_error_ratio * history["error"][0] else 0
+            if above >= patience:
+                raise TrainingDiverged(epoch, error, f"the error stayed above {max_error_ratio} times its "
+                                                     f"first value {history['error'][0]:.6g} since epoch {epoch - above + 1}")
         errors = {"error": error}
         if val is not None:
             errors["val_error"] = loss_value(forward(net, x_val)[-1], y_val, loss)
