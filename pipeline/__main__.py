@@ -29,8 +29,8 @@ def run_all(cfg: DictConfig) -> dict:
     splits = load.run(cfg)
     normalizer = normalize.run(cfg, splits.train)
     with tracking.open_run(cfg) as mlrun:
-        net = train.run(cfg, splits, normalizer, mlrun)
-        return evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))
+        net, cv = train.run(cfg, splits, normalizer, mlrun)
+        return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))}
 
 
 def _blas_threads() -> int | None:
@@ -45,20 +45,24 @@ def _blas_threads() -> int | None:
 
 
 def _job(cfg: DictConfig) -> float:
-    """One job of a sweep: a bad value or file fails this job (its run FAILED, one line in the
-    log, NaN to the sweeper) and the sweep goes on; any other error too, with its traceback."""
+    """One job of a sweep: a bad value or file, or a diverging run, fails this job (its run
+    FAILED, one line in the log) and the sweep goes on; any other error too, with its traceback.
+    The sweeper then gets the worst possible objective (-inf when maximizing): Optuna stops the
+    whole study on a NaN."""
     from threadpoolctl import threadpool_limits
 
+    worst = -math.inf if cfg.sweep.direction == "maximize" else math.inf
     with threadpool_limits(limits=_blas_threads()):
         try:
             cfg = prepare(cfg, ROOT)
-            return objective_value(cfg, run_all(cfg))
+            value = objective_value(cfg, run_all(cfg))
+            return worst if math.isnan(value) else value
         except CatnetError as e:
             log.error("catnet: error: %s", e)
-            return math.nan
+            return worst
         except Exception:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
             log.exception("catnet: job failed")
-            return math.nan
+            return worst
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

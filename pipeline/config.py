@@ -32,6 +32,7 @@ class DataConfig:
     image_shape: list[int] = field(default_factory=lambda: [64, 64, 3])
     val_fraction: float = 0.0  # > 0: a stratified validation set carved from the training file
     split_seed: int = 0  # seeds that split (apart from ``seed``, so the split stays put)
+    cv_folds: int = 0  # >= 2: also k-fold cross-validate the config on the training set (cv/... metrics)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainConfig:
     dtype: str = "float32"
     loss: str = "sse"
     progress: bool = True  # progress bar when stderr is a terminal (never in multirun)
+    batch_size: Optional[int] = None  # None: full batch (the seed's); n: shuffled mini-batches of n
     divergence_ratio: Optional[float] = 1.4  # stop when the error stays above this x its first value
     divergence_patience: int = 20  # ... for this many epochs in a row
 
@@ -120,6 +122,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.image_shape={shape}: must be positive sizes, e.g. [64,64,3]")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must lie in [0, 1)")
+    if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:
+        raise ConfigError(f"data.cv_folds={cfg.data.cv_folds}: must be 0 (off) or >= 2")
     _choice("normalize.method", cfg.normalize.method, METHODS)
     if not cfg.normalize.divisor > 0:
         raise ConfigError(f"normalize.divisor={cfg.normalize.divisor}: must be > 0")
@@ -136,6 +140,8 @@ def validate(cfg: DictConfig) -> None:
     if not (lr > 0 and lr != float("inf")):
         raise ConfigError(f"train.lr={lr}: must be a finite number > 0")
     _choice("train.dtype", cfg.train.dtype, DTYPES)
+    if cfg.train.batch_size is not None and cfg.train.batch_size < 1:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be >= 1, or null for full batch")
     ratio = cfg.train.divergence_ratio
     if ratio is not None and not ratio > 1:
         raise ConfigError(f"train.divergence_ratio={ratio}: must be > 1, or null to stop only on NaN/inf")

@@ -135,3 +135,13 @@ def test_real_data_and_its_dvc_digest():
     assert (len(train), len(test), int(train.y.sum())) == (209, 50, 72)
     tracked = yaml.safe_load((ROOT / "data/raw.dvc").read_text())["outs"][0]["md5"]
     assert dvc_digest([REAL_TRAIN, REAL_TEST]) + ".dir" == tracked
+
+
+def test_streamed_batches_equal_the_loaded_images(good):
+    from catnet.data import H5Images
+
+    x, y, path = good
+    with H5Images(path, "train", SHAPE) as src:
+        assert len(src) == 6 and src.y.tolist() == y.tolist()
+        idx = np.array([4, 0, 5, 2])
+        np.testing.assert_array_equal(src.take(idx), x[idx].reshape(4, -1))

@@ -148,3 +148,31 @@ def test_a_spike_that_recovers_is_not_divergence_but_a_plateau_is():
     with pytest.raises(TrainingDiverged, match="since epoch 2") as e:
         fit(net, x, y, epochs=50, lr=1e10, max_error_ratio=1.01, patience=5)
     assert e.value.epoch == 6
+
+
+def test_minibatch_with_the_whole_set_as_one_batch_is_full_batch():
+    from catnet.train import fit_minibatch
+
+    x, y = separable_problem()
+    a = init_network([10, 6, 1], np.random.default_rng(3), dtype=np.float64)
+    b = init_network([10, 6, 1], np.random.default_rng(3), dtype=np.float64)
+    ha = fit(a, x, y, epochs=30, lr=0.05)["error"]
+    hb = fit_minibatch(b, lambda idx: x[idx], y, epochs=30, lr=0.05, batch_size=len(y),
+                       rng=np.random.default_rng(0))["error"]
+    np.testing.assert_allclose(hb, ha, rtol=1e-10)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(wb, wa, rtol=1e-9, atol=1e-12)
+
+
+def test_minibatches_learn_and_are_reproducible():
+    from catnet.train import fit_minibatch
+
+    x, y = separable_problem(200)
+    runs = []
+    for _ in range(2):
+        net = init_network([10, 8, 1], np.random.default_rng(1), dtype=np.float64)
+        h = fit_minibatch(net, lambda idx: x[idx], y, epochs=60, lr=0.05, batch_size=16,
+                          rng=np.random.default_rng(7))["error"]
+        runs.append((net, h))
+    assert runs[0][1][-1] < 0.3 * runs[0][1][0]
+    assert all(np.array_equal(p, q) for p, q in zip(runs[0][0].weights, runs[1][0].weights))

@@ -165,3 +165,15 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
     show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, env={**os.environ, **env},
                           capture_output=True, text=True, check=True)
     assert "0.0123" in show.stdout
+
+
+def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_cli("-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "data.cv_folds=2",
+            f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["sweep.sweeper"] == "OptunaSweeper" and len(children) == 3
+    assert all("cv/balanced_accuracy" in c.data.metrics for c in children if c.info.status == "FINISHED")
+    assert parent.data.tags["catnet.best_by"] == "cv/balanced_accuracy"

@@ -173,3 +173,68 @@ def stratified_split(split: Split, fraction: float, rng: np.random.Generator) ->
     if is_val.all() or not is_val.any():
         raise DataError(f"cannot carve a validation set of {fraction} from {len(split.y)} images")
     return (Split(split.x[~is_val], split.y[~is_val]), Split(split.x[is_val], split.y[is_val]))
+
+
+def stratified_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices of ``k`` validation folds that each keep the share of each class; every
+    index is in exactly one fold."""
+    if k < 2:
+        raise ValueError(f"k must be >= 2, got {k}")
+    folds: list[list[np.ndarray]] = [[] for _ in range(k)]
+    for label in np.unique(y):
+        for i, part in enumerate(np.array_split(rng.permutation(np.flatnonzero(y == label)), k)):
+            folds[i].append(part)
+    return [np.sort(np.concatenate(f)) for f in folds]
+
+
+class H5Images:
+    """The images of one HDF5 file read on demand, so training can stream mini-batches from
+    a file larger than memory. The labels (small) are read and checked at once; images are
+    checked batch by batch as they are read.
+
+        with H5Images(path, "train", (64, 64, 3)) as src:
+            x = src.take(np.array([5, 2, 9]))  # (3, 12288) uint8, rows in the order asked
+    """
+
+    def __init__(self, path: str | Path, split: str, image_shape: tuple[int, ...], name: str | None = None):
+        import h5py
+
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.name}: file not found")
+        if not h5py.is_hdf5(self.path):
+            raise DataError(f"{self.name}: not an HDF5 file")
+        self.file = h5py.File(self.path, "r")
+        keys = [k for k in self.file.keys() if isinstance(self.file[k], h5py.Dataset)]
+        x_key, y_key = _find_key(keys, split, "x", self.name), _find_key(keys, split, "y", self.name)
+        self.images = self.file[x_key]
+        if self.images.ndim != 1 + len(image_shape) or tuple(self.images.shape[1:]) != tuple(image_shape):
+            raise DataError(f"{self.name} (dataset '{x_key}'): expected images of shape "
+                            f"(N, {', '.join(map(str, image_shape))}), got {self.images.shape}")
+        if len(self.images) == 0:
+            raise DataError(f"{self.name} (dataset '{x_key}'): the set is empty (0 images)")
+        self.y = _check_labels(self.file[y_key][()], y_key, self.name, len(self.images))
+        self.x_key = x_key
+        self.features = int(np.prod(image_shape))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` as (len(idx), features) uint8, in the order of ``idx``."""
+        order = np.argsort(idx)
+        raw = self.images[np.asarray(idx)[order]]  # HDF5 wants increasing indices
+        raw = _check_images(raw, self.x_key, self.name, tuple(self.images.shape[1:]))
+        out = np.empty((len(idx), self.features), dtype=np.uint8)
+        out[order] = raw.reshape(len(idx), -1)
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "H5Images":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

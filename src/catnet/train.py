@@ -1,4 +1,4 @@
-"""Full-batch gradient descent, epoch after epoch."""
+"""Gradient descent, epoch after epoch: full batch (the seed's), or shuffled mini-batches."""
 
 from __future__ import annotations
 
@@ -72,4 +72,59 @@ def fit(
             history[k][epoch - 1] = v
         if on_epoch is not None:
             on_epoch(epoch, errors)
+    return history
+
+
+def fit_minibatch(
+    net: Network,
+    take: Callable[[np.ndarray], np.ndarray],
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    rng: np.random.Generator,
+    loss: str = "sse",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    max_error_ratio: float | None = None,
+    patience: int = 20,
+) -> dict[str, np.ndarray]:
+    """Mini-batch gradient descent: each epoch visits the N images once in a fresh order drawn
+    from ``rng``, one update per batch of ``batch_size``. ``take(indices)`` returns the network
+    inputs (len(indices), D) of those images, so they can stream from disk (catnet.data.H5Images)
+    and only one batch is in memory. The epoch's error is the sum of its batches' errors, each
+    measured before that batch's update; with batch_size >= N this is full-batch descent.
+    """
+    check_choice("train.loss", loss, LOSSES)
+    if batch_size < 1:
+        raise ConfigError(f"train.batch_size={batch_size}: must be >= 1")
+    dtype = net.weights[0].dtype
+    y = np.asarray(y, dtype=dtype).reshape(-1, 1)
+    n = len(y)
+    history = {"error": np.empty(epochs)}
+    above = 0
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(n)
+        error = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            xb = np.ascontiguousarray(take(idx), dtype=dtype)  # (b, D)
+            acts = forward(net, xb)
+            error += loss_value(acts[-1], y[idx], loss)
+            steps_w, steps_b = backward(net, xb, acts, y[idx], loss, scale=lr)
+            for w, step in zip(net.weights, steps_w):
+                w -= step
+            if steps_b is not None:
+                for b, step in zip(net.biases, steps_b):
+                    b -= step
+        if not np.isfinite(error):
+            raise TrainingDiverged(epoch, error)
+        if max_error_ratio is not None and epoch > 1:
+            above = above + 1 if error > max_error_ratio * history["error"][0] else 0
+            if above >= patience:
+                raise TrainingDiverged(epoch, error, f"the error stayed above {max_error_ratio} times its "
+                                                     f"first value {history['error'][0]:.6g} since epoch {epoch - above + 1}")
+        history["error"][epoch - 1] = error
+        if on_epoch is not None:
+            on_epoch(epoch, {"error": error})
     return history
