@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench            # training loop vs the matrix-multiply floor, tracking cost
     python -m benchmarks.bench --torch    # also a PyTorch peer (pip install -e ".[bench]")
+    python -m benchmarks.bench --scale    # also mini-batches streamed from HDF5 (benchmarks/scale.py)
 
 Per-epoch times are the minimum over interleaved repeats, so a busy moment on the machine hits
 the compared timings alike. The floor is the two tall-skinny products an epoch cannot avoid,
@@ -144,6 +145,7 @@ def startup(repeats: int = 3) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torch", action="store_true", help="include the PyTorch peer")
+    parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
@@ -177,6 +179,10 @@ def main() -> None:
     s = startup()
     print(f"start-up: first epoch done {s['off']:.2f} s after process start with tracking off, "
           f"{s['on']:.2f} s with MLflow on (import, store, run creation)")
+    if args.scale:
+        from benchmarks.scale import report
+
+        report()
 
 
 if __name__ == "__main__":

@@ -129,3 +129,10 @@ def test_wrong_type_fails_before_any_work(store):
     proc = run_cli("train.lr=abc", *store["args"], check=False)
     assert proc.returncode != 0 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
     assert not store["out"].exists()
+
+
+def test_minibatch_mode_through_the_cli(store):
+    run_cli("train.batch_size=64", "train.epochs=3", *store["args"])
+    client, runs = runs_of(store["uri"])
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["train.batch_size"] == "64"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 3

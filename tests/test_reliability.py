@@ -76,7 +76,7 @@ def test_parallel_sweeps_on_one_sqlite_store_lose_nothing(tmp_path):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     unfinished = [(r.info.run_name, r.info.status, r.data.tags.get("catnet.failure")) for r in children
                   if r.info.status != "FINISHED"]
-    assert len(children) == 24 and not unfinished, (unfinished, proc.stderr[-3000:])
+    assert len(children) == 24 and not unfinished, (unfinished, (proc.stdout + proc.stderr)[-4000:])
     for r in children:
         assert len(client.get_metric_history(r.info.run_id, "train/error")) == 25
 

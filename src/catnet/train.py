@@ -10,6 +10,27 @@ from catnet.errors import ConfigError, TrainingDiverged
 from catnet.network import LOSSES, Network, backward, check_choice, forward, loss_value
 
 
+class _DivergenceGuard:
+    """Raises TrainingDiverged when the error is NaN/inf, or stays above ``ratio`` times the
+    first epoch's error for ``patience`` epochs in a row (None: only NaN/inf)."""
+
+    def __init__(self, ratio: float | None, patience: int):
+        self.ratio, self.patience = ratio, patience
+        self.first: float | None = None
+        self.above = 0
+
+    def check(self, epoch: int, error: float) -> None:
+        if not np.isfinite(error):
+            raise TrainingDiverged(epoch, error)
+        if self.first is None:
+            self.first = error
+        elif self.ratio is not None:
+            self.above = self.above + 1 if error > self.ratio * self.first else 0
+            if self.above >= self.patience:
+                raise TrainingDiverged(epoch, error, f"the error stayed above {self.ratio} times its first "
+                                                     f"value {self.first:.6g} since epoch {epoch - self.above + 1}")
+
+
 def fit(
     net: Network,
     x: np.ndarray,
@@ -48,17 +69,11 @@ def fit(
     history = {"error": np.empty(epochs)}
     if val is not None:
         history["val_error"] = np.empty(epochs)
-    above = 0  # consecutive epochs with the error above max_error_ratio x the first error
+    guard = _DivergenceGuard(max_error_ratio, patience)
     for epoch in range(1, epochs + 1):
         acts = forward(net, x)
         error = loss_value(acts[-1], y, loss)
-        if not np.isfinite(error):
-            raise TrainingDiverged(epoch, error)
-        if max_error_ratio is not None and epoch > 1:
-            above = above + 1 if error > max_error_ratio * history["error"][0] else 0
-            if above >= patience:
-                raise TrainingDiverged(epoch, error, f"the error stayed above {max_error_ratio} times its "
-                                                     f"first value {history['error'][0]:.6g} since epoch {epoch - above + 1}")
+        guard.check(epoch, error)
         errors = {"error": error}
         if val is not None:
             errors["val_error"] = loss_value(forward(net, x_val)[-1], y_val, loss)
@@ -102,7 +117,7 @@ def fit_minibatch(
     y = np.asarray(y, dtype=dtype).reshape(-1, 1)
     n = len(y)
     history = {"error": np.empty(epochs)}
-    above = 0
+    guard = _DivergenceGuard(max_error_ratio, patience)
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
         error = 0.0
@@ -117,13 +132,7 @@ def fit_minibatch(
             if steps_b is not None:
                 for b, step in zip(net.biases, steps_b):
                     b -= step
-        if not np.isfinite(error):
-            raise TrainingDiverged(epoch, error)
-        if max_error_ratio is not None and epoch > 1:
-            above = above + 1 if error > max_error_ratio * history["error"][0] else 0
-            if above >= patience:
-                raise TrainingDiverged(epoch, error, f"the error stayed above {max_error_ratio} times its "
-                                                     f"first value {history['error'][0]:.6g} since epoch {epoch - above + 1}")
+        guard.check(epoch, error)
         history["error"][epoch - 1] = error
         if on_epoch is not None:
             on_epoch(epoch, {"error": error})
