@@ -64,8 +64,11 @@ def compare(cfg: DictConfig):
         raise ConfigError(f"no finished runs in experiment {cfg.experiment!r}"
                           + (f" under parent {cfg.parent}" if cfg.parent else ""))
 
-    objective = next((k for k in (cfg.objective, cfg.fallback) if f"metrics.{k}" in runs), None)
-    params = [c for c in runs if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
+    candidates = (cfg.objective, "cv/balanced_accuracy", cfg.fallback)  # cv/...: an Optuna search's runs
+    objective = next((k for k in candidates if f"metrics.{k}" in runs), None)
+    # the pipeline's params (the flattened config: seed and dotted keys), where runs differ
+    params = [c for c in runs if c.startswith("params.") and ("." in c[7:] or c == "params.seed")
+              and runs[c].nunique(dropna=False) > 1]
     metrics = [f"metrics.{m}" for m in dict.fromkeys([objective, *KEY_METRICS]) if f"metrics.{m}" in runs]
     table = runs[["run_id", "tags.mlflow.runName", *params, *metrics]].copy()
     if objective:
