@@ -114,7 +114,8 @@ def tracking_overhead(x, y, epochs: int, repeats: int) -> tuple[float, float]:
             run = tracking.MlflowRun(client, client.create_run(exp).info.run_id, cfg.tracking.uri, 10.0) \
                 if mode == "on" else tracking.NullRun()
             start = time.perf_counter()
-            fit(net, x, y, epochs=epochs, lr=1e-6, on_epoch=lambda e, errs: run.log_epoch(e, {"train/error": errs["error"]}))
+            fit(net, x, y, epochs=epochs, lr=1e-6,
+                on_epoch=lambda e, errs, run=run: run.log_epoch(e, {"train/error": errs["error"]}))
             run.flush()
             times[mode].append(time.perf_counter() - start)
     return min(times["on"]), min(times["off"])

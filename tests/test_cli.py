@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REAL_TEST, REAL_TRAIN, make_images, read_json, run_cli, runs_of, write_h5
+from conftest import REAL_TRAIN, make_images, read_json, run_cli, runs_of, write_h5
 
-from pipeline.common import ROOT
 
 pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
 

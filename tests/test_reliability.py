@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
 from test_data import EXPECTED, _bad_files
-from test_sweep import _free_port, _get
+from test_sweep import _free_port
 
 from catnet.errors import DataError
 from pipeline.common import ROOT
