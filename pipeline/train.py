@@ -1,4 +1,4 @@
-"""Stage ``train``: train the network by full-batch gradient descent, log it to MLflow.
+"""Stage ``train``: train the network by gradient descent (full batch by default), log it to MLflow.
 
 Writes models/weights.npz (W1..WL, b1..bL with bias), reports/train_history.csv (the error
 of every epoch, a DVC plot), reports/learning_curve.png and reports/mlflow_run.json (the id
