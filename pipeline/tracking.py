@@ -201,12 +201,23 @@ class MlflowRun(NullRun):
 
 
 def quiet_model_warnings() -> None:
-    """MLflow's hints that do not apply: predict validates its input itself (no type hints
-    wanted), and the integer label column never holds missing values."""
+    """Drop two MLflow hints that do not apply here: "add type hints to predict" (the model
+    validates its input itself) and "integer column(s)" (the label column is never missing).
+    MLflow re-enables UserWarnings inside its own calls (a "once" filter put in front of ours),
+    so a filter cannot do it; the display hook can."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
-    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+    if getattr(warnings.showwarning, "_catnet", False):
+        return
+    shown = warnings.showwarning
+    hints = ("type hints to the `predict` method", "Inferred schema contains integer column")
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not any(h in str(message) for h in hints):
+            shown(message, category, filename, lineno, file, line)
+
+    showwarning._catnet = True
+    warnings.showwarning = showwarning
 
 
 def provenance_tags() -> dict[str, str]:
