@@ -31,6 +31,16 @@ class _DivergenceGuard:
                                                      f"value {self.first:.6g} since epoch {epoch - self.above + 1}")
 
 
+def _descend(net: Network, x: np.ndarray, acts: list[np.ndarray], y: np.ndarray, loss: str, lr: float) -> None:
+    """One gradient-descent update in place: W <- W - lr * dE/dW (and b)."""
+    steps_w, steps_b = backward(net, x, acts, y, loss, scale=lr)  # lr * dE/dW
+    for w, step in zip(net.weights, steps_w):
+        w -= step
+    if steps_b is not None:
+        for b, step in zip(net.biases, steps_b):
+            b -= step
+
+
 def fit(
     net: Network,
     x: np.ndarray,
@@ -77,12 +87,7 @@ def fit(
         errors = {"error": error}
         if val is not None:
             errors["val_error"] = loss_value(forward(net, x_val)[-1], y_val, loss)
-        steps_w, steps_b = backward(net, x, acts, y, loss, scale=lr)  # lr * dE/dW
-        for w, step in zip(net.weights, steps_w):
-            w -= step
-        if steps_b is not None:
-            for b, step in zip(net.biases, steps_b):
-                b -= step
+        _descend(net, x, acts, y, loss, lr)
         for k, v in errors.items():
             history[k][epoch - 1] = v
         if on_epoch is not None:
@@ -126,12 +131,7 @@ def fit_minibatch(
             xb = np.ascontiguousarray(take(idx), dtype=dtype)  # (b, D)
             acts = forward(net, xb)
             error += loss_value(acts[-1], y[idx], loss)
-            steps_w, steps_b = backward(net, xb, acts, y[idx], loss, scale=lr)
-            for w, step in zip(net.weights, steps_w):
-                w -= step
-            if steps_b is not None:
-                for b, step in zip(net.biases, steps_b):
-                    b -= step
+            _descend(net, xb, acts, y[idx], loss, lr)
         guard.check(epoch, error)
         history["error"][epoch - 1] = error
         if on_epoch is not None:
