@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from catnet.errors import ConfigError
 from catnet.network import ACTIVATIONS, INITS, LOSSES
+from catnet.train import SOLVERS
 from catnet.preprocess import METHODS
 
 DTYPES = ("float32", "float64")
@@ -33,6 +34,7 @@ class DataConfig:
     val_fraction: float = 0.0  # > 0: a stratified validation set carved from the training file
     split_seed: int = 0  # seeds that split (apart from ``seed``, so the split stays put)
     cv_folds: int = 0  # >= 2: also k-fold cross-validate the config on the training set (cv/... metrics)
+    cv_repeats: int = 1  # repeat the k folds with split seed split_seed+r and weight seed seed+r
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainConfig:
     batch_size: Optional[int] = None  # None: full batch (the seed's); n: shuffled mini-batches of n
     divergence_ratio: Optional[float] = 1.4  # stop when the error stays above this x its first value
     divergence_patience: int = 20  # ... for this many epochs in a row
+    solver: str = "auto"  # full batch: primal (update W1) | dual (W1 = W1(0) + X^T A) | auto (cheaper one)
 
 
 @dataclass
@@ -124,6 +127,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must lie in [0, 1)")
     if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:
         raise ConfigError(f"data.cv_folds={cfg.data.cv_folds}: must be 0 (off) or >= 2")
+    if cfg.data.cv_repeats < 1:
+        raise ConfigError(f"data.cv_repeats={cfg.data.cv_repeats}: must be >= 1")
     _choice("normalize.method", cfg.normalize.method, METHODS)
     if not cfg.normalize.divisor > 0:
         raise ConfigError(f"normalize.divisor={cfg.normalize.divisor}: must be > 0")
@@ -148,6 +153,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.divergence_patience < 1:
         raise ConfigError(f"train.divergence_patience={cfg.train.divergence_patience}: must be >= 1")
     _choice("train.loss", cfg.train.loss, LOSSES)
+    _choice("train.solver", cfg.train.solver, SOLVERS)
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be >= 0")
     uri = cfg.tracking.uri

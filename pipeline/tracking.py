@@ -4,7 +4,8 @@ A pipeline execution is one MLflow run. ``open_run`` creates it (train stage) or
 by id (evaluate stage, when ``dvc repro`` runs the stages as separate processes), and sets its
 status honestly: FINISHED only when the last stage succeeded, FAILED (or KILLED on Ctrl-C)
 with the reason as a tag when a stage raised. Per-epoch metrics are buffered and sent in
-batches. ``mlflow`` is imported only when tracking is on: it costs over a second.
+batches by a background thread; a run ends only after they are written.
+``mlflow`` is imported only when tracking is on: it costs over a second.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class NullRun:
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
     def log_model(self, weights: Path, normalizer: Path, cfg: DictConfig, example) -> None: ...
+    def send(self) -> None: ...
     def flush(self) -> None: ...
     def end(self, status: str, reason: str | None = None) -> None: ...
 
@@ -87,14 +89,32 @@ def _run_name(cfg: DictConfig) -> str | None:
     return None
 
 
+def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
+    """client.log_inputs, retried when a parallel job inserted the same dataset first: MLflow's
+    SQL store looks the dataset up, then inserts it, so two first runs on one store can both
+    insert it and one fails on the UNIQUE constraint; on retry it finds the row and links it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as e:
+            if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class MlflowRun(NullRun):
     def __init__(self, client, run_id: str, tracking_uri: str, flush_seconds: float):
         self.client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.flush_seconds = flush_seconds
-        self._buffer: list = []
-        self._last_flush = time.monotonic()
+        self._buffer: list[tuple[int, float, dict[str, float]]] = []  # (epoch, time, metrics)
+        self._pending: list = []  # futures of writes not yet waited for
+        self._writer = None  # the background thread, started by the first send
+        self._last_send = time.time()
 
     @classmethod
     def create(cls, cfg: DictConfig) -> "MlflowRun":
@@ -122,7 +142,7 @@ class MlflowRun(NullRun):
             source = json.dumps({"train": str(data_files[0]), "test": str(data_files[1])})
             dataset = Dataset(name=data_files[0].parent.name or "data", digest=digest,
                               source_type="local", source=source)
-            client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+            _log_inputs(client, run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
         except BaseException as e:
             client.set_tag(run_id, "catnet.failure", f"{type(e).__name__}: {e}"[:5000])
             client.set_terminated(run_id, "FAILED")
@@ -147,18 +167,37 @@ class MlflowRun(NullRun):
         return cls(client, run_id, tracking_uri, cfg.tracking.flush_seconds)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
+        every ``flush_seconds`` the buffer goes to MLflow in the background (``send``)."""
+        now = time.time()
+        self._buffer.append((epoch, now, metrics))
+        if now - self._last_send >= self.flush_seconds:
+            self.send()
+
+    def send(self) -> None:
+        """Hand the buffered epochs to a background thread that writes them to MLflow (in
+        batches of 1000), so the caller goes on training; ``flush`` waits for it."""
+        if self._buffer:
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catnet-mlflow")
+            self._pending.append(self._writer.submit(self._write, self._buffer))
+            self._buffer = []
+        self._last_send = time.time()
+
+    def _write(self, epochs: list[tuple[int, float, dict[str, float]]]) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, epoch) for k, v in metrics.items())
-        if time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+        metrics = [Metric(k, float(v), int(t * 1000), epoch) for epoch, t, values in epochs for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def flush(self) -> None:
-        if self._buffer:
-            self.client.log_batch(self.run_id, metrics=self._buffer)
-            self._buffer = []
-        self._last_flush = time.monotonic()
+        """Send the buffer and wait until everything sent is written (raises if writing failed)."""
+        self.send()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -179,6 +218,9 @@ class MlflowRun(NullRun):
 
         mlflow.set_tracking_uri(self.tracking_uri)
         quiet_model_warnings()
+        # MLflow re-reads the model it just logged to check the input example, with a download
+        # progress bar per file: noise in a stage's log (a user's own setting wins)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         signature = infer_signature(example, pandas.DataFrame(
             {"probability": numpy.zeros(len(example)), "label": numpy.zeros(len(example), numpy.int64)}))
         info = Model.log(

@@ -72,11 +72,12 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
                 net, lambda idx: x[idx], train.y, batch_size=cfg.train.batch_size,
                 rng=np.random.default_rng([cfg.seed, 1]), **common)
         else:
-            history = catnet_train.fit(net, x, train.y, val=val, **common)
+            history = catnet_train.fit(net, x, train.y, val=val, solver=cfg.train.solver, **common)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
+    mlrun.send()  # the last epochs go to MLflow in the background while the outputs are written
 
     save_npz(out.weights, **net.arrays())
     atomic_write(out.history, lambda f: _write_history(f, history), mode="w")
@@ -101,30 +102,35 @@ def _process_start() -> float:
 def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
     """Mean validation metrics of the configured network over ``data.cv_folds`` stratified
     folds of the training set (split by ``data.split_seed``): each fold's network trains on
-    the other folds, with the normalization fitted on them. A steadier ranking for a sweep than
-    one small validation split; the test set is never touched."""
+    the other folds, with the normalization fitted on them. With ``data.cv_repeats`` = r > 1
+    the k folds are drawn r times (repeat i: split seed split_seed+i, weight seed seed+i), so
+    the mean also averages over initializations. A steadier ranking for a sweep than one
+    small validation split; the test set is never touched."""
     from catnet import preprocess
     from catnet.data import stratified_folds
     from catnet.metrics import evaluate
 
     dtype = np.dtype(cfg.train.dtype)
     scores: dict[str, list[float]] = {}
-    folds = stratified_folds(train.y, cfg.data.cv_folds, np.random.default_rng(cfg.data.split_seed))
-    for fold in folds:
+    folds = [(repeat, fold) for repeat in range(cfg.data.cv_repeats) for fold in
+             stratified_folds(train.y, cfg.data.cv_folds, np.random.default_rng(cfg.data.split_seed + repeat))]
+    for repeat, fold in folds:
         mask = np.zeros(len(train.y), dtype=bool)
         mask[fold] = True
         norm = preprocess.fit(train.x[~mask], cfg.normalize.method, divisor=cfg.normalize.divisor)
         x = norm.apply(train.x[~mask], dtype)
         net = network.init_network(
-            [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
+            [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed + repeat),
             activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype)
         catnet_train.fit(net, x, train.y[~mask], epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
+                         solver=cfg.train.solver,
                          max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
         m = evaluate(net, norm.apply(train.x[mask], dtype), train.y[mask], loss=cfg.train.loss)
         for k in ("accuracy", "balanced_accuracy", "error"):
             scores.setdefault(f"cv/{k}", []).append(m[k])
     result = {k: float(np.mean(v)) for k, v in scores.items()}
-    log.info("train: %d-fold cross-validation: balanced accuracy %.3f, accuracy %.3f", len(folds),
+    log.info("train: %d-fold cross-validation%s: balanced accuracy %.3f, accuracy %.3f", cfg.data.cv_folds,
+             f" x {cfg.data.cv_repeats} repeats" if cfg.data.cv_repeats > 1 else "",
              result["cv/balanced_accuracy"], result["cv/accuracy"])
     return result
 

@@ -83,3 +83,36 @@ def test_committed_params_yaml_is_the_composition_of_conf():
     from pipeline.params import composed_yaml
 
     assert (ROOT / "params.yaml").read_text() == composed_yaml(), "run: python -m pipeline.params"
+
+
+def test_repeated_cross_validation_trains_k_times_r_networks(compose_cfg, monkeypatch):
+    """data.cv_folds=3 x data.cv_repeats=2: six networks, each trained on 2/3 of the set and
+    scored on the rest; a repeat draws other folds and other initial weights."""
+    import numpy as np
+
+    from catnet.data import Split
+    from pipeline import train as stage
+
+    cfg = prepare(compose_cfg("data.cv_folds=3", "data.cv_repeats=2", "train.epochs=5", "model.hidden_sizes=[3]",
+                              "data.image_shape=[2,2,3]"), ROOT)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(30, 12), dtype=np.uint8)
+    y = np.array([0, 1] * 15, dtype=np.uint8)
+    seen = []
+    real_fit = stage.catnet_train.fit
+
+    def spy(net, xs, ys, **kw):
+        seen.append((net.weights[0].copy(), frozenset(map(bytes, xs))))
+        return real_fit(net, xs, ys, **kw)
+
+    monkeypatch.setattr(stage.catnet_train, "fit", spy)
+    result = stage.cross_validate(cfg, Split(x, y))
+    assert len(seen) == 6 and all(len(rows) == 20 for _, rows in seen)
+    first, second = seen[:3], seen[3:]
+    assert all(np.array_equal(w, first[0][0]) for w, _ in first)  # one seed within a repeat
+    assert not np.array_equal(first[0][0], second[0][0])  # the next repeat: seed + 1
+    assert len({rows for _, rows in first}) == 3 and {rows for _, rows in first} != {rows for _, rows in second}
+    assert set(result) == {"cv/accuracy", "cv/balanced_accuracy", "cv/error"}
+    assert 0 <= result["cv/accuracy"] <= 1 and result["cv/error"] > 0
+    with pytest.raises(ConfigError, match="data.cv_repeats=0: must be >= 1"):
+        prepare(compose_cfg("data.cv_repeats=0"), ROOT)

@@ -176,3 +176,60 @@ def test_minibatches_learn_and_are_reproducible():
         runs.append((net, h))
     assert runs[0][1][-1] < 0.3 * runs[0][1][0]
     assert all(np.array_equal(p, q) for p, q in zip(runs[0][0].weights, runs[1][0].weights))
+
+
+def wide_problem(n=40, d=300, seed=0):
+    """Fewer examples than inputs, like the cat images (209 x 12288): where the dual form pays."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(n, d)) * 3 / np.sqrt(d)
+    y = (x[:, :d // 2].sum(1) > x[:, d // 2:].sum(1)).astype(np.uint8)
+    return x, y
+
+
+@pytest.mark.parametrize("activation,bias,loss,lr", [
+    ("sigmoid", False, "sse", 0.5), ("tanh", True, "sse", 0.05), ("relu", True, "cross_entropy", 0.05),
+    ("sigmoid", True, "cross_entropy", 0.2),
+])
+def test_dual_solver_follows_the_primal_descent(activation, bias, loss, lr):
+    """W1 = W1(0) + X^T A is the same descent: weights and per-epoch errors (train and
+    validation) agree with the direct update to float64 rounding."""
+    x, y = wide_problem(50)
+    nets, hists = {}, {}
+    for solver in ("primal", "dual"):
+        nets[solver] = init_network([300, 8, 4, 1], np.random.default_rng(5), activation=activation, bias=bias,
+                                    dtype=np.float64)
+        hists[solver] = fit(nets[solver], x[:40], y[:40], epochs=60, lr=lr, loss=loss, solver=solver,
+                            val=(x[40:], y[40:]))
+    for k in ("error", "val_error"):
+        np.testing.assert_allclose(hists["dual"][k], hists["primal"][k], rtol=1e-10)
+    assert hists["dual"]["error"][-1] < 0.5 * hists["dual"]["error"][0]  # it trained
+    for wp, wd in zip(nets["primal"].arrays().values(), nets["dual"].arrays().values()):
+        np.testing.assert_allclose(wd, wp, rtol=1e-9, atol=1e-12)
+    assert nets["dual"].weights[0].flags.f_contiguous  # W1 written back in its layout
+
+
+def test_dual_solver_writes_w1_back_when_training_stops_early():
+    x, y = wide_problem()
+    nets = {}
+    for solver in ("primal", "dual"):
+        nets[solver] = init_network([300, 6, 1], np.random.default_rng(2), dtype=np.float64)
+
+        def stop(epoch, errors):
+            if epoch == 7:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            fit(nets[solver], x, y, epochs=100, lr=0.5, solver=solver, on_epoch=stop)
+    np.testing.assert_allclose(nets["dual"].weights[0], nets["primal"].weights[0], rtol=1e-10, atol=1e-13)
+
+
+def test_auto_solver_picks_dual_only_where_it_costs_less():
+    from catnet.errors import ConfigError
+    from catnet.train import use_dual
+
+    assert use_dual("auto", 209, 12288, 20, 1000)  # the default network and data
+    assert not use_dual("auto", 209, 12288, 20, 2)  # too few epochs to repay X X^T
+    assert not use_dual("auto", 5000, 3000, 20, 1000)  # more images than inputs
+    assert use_dual("dual", 5000, 3000, 20, 1) and not use_dual("primal", 209, 12288, 20, 1000)
+    with pytest.raises(ConfigError, match="train.solver='kernel': must be one of auto, primal, dual"):
+        use_dual("kernel", 209, 12288, 20, 1000)

@@ -66,3 +66,31 @@ def test_tracking_off_never_imports_mlflow(compose_cfg):
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dataset_insert_race_is_retried_and_other_errors_are_not():
+    """Two first runs on one store can both insert the dataset row; the loser retries and links
+    the row the winner wrote (seen with 2 joblib workers on a fresh store)."""
+    from mlflow.exceptions import MlflowException
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def log_inputs(self, run_id, inputs):
+            self.calls += 1
+            if self.errors:
+                raise MlflowException(self.errors.pop(0))
+
+    race = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name"
+    client = Client([race, race])
+    tracking._log_inputs(client, "run", [])
+    assert client.calls == 3
+    client = Client(["RESOURCE_DOES_NOT_EXIST: run"])
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        tracking._log_inputs(client, "run", [])
+    assert client.calls == 1
+    client = Client([race] * 5)
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        tracking._log_inputs(client, "run", [])
+    assert client.calls == 5

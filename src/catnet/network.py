@@ -130,14 +130,18 @@ def init_network(
     return Network(weights, biases, activation)
 
 
-def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:
-    """Activations [A_1, ..., A_L] of every layer for inputs x (N, D); A_L is (N, 1)."""
+def forward(net: Network, x: np.ndarray, z1: np.ndarray | None = None) -> list[np.ndarray]:
+    """Activations [A_1, ..., A_L] of every layer for inputs x (N, D); A_L is (N, 1).
+
+    ``z1``: the first layer's product x @ W_1 (N, n_1) when the caller already has it
+    (catnet.train's dual form); it is used in place, so pass an array that may be overwritten.
+    """
     f_hidden = ACTIVATIONS[net.activation][0]
     last = len(net.weights) - 1
     acts = []
     a = x
     for l, w in enumerate(net.weights):
-        z = a @ w  # (N, n_{l-1}) @ (n_{l-1}, n_l) -> (N, n_l)
+        z = z1 if l == 0 and z1 is not None else a @ w  # (N, n_{l-1}) @ (n_{l-1}, n_l) -> (N, n_l)
         if net.biases is not None:
             z += net.biases[l]
         a = sigmoid(z) if l == last else f_hidden(z)
@@ -147,7 +151,7 @@ def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:
 
 def backward(
     net: Network, x: np.ndarray, acts: list[np.ndarray], y: np.ndarray, loss: str = "sse",
-    scale: float = 1.0,
+    scale: float = 1.0, first_delta: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """dE/dW_l (and dE/db_l) for every layer, by the chain rule, from the output back.
 
@@ -156,6 +160,9 @@ def backward(
     would cost a third (N, D) product). Every gradient is linear in delta_L, so ``scale``
     (the learning rate, for an update) is applied there, on N numbers, instead of on the
     D x n_1 gradient of the first layer.
+
+    ``first_delta``: put delta_1 = dE/dZ_1 (N, n_1) in place of dE/dW_1 = X^T delta_1, for a
+    caller that keeps W_1 as W_1(0) + X^T A and so only needs delta_1 (catnet.train's dual form).
     """
     f_grad = ACTIVATIONS[net.activation][1]
     delta = LOSSES[loss][1](acts[-1], y)  # (N, 1)
@@ -169,7 +176,7 @@ def backward(
         # dE/dW_l = A_{l-1}^T @ delta_l, computed as (delta_l^T @ A_{l-1})^T:
         # (n_l, N) @ (N, n_{l-1}) -> (n_l, n_{l-1}), returned as its (n_{l-1}, n_l) transpose,
         # the column-major layout the weights are kept in (see init_network)
-        grads_w[l] = (delta.T @ a_prev).T
+        grads_w[l] = delta if l == 0 and first_delta else (delta.T @ a_prev).T
         if grads_b is not None:
             grads_b[l] = delta.sum(axis=0)
         if l > 0:
