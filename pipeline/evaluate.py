@@ -22,7 +22,7 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
     dtype = np.dtype(cfg.train.dtype)
     results = {}
     for name, split in splits.named():
-        m = evaluate(net, normalizer.apply(split.x, dtype), split.y, loss=cfg.train.loss)
+        m = evaluate(net, split.x, split.y, loss=cfg.train.loss, transform=lambda rows: normalizer.apply(rows, dtype))
         results[name] = {
             "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
             "error": m["error"], "precision": m["precision"],

@@ -32,10 +32,14 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     out = Outputs.of(cfg)
     dtype = np.dtype(cfg.train.dtype)
     train = splits.train
-    x = normalizer.apply(train.x, dtype)  # (N, D)
+    if cfg.train.batch_size:  # normalize batch by batch: no float copy of the whole set
+        x = None
+        take = lambda idx: normalizer.apply(train.x[idx], dtype)  # noqa: E731
+    else:
+        x = normalizer.apply(train.x, dtype)  # (N, D)
     val = (normalizer.apply(splits.val.x, dtype), splits.val.y) if splits.val else None
     net = network.init_network(
-        [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
+        [train.x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
         activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype,
     )
     # the configured tracking.uri, not the resolved one: this file is committed with dvc.lock
@@ -69,7 +73,7 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
                       max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
         if cfg.train.batch_size:
             history = catnet_train.fit_minibatch(
-                net, lambda idx: x[idx], train.y, batch_size=cfg.train.batch_size,
+                net, take, train.y, batch_size=cfg.train.batch_size,
                 rng=np.random.default_rng([cfg.seed, 1]), **common)
         else:
             history = catnet_train.fit(net, x, train.y, val=val, solver=cfg.train.solver, **common)

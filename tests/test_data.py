@@ -58,6 +58,27 @@ def test_standardize_uses_training_statistics(good):
     np.testing.assert_allclose(z[:, varying].std(0), 1, atol=1e-9)
 
 
+def test_statistics_and_evaluation_in_blocks_match_the_whole_set():
+    """Blocks bound memory for big sets: the per-feature statistics and the metrics must not
+    depend on the block size."""
+    from catnet.metrics import evaluate
+    from catnet.network import init_network
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(101, 30), dtype=np.uint8)
+    x[:, 4] = 9  # a feature that never varies
+    y = rng.integers(0, 2, size=101)
+    whole, blocked = fit(x, "standardize", block=1000), fit(x, "standardize", block=7)
+    np.testing.assert_allclose(blocked.shift, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(blocked.scale, np.where(x.std(0) > 0, x.std(0), 1.0), rtol=1e-12)
+    np.testing.assert_allclose(blocked.scale, whole.scale, rtol=1e-12)
+    net = init_network([30, 5, 1], np.random.default_rng(0), dtype=np.float64)
+    direct = evaluate(net, whole.apply(x, np.float64), y)
+    streamed = evaluate(net, x, y, transform=lambda rows: whole.apply(rows, np.float64), block=10)
+    assert streamed["accuracy"] == direct["accuracy"] and streamed["tp"] == direct["tp"]
+    np.testing.assert_allclose(streamed["error"], direct["error"], rtol=1e-12)
+
+
 def _bad_files(tmp_path):
     rng = np.random.default_rng(0)
     x, y = make_images(6, rng)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from catnet.network import Network, forward, loss_value
@@ -27,10 +29,19 @@ def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 
     }
 
 
-def evaluate(net: Network, x: np.ndarray, y: np.ndarray, loss: str = "sse") -> dict:
-    """Error (the training loss over the set) and classification metrics of ``net`` on (x, y)."""
-    x = np.asarray(x, dtype=net.weights[0].dtype)
-    h = forward(net, x)[-1]  # (N, 1)
+def evaluate(net: Network, x: np.ndarray, y: np.ndarray, loss: str = "sse",
+             transform: Callable[[np.ndarray], np.ndarray] | None = None, block: int = 2048) -> dict:
+    """Error (the training loss over the set) and classification metrics of ``net`` on (x, y).
+
+    ``transform``: x holds raw rows (pixels) and ``transform(rows)`` gives the network inputs;
+    the forward pass then runs ``block`` rows at a time, so a set whose float copy would not fit
+    in memory is still evaluated (the rows may be a memory map)."""
+    dtype = net.weights[0].dtype
+    if transform is None:
+        h = forward(net, np.asarray(x, dtype=dtype))[-1]  # (N, 1)
+    else:
+        h = np.concatenate([forward(net, np.asarray(transform(x[s:s + block]), dtype=dtype))[-1]
+                            for s in range(0, len(x), block)])
     out = {"error": loss_value(h, y.reshape(-1, 1).astype(h.dtype), loss)}
     out.update(classification_metrics(h[:, 0], y))
     return out

@@ -32,14 +32,19 @@ class Normalizer:
         return cls(method=str(arrays["method"]), shift=arrays["shift"], scale=arrays["scale"])
 
 
-def fit(x_train: np.ndarray, method: str = "scale", divisor: float = 255.0, eps: float = 1e-8) -> Normalizer:
+def fit(x_train: np.ndarray, method: str = "scale", divisor: float = 255.0, eps: float = 1e-8,
+        block: int = 2048) -> Normalizer:
     """``scale``: divide by ``divisor`` (the seed's x/255). ``standardize``: per-feature mean and
-    standard deviation of the training images (features that never vary are only centred)."""
-    d = x_train.shape[1]
+    standard deviation of the training images (features that never vary are only centred),
+    accumulated in float64 over ``block`` rows at a time (two passes: mean, then squared
+    deviations), so no float copy of the whole set is made."""
+    n, d = x_train.shape
     if method == "scale":
         return Normalizer(method, np.zeros(d), np.full(d, float(divisor)))
     if method == "standardize":
-        x = x_train.astype(np.float64)
-        std = x.std(axis=0)
-        return Normalizer(method, x.mean(axis=0), np.where(std > eps, std, 1.0))
+        blocks = [slice(s, s + block) for s in range(0, n, block)]
+        mean = sum(x_train[b].sum(axis=0, dtype=np.float64) for b in blocks) / n
+        var = sum(np.square(x_train[b] - mean).sum(axis=0) for b in blocks) / n
+        std = np.sqrt(var)
+        return Normalizer(method, mean, np.where(std > eps, std, 1.0))
     raise ConfigError(f"normalize.method={method!r}: must be one of {', '.join(METHODS)}")
