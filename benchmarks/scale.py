@@ -72,6 +72,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+STAGES = ("load", "normalize", "train", "evaluate")
+
+
+def stage_peak_mb(stage: str, overrides: list[str]) -> float:
+    """Peak resident memory of ``python -m pipeline.<stage> <overrides>`` in its own process,
+    as ``dvc repro`` runs it (read from the stage's process at its exit)."""
+    code = ("import atexit, runpy, sys; from benchmarks.scale import peak_rss_mb; "
+            "atexit.register(lambda: print('PEAK_MB', peak_rss_mb(), file=sys.stderr)); "
+            f"sys.argv = ['pipeline.{stage}', *{overrides!r}]; runpy.run_module('pipeline.{stage}', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pipeline.{stage} failed: {proc.stderr[-2000:]}")
+    return float(proc.stderr.split("PEAK_MB")[-1].split()[0])
+
+
 def report(sizes=(2500, 5000, 10000, 20000), epochs: int = 3, batch_size: int = 256) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +96,10 @@ def report(sizes=(2500, 5000, 10000, 20000), epochs: int = 3, batch_size: int = 
                                   "--epochs", str(epochs), "--batch-size", str(batch_size)],
                                  cwd=ROOT, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if n == max(sizes):  # the pipeline's stages on the largest set, MLflow on
+                overrides = [f"data.train_path={path}", f"train.batch_size={batch_size}", f"train.epochs={epochs}",
+                             f"paths.out_dir={tmp}/out", f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
+                pipeline_peaks = {stage: stage_peak_mb(stage, overrides) for stage in STAGES}
             path.unlink()
     n = np.array([r["n"] for r in rows], dtype=float)
     t = np.array([r["epoch_s"] for r in rows])
@@ -90,7 +109,11 @@ def report(sizes=(2500, 5000, 10000, 20000), epochs: int = 3, batch_size: int = 
     print(f"{'images':>8} {'s/epoch':>9} {'peak RSS MB':>12}")
     for r in rows:
         print(f"{r['n']:8d} {r['epoch_s']:9.3f} {r['peak_rss_mb']:12.0f}")
-    print(f"epoch time = {slope * 1e3:.3f} ms per image x N + {intercept:.3f} s  (linear fit, R^2 = {r2:.4f})")
+    print(f"epoch time = {slope * 1e3:.3f} ms per image x N {intercept:+.3f} s  (linear fit, R^2 = {r2:.4f})")
+    print(f"pipeline stages on {max(sizes)} images (train.batch_size={batch_size}, MLflow on), each in its own "
+          "process as under dvc repro, peak RSS MB: "
+          + ", ".join(f"{stage} {mb:.0f}" for stage, mb in pipeline_peaks.items())
+          + "  (the uint8 images are held whole; batches are normalized one at a time)")
 
 
 def main() -> None:

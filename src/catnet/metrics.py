@@ -30,7 +30,7 @@ def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 
 
 
 def evaluate(net: Network, x: np.ndarray, y: np.ndarray, loss: str = "sse",
-             transform: Callable[[np.ndarray], np.ndarray] | None = None, block: int = 2048) -> dict:
+             transform: Callable[[np.ndarray], np.ndarray] | None = None, block: int = 256) -> dict:
     """Error (the training loss over the set) and classification metrics of ``net`` on (x, y).
 
     ``transform``: x holds raw rows (pixels) and ``transform(rows)`` gives the network inputs;

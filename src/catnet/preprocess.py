@@ -33,7 +33,7 @@ class Normalizer:
 
 
 def fit(x_train: np.ndarray, method: str = "scale", divisor: float = 255.0, eps: float = 1e-8,
-        block: int = 2048) -> Normalizer:
+        block: int = 256) -> Normalizer:
     """``scale``: divide by ``divisor`` (the seed's x/255). ``standardize``: per-feature mean and
     standard deviation of the training images (features that never vary are only centred),
     accumulated in float64 over ``block`` rows at a time (two passes: mean, then squared
