@@ -233,3 +233,14 @@ def test_auto_solver_picks_dual_only_where_it_costs_less():
     assert use_dual("dual", 5000, 3000, 20, 1) and not use_dual("primal", 209, 12288, 20, 1000)
     with pytest.raises(ConfigError, match="train.solver='kernel': must be one of auto, primal, dual"):
         use_dual("kernel", 209, 12288, 20, 1000)
+
+
+def test_dual_solver_in_float32_follows_float64():
+    x, y = wide_problem()
+    nets = {}
+    for dtype in ("float32", "float64"):
+        nets[dtype] = init_network([300, 6, 1], np.random.default_rng(4), dtype=dtype)
+        fit(nets[dtype], x, y, epochs=30, lr=0.5, solver="dual")
+    for w32, w64 in zip(nets["float32"].weights, nets["float64"].weights):
+        assert w32.dtype == np.float32
+        np.testing.assert_allclose(w32, w64, rtol=1e-4, atol=1e-5)
