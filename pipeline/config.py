@@ -61,6 +61,7 @@ class TrainConfig:
     batch_size: Optional[int] = None  # None: full batch (the seed's); n: shuffled mini-batches of n
     divergence_ratio: Optional[float] = 1.4  # stop when the error stays above this x its first value
     divergence_patience: int = 20  # ... for this many epochs in a row
+    class_weight: Optional[str] = None  # None: every example weighs 1 (the seed's); balanced
     solver: str = "auto"  # full batch: primal (update W1) | dual (W1 = W1(0) + X^T A) | auto (cheaper one)
 
 
@@ -154,6 +155,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.divergence_patience={cfg.train.divergence_patience}: must be >= 1")
     _choice("train.loss", cfg.train.loss, LOSSES)
     _choice("train.solver", cfg.train.solver, SOLVERS)
+    if cfg.train.class_weight is not None:
+        _choice("train.class_weight", cfg.train.class_weight, ("balanced",))
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be >= 0")
     uri = cfg.tracking.uri

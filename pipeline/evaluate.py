@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from catnet.metrics import evaluate
-from catnet.network import Network
+from catnet.network import Network, class_weights
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking, train
 from pipeline.common import CONF_DIR, Outputs, log, run_cli, save_json
@@ -20,9 +20,11 @@ from pipeline.common import CONF_DIR, Outputs, log, run_cli, save_json
 def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Network,
         mlrun: tracking.NullRun) -> dict:
     dtype = np.dtype(cfg.train.dtype)
+    weights = class_weights(splits.train.y, cfg.train.class_weight)  # the error as training measured it
     results = {}
     for name, split in splits.named():
-        m = evaluate(net, split.x, split.y, loss=cfg.train.loss, transform=lambda rows: normalizer.apply(rows, dtype))
+        m = evaluate(net, split.x, split.y, loss=cfg.train.loss, transform=lambda rows: normalizer.apply(rows, dtype),
+                     class_weight=weights)
         results[name] = {
             "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
             "error": m["error"], "precision": m["precision"],

@@ -70,6 +70,7 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     start = time.perf_counter()
     try:
         common = dict(epochs=epochs, lr=cfg.train.lr, loss=cfg.train.loss, on_epoch=on_epoch,
+                      class_weight=network.class_weights(train.y, cfg.train.class_weight),
                       max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
         if cfg.train.batch_size:
             history = catnet_train.fit_minibatch(
@@ -128,8 +129,10 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
             activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype)
         catnet_train.fit(net, x, train.y[~mask], epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
                          solver=cfg.train.solver,
+                         class_weight=network.class_weights(train.y[~mask], cfg.train.class_weight),
                          max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
-        m = evaluate(net, norm.apply(train.x[mask], dtype), train.y[mask], loss=cfg.train.loss)
+        m = evaluate(net, norm.apply(train.x[mask], dtype), train.y[mask], loss=cfg.train.loss,
+                     class_weight=network.class_weights(train.y[~mask], cfg.train.class_weight))
         for k in ("accuracy", "balanced_accuracy", "error"):
             scores.setdefault(f"cv/{k}", []).append(m[k])
     result = {k: float(np.mean(v)) for k, v in scores.items()}

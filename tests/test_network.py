@@ -10,15 +10,15 @@ from catnet.network import Network, backward, forward, init_network, loss_value
 from catnet.train import fit
 
 
-def numeric_gradient(net: Network, x, y, loss: str, param: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+def numeric_gradient(net: Network, x, y, loss: str, param: np.ndarray, eps: float = 1e-6, weights=None) -> np.ndarray:
     """Central differences of the loss with respect to every entry of ``param``."""
     grad = np.zeros_like(param)
     for i in np.ndindex(param.shape):
         old = param[i]
         param[i] = old + eps
-        plus = loss_value(forward(net, x)[-1], y, loss)
+        plus = loss_value(forward(net, x)[-1], y, loss, weights)
         param[i] = old - eps
-        minus = loss_value(forward(net, x)[-1], y, loss)
+        minus = loss_value(forward(net, x)[-1], y, loss, weights)
         param[i] = old
         grad[i] = (plus - minus) / (2 * eps)
     return grad
@@ -28,24 +28,26 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-300))
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class-weighted"])
 @pytest.mark.parametrize("loss", ["sse", "cross_entropy"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
-def test_backward_matches_finite_differences(activation, bias, loss):
+def test_backward_matches_finite_differences(activation, bias, loss, weighted):
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, size=(7, 6))
     y = (rng.uniform(size=(7, 1)) > 0.5).astype(np.float64)
+    weights = network.example_weights(y, network.class_weights(y, "balanced"), np.float64) if weighted else None
     net = init_network([6, 5, 4, 1], rng, activation=activation, bias=bias, init="he", dtype=np.float64)
     if bias:  # non-zero biases, so their gradients are exercised away from the start point
         for b in net.biases:
             b[:] = rng.normal(scale=0.3, size=b.shape)
-    grads_w, grads_b = backward(net, x, forward(net, x), y, loss)
+    grads_w, grads_b = backward(net, x, forward(net, x), y, loss, weights=weights)
     for l, w in enumerate(net.weights):
-        num = numeric_gradient(net, x, y, loss, w)
+        num = numeric_gradient(net, x, y, loss, w, weights=weights)
         assert grads_w[l].shape == w.shape
         assert rel_error(grads_w[l], num) < 1e-6, f"W{l + 1}"
     for l, b in enumerate(net.biases or []):
-        assert rel_error(grads_b[l], numeric_gradient(net, x, y, loss, b)) < 1e-6, f"b{l + 1}"
+        assert rel_error(grads_b[l], numeric_gradient(net, x, y, loss, b, weights=weights)) < 1e-6, f"b{l + 1}"
 
 
 def test_sse_matches_the_definition():
@@ -244,3 +246,25 @@ def test_dual_solver_in_float32_follows_float64():
     for w32, w64 in zip(nets["float32"].weights, nets["float64"].weights):
         assert w32.dtype == np.float32
         np.testing.assert_allclose(w32, w64, rtol=1e-4, atol=1e-5)
+
+
+def test_balanced_class_weights_give_each_class_half_of_the_loss():
+    y = np.array([0, 0, 0, 1])
+    w0, w1 = network.class_weights(y, "balanced")
+    assert (w0, w1) == (4 / 6, 2.0) and 3 * w0 == 1 * w1 == 2.0
+    assert network.class_weights(y, None) is None
+    h = np.full((4, 1), 0.5)
+    weighted = loss_value(h, y.reshape(-1, 1).astype(float), "sse", network.example_weights(y, (w0, w1), np.float64))
+    assert weighted == pytest.approx(0.5 * (3 * w0 * 0.25 + w1 * 0.25))
+    with pytest.raises(Exception, match="train.class_weight='auto': must be one of balanced"):
+        network.class_weights(y, "auto")
+
+
+def test_dual_solver_with_class_weights_follows_the_primal_descent():
+    x, y = wide_problem(40)
+    y[:28] = 0  # a 30:10 class mix
+    nets = {}
+    for solver in ("primal", "dual"):
+        nets[solver] = init_network([300, 6, 1], np.random.default_rng(1), dtype=np.float64)
+        fit(nets[solver], x, y, epochs=40, lr=0.5, solver=solver, class_weight=network.class_weights(y, "balanced"))
+    np.testing.assert_allclose(nets["dual"].weights[0], nets["primal"].weights[0], rtol=1e-9, atol=1e-12)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from catnet.network import Network, forward, loss_value
+from catnet.network import Network, example_weights, forward, loss_value
 
 
 def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict:
@@ -30,18 +30,20 @@ def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 
 
 
 def evaluate(net: Network, x: np.ndarray, y: np.ndarray, loss: str = "sse",
-             transform: Callable[[np.ndarray], np.ndarray] | None = None, block: int = 256) -> dict:
+             transform: Callable[[np.ndarray], np.ndarray] | None = None, block: int = 256,
+             class_weight: tuple[float, float] | None = None) -> dict:
     """Error (the training loss over the set) and classification metrics of ``net`` on (x, y).
 
     ``transform``: x holds raw rows (pixels) and ``transform(rows)`` gives the network inputs;
     the forward pass then runs ``block`` rows at a time, so a set whose float copy would not fit
-    in memory is still evaluated (the rows may be a memory map)."""
+    in memory is still evaluated (the rows may be a memory map). ``class_weight``: the loss's
+    (non-cat, cat) example weights, as in training (catnet.network.class_weights)."""
     dtype = net.weights[0].dtype
     if transform is None:
         h = forward(net, np.asarray(x, dtype=dtype))[-1]  # (N, 1)
     else:
         h = np.concatenate([forward(net, np.asarray(transform(x[s:s + block]), dtype=dtype))[-1]
                             for s in range(0, len(x), block)])
-    out = {"error": loss_value(h, y.reshape(-1, 1).astype(h.dtype), loss)}
+    out = {"error": loss_value(h, y.reshape(-1, 1).astype(h.dtype), loss, example_weights(y, class_weight, h.dtype))}
     out.update(classification_metrics(h[:, 0], y))
     return out

@@ -46,25 +46,33 @@ ACTIVATIONS = {
 
 
 # --- losses over the whole set: value and dE/dz at the (sigmoid) output --------------------
+# h, y: (N, 1). w: None, or (N, 1) weights of the examples (class weighting): E = sum_i w_i E_i.
 
-def sse(h: np.ndarray, y: np.ndarray) -> float:
+def sse(h: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
     """E = 1/2 * sum((y - h)^2), the seed's error."""
     d = y - h
-    return 0.5 * float(np.vdot(d, d))
+    return 0.5 * float(np.vdot(d, d if w is None else w * d))
 
 
-def sse_delta(h: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (h - y) * h * (1.0 - h)  # dE/dh * sigmoid'(z)
+def sse_delta(h: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    delta = (h - y) * h * (1.0 - h)  # dE/dh * sigmoid'(z)
+    if w is not None:
+        delta *= w
+    return delta
 
 
-def cross_entropy(h: np.ndarray, y: np.ndarray) -> float:
+def cross_entropy(h: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> float:
     """E = -sum(y log h + (1 - y) log(1 - h))."""
     tiny = np.finfo(h.dtype).tiny
-    return -float(np.sum(y * np.log(h + tiny) + (1.0 - y) * np.log(1.0 - h + tiny)))
+    per_example = y * np.log(h + tiny) + (1.0 - y) * np.log(1.0 - h + tiny)
+    return -float(np.sum(per_example if w is None else w * per_example))
 
 
-def cross_entropy_delta(h: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return h - y  # the sigmoid's derivative cancels
+def cross_entropy_delta(h: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    delta = h - y  # the sigmoid's derivative cancels
+    if w is not None:
+        delta *= w
+    return delta
 
 
 LOSSES = {
@@ -151,7 +159,7 @@ def forward(net: Network, x: np.ndarray, z1: np.ndarray | None = None) -> list[n
 
 def backward(
     net: Network, x: np.ndarray, acts: list[np.ndarray], y: np.ndarray, loss: str = "sse",
-    scale: float = 1.0, first_delta: bool = False,
+    scale: float = 1.0, first_delta: bool = False, weights: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """dE/dW_l (and dE/db_l) for every layer, by the chain rule, from the output back.
 
@@ -163,9 +171,10 @@ def backward(
 
     ``first_delta``: put delta_1 = dE/dZ_1 (N, n_1) in place of dE/dW_1 = X^T delta_1, for a
     caller that keeps W_1 as W_1(0) + X^T A and so only needs delta_1 (catnet.train's dual form).
+    ``weights``: (N, 1) example weights of the loss (see the losses above), or None.
     """
     f_grad = ACTIVATIONS[net.activation][1]
-    delta = LOSSES[loss][1](acts[-1], y)  # (N, 1)
+    delta = LOSSES[loss][1](acts[-1], y, weights)  # (N, 1)
     if scale != 1.0:
         delta *= scale
     n = len(net.weights)
@@ -184,8 +193,27 @@ def backward(
     return grads_w, grads_b
 
 
-def loss_value(h: np.ndarray, y: np.ndarray, loss: str = "sse") -> float:
-    return LOSSES[loss][0](h, y)
+def loss_value(h: np.ndarray, y: np.ndarray, loss: str = "sse", weights: np.ndarray | None = None) -> float:
+    return LOSSES[loss][0](h, y, weights)
+
+
+def class_weights(y: np.ndarray, scheme: str | None) -> tuple[float, float] | None:
+    """Weights of (non-cat, cat) examples in the loss. ``balanced``: N / (2 N_class), so each
+    class weighs half of the loss whatever its share of the set (minimizing it aims at balanced
+    accuracy, not at accuracy on the training set's class mix); None: every example weighs 1."""
+    if scheme is None:
+        return None
+    check_choice("train.class_weight", scheme, ("balanced",))
+    y = np.asarray(y).ravel()
+    counts = np.array([np.sum(y == 0), np.sum(y == 1)], dtype=float)
+    return tuple(float(len(y) / (2 * c)) if c else 0.0 for c in counts)  # type: ignore[return-value]
+
+
+def example_weights(y: np.ndarray, weights: tuple[float, float] | None, dtype) -> np.ndarray | None:
+    """(N, 1) weight of each example from its label, or None."""
+    if weights is None:
+        return None
+    return np.where(np.asarray(y).reshape(-1, 1) == 1, weights[1], weights[0]).astype(dtype)
 
 
 def predict_proba(net: Network, x: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 
 from catnet.errors import ConfigError, TrainingDiverged
-from catnet.network import LOSSES, Network, backward, check_choice, forward, loss_value
+from catnet.network import LOSSES, Network, backward, check_choice, example_weights, forward, loss_value
 
 
 class _DivergenceGuard:
@@ -75,10 +75,11 @@ def use_dual(solver: str, n: int, d: int, first_width: int, epochs: int) -> bool
 
 
 def _descend(net: Network, x: np.ndarray, acts: list[np.ndarray], y: np.ndarray, loss: str, lr: float,
-             dual: _DualFirstLayer | None = None) -> None:
+             dual: _DualFirstLayer | None = None, weights: np.ndarray | None = None) -> None:
     """One gradient-descent update in place: W <- W - lr * dE/dW (and b); with ``dual``, the
     first layer's step goes to its coefficients A instead."""
-    steps_w, steps_b = backward(net, x, acts, y, loss, scale=lr, first_delta=dual is not None)  # lr * dE/dW
+    steps_w, steps_b = backward(net, x, acts, y, loss, scale=lr, first_delta=dual is not None,
+                                weights=weights)  # lr * dE/dW
     for w, step in zip(net.weights if dual is None else [dual.a, *net.weights[1:]], steps_w):
         w -= step
     if steps_b is not None:
@@ -99,6 +100,7 @@ def fit(
     max_error_ratio: float | None = None,
     patience: int = 20,
     solver: str = "auto",
+    class_weight: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Train ``net`` in place; return {"error": the training error of every epoch} (measured
     before that epoch's update), plus "val_error" on the same weights when ``val`` is given.
@@ -115,6 +117,9 @@ def fit(
     W_1 = W_1(0) + X^T A and updates A (see _DualFirstLayer: the same descent, an (N, N)
     product per epoch); ``auto`` picks dual when it costs less (use_dual). Either way ``net``
     holds the trained W_1 on return, also when training stops with an exception.
+
+    ``class_weight``: (weight of a non-cat, weight of a cat) example in the loss, for the
+    training and the validation error alike (catnet.network.class_weights); None: all 1.
     """
     check_choice("train.loss", loss, LOSSES)
     if epochs < 1:
@@ -124,9 +129,11 @@ def fit(
     dtype = net.weights[0].dtype
     x = np.ascontiguousarray(x, dtype=dtype)
     y = np.asarray(y, dtype=dtype).reshape(-1, 1)  # (N, 1), like the output layer
+    w = example_weights(y, class_weight, dtype)
     if val is not None:
         x_val = np.ascontiguousarray(val[0], dtype=dtype)
         y_val = np.asarray(val[1], dtype=dtype).reshape(-1, 1)
+        w_val = example_weights(y_val, class_weight, dtype)
     history = {"error": np.empty(epochs)}
     if val is not None:
         history["val_error"] = np.empty(epochs)
@@ -137,13 +144,13 @@ def fit(
     try:
         for epoch in range(1, epochs + 1):
             acts = forward(net, x, z1=dual.z1() if dual else None)
-            error = loss_value(acts[-1], y, loss)
+            error = loss_value(acts[-1], y, loss, w)
             guard.check(epoch, error)
             errors = {"error": error}
             if val is not None:
                 h_val = forward(net, x_val, z1=dual.z1_val() if dual else None)[-1]
-                errors["val_error"] = loss_value(h_val, y_val, loss)
-            _descend(net, x, acts, y, loss, lr, dual)
+                errors["val_error"] = loss_value(h_val, y_val, loss, w_val)
+            _descend(net, x, acts, y, loss, lr, dual, w)
             for k, v in errors.items():
                 history[k][epoch - 1] = v
             if on_epoch is not None:
@@ -167,6 +174,7 @@ def fit_minibatch(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     max_error_ratio: float | None = None,
     patience: int = 20,
+    class_weight: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Mini-batch gradient descent: each epoch visits the N images once in a fresh order drawn
     from ``rng``, one update per batch of ``batch_size``. ``take(indices)`` returns the network
@@ -179,6 +187,7 @@ def fit_minibatch(
         raise ConfigError(f"train.batch_size={batch_size}: must be >= 1")
     dtype = net.weights[0].dtype
     y = np.asarray(y, dtype=dtype).reshape(-1, 1)
+    w = example_weights(y, class_weight, dtype)
     n = len(y)
     history = {"error": np.empty(epochs)}
     guard = _DivergenceGuard(max_error_ratio, patience)
@@ -189,8 +198,9 @@ def fit_minibatch(
             idx = order[start:start + batch_size]
             xb = np.ascontiguousarray(take(idx), dtype=dtype)  # (b, D)
             acts = forward(net, xb)
-            error += loss_value(acts[-1], y[idx], loss)
-            _descend(net, xb, acts, y[idx], loss, lr)
+            wb = None if w is None else w[idx]
+            error += loss_value(acts[-1], y[idx], loss, wb)
+            _descend(net, xb, acts, y[idx], loss, lr, weights=wb)
         guard.check(epoch, error)
         history["error"][epoch - 1] = error
         if on_epoch is not None:
