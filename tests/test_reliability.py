@@ -39,9 +39,11 @@ def test_divergence_fails_the_run_at_that_epoch_and_publishes_nothing(store):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interruption_marks_the_run_killed_with_the_epochs_so_far(store, sig, code):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # SIGINT as a terminal's Ctrl-C delivers it: a shell that runs the tests in the background
+    # (cmd &) has the children ignore SIGINT, and Python then rightly never sees it
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train.epochs=1000000", "tracking.flush_seconds=0.2",
                              *store["args"]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client = None
     try:
         for _ in range(300):  # wait until some epochs have reached the store
