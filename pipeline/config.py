@@ -72,6 +72,7 @@ class TrackingConfig:
     experiment: str = "catnet"
     run_name: Optional[str] = None  # None: the command-line overrides, or MLflow's random name
     flush_seconds: float = 10.0  # per-epoch metrics are sent in batches at most this often
+    max_epoch_points: Optional[int] = 10000  # longer runs log every k-th epoch to MLflow; None: all
 
 
 @dataclass
@@ -171,6 +172,9 @@ def validate(cfg: DictConfig) -> None:
                           "use val/... with data.val_fraction > 0")
     if not cfg.tracking.flush_seconds >= 0:
         raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds}: must be >= 0")
+    if cfg.tracking.max_epoch_points is not None and cfg.tracking.max_epoch_points < 1:
+        raise ConfigError(f"tracking.max_epoch_points={cfg.tracking.max_epoch_points}: must be >= 1, "
+                          "or null for every epoch")
 
 
 def _show(value: Any) -> str:

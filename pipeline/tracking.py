@@ -111,7 +111,7 @@ class MlflowRun(NullRun):
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.flush_seconds = flush_seconds
-        self._buffer: list[tuple[int, float, dict[str, float]]] = []  # (epoch, time, metrics)
+        self._buffer: list[tuple[str, float, float, int]] = []  # (key, value, time, epoch)
         self._pending: list = []  # futures of writes not yet waited for
         self._writer = None  # the background thread, started by the first send
         self._last_send = time.time()
@@ -170,7 +170,8 @@ class MlflowRun(NullRun):
         """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
         every ``flush_seconds`` the buffer goes to MLflow in the background (``send``)."""
         now = time.time()
-        self._buffer.append((epoch, now, metrics))
+        for key, value in metrics.items():  # flat tuples of atomic values: the garbage collector
+            self._buffer.append((key, value, now, epoch))  # stops tracking them, unlike kept dicts
         if now - self._last_send >= self.flush_seconds:
             self.send()
 
@@ -186,10 +187,10 @@ class MlflowRun(NullRun):
             self._buffer = []
         self._last_send = time.time()
 
-    def _write(self, epochs: list[tuple[int, float, dict[str, float]]]) -> None:
+    def _write(self, points: list[tuple[str, float, float, int]]) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, float(v), int(t * 1000), epoch) for epoch, t, values in epochs for k, v in values.items()]
+        metrics = [Metric(key, float(value), int(t * 1000), epoch) for key, value, t, epoch in points]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def flush(self) -> None:

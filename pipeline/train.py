@@ -54,11 +54,13 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
         bar = tqdm(total=epochs, desc="train", unit="epoch", leave=False, mininterval=0.2)
 
     first_epoch_at = []
+    stride = epoch_stride(epochs, cfg.tracking.max_epoch_points)
 
     def on_epoch(epoch: int, errors: dict[str, float]) -> None:
         if epoch == 1:
             first_epoch_at.append(time.time())
-        mlrun.log_epoch(epoch, {METRIC[k]: v for k, v in errors.items()})
+        if epoch % stride == 0 or epoch == epochs:
+            mlrun.log_epoch(epoch, {METRIC[k]: v for k, v in errors.items()})
         if bar is not None:
             bar.update()
             if epoch % 10 == 0 or epoch == epochs:
@@ -93,6 +95,13 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
              "%.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
              history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
     return net, cv
+
+
+def epoch_stride(epochs: int, max_points: int | None) -> int:
+    """Log every k-th epoch to MLflow so that a run sends at most ``max_points`` points per
+    metric (plus the last epoch): writing a point costs MLflow's store about as much as an epoch
+    of this network, so a very long run would otherwise spend as long logging as training."""
+    return 1 if max_points is None else max(1, -(-epochs // max_points))
 
 
 def _process_start() -> float:

@@ -135,3 +135,17 @@ def test_minibatch_mode_through_the_cli(store):
     client, runs = runs_of(store["uri"])
     assert runs[0].info.status == "FINISHED" and runs[0].data.params["train.batch_size"] == "64"
     assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 3
+
+
+def test_long_runs_log_every_kth_epoch_to_mlflow_and_every_epoch_to_the_csv(store):
+    from pipeline.train import epoch_stride
+
+    assert [epoch_stride(e, 10000) for e in (1000, 10000, 10001, 300000)] == [1, 1, 2, 30]
+    assert epoch_stride(300000, None) == 1
+    run_cli("train.epochs=25", "tracking.max_epoch_points=10", *store["args"])
+    client, runs = runs_of(store["uri"])
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/error"))
+    assert steps == [3, 6, 9, 12, 15, 18, 21, 24, 25]  # every 3rd and the last
+    rows = (store["out"] / "reports/train_history.csv").read_text().splitlines()
+    assert len(rows) == 1 + 25
+    assert runs[0].data.metrics["train/error"] == pytest.approx(float(rows[-1].split(",")[1]), rel=1e-6)

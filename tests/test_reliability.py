@@ -42,6 +42,7 @@ def test_interruption_marks_the_run_killed_with_the_epochs_so_far(store, sig, co
     # SIGINT as a terminal's Ctrl-C delivers it: a shell that runs the tests in the background
     # (cmd &) has the children ignore SIGINT, and Python then rightly never sees it
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train.epochs=1000000", "tracking.flush_seconds=0.2",
+                             "tracking.max_epoch_points=null",
                              *store["args"]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client = None
