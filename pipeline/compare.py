@@ -79,15 +79,17 @@ def compare(cfg: DictConfig):
 
     out = resolve(cfg.out_dir)
     md, csv, png = out / "runs.md", out / "runs.csv", out / "error_curves.png"
-    text = table.to_markdown(index=False, floatfmt=".4g")
+    # in the printed table a sweep's run names (its overrides) would repeat the param columns
+    shown = table.assign(run_name=table["run_name"].fillna("").map(lambda n: n if len(n) <= 40 else n[:39] + "~"))
+    text = shown.to_markdown(index=False, floatfmt=".4g")
     atomic_write(md, lambda f: f.write(f"Sorted by {objective or 'nothing'} ({cfg.direction}).\n\n{text}\n"),
                  mode="w")
     atomic_write(csv, lambda f: table.to_csv(f, index=False), mode="w")
-    histories = {
-        r["tags.mlflow.runName"] or r["run_id"][:8]: pd.DataFrame(
+    histories = {  # labelled like the table's rows: short run id and objective
+        f"{r['run_id'][:8]}" + (f" {objective} {r[f'metrics.{objective}']:.4g}" if objective else ""): pd.DataFrame(
             [(m.step, m.value) for m in client.get_metric_history(r["run_id"], "train/error")],
             columns=["epoch", "error"]).sort_values("epoch")
-        for _, r in runs.set_index(table.index).loc[table.index[: cfg.max_curves]].iterrows()
+        for _, r in runs.loc[table.index[: cfg.max_curves]].iterrows()  # the table keeps runs' row labels
     }
     atomic_write(png, lambda f: _plot(f, histories), mode="wb")
     print(text)

@@ -177,3 +177,28 @@ def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     assert parent.data.params["sweep.sweeper"] == "OptunaSweeper" and len(children) == 3
     assert all("cv/balanced_accuracy" in c.data.metrics for c in children if c.info.status == "FINISHED")
     assert parent.data.tags["catnet.best_by"] == "cv/balanced_accuracy"
+
+
+def test_compare_plots_the_curves_of_the_top_runs_of_its_table(sweep_store, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import compare
+    from pipeline.common import CONF_DIR
+
+    client, runs = runs_of(sweep_store["uri"])
+    # ranked by a metric whose values differ between the runs (the tiny sweep's validation
+    # accuracies tie); the top and the bottom half cannot both be in the store's order
+    for direction in ("maximize", "minimize"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="compare", overrides=[
+                f"tracking.uri={sweep_store['uri']}", "experiment=test", "max_curves=2", f"direction={direction}",
+                "objective=train/final_error",
+                f"out_dir={sweep_store['tmp'] / 'compare_top'}"])
+        plotted = {}
+        monkeypatch.setattr(compare, "_plot", lambda f, histories: plotted.update(histories))
+        table = compare.compare(cfg)
+        assert [name.split()[0] for name in plotted] == table["run_id"].tolist()[:2]
+        for name, history in plotted.items():
+            run = next(r for r in runs if r.info.run_id.startswith(name.split()[0]))
+            assert len(history) == int(run.data.params["train.epochs"])
+            assert name.endswith(f"{run.data.metrics['train/final_error']:.4g}")
