@@ -52,8 +52,7 @@ class Outputs:
             return cls(Path(HydraConfig.get().runtime.output_dir))
         return cls(ROOT)
 
-    flat_dir = property(lambda s: s.root / "data/flat")  # load: train.npz, test.npz, val.npz
-    flat_val = property(lambda s: s.root / "data/flat/val.npz")
+    flat_dir = property(lambda s: s.root / "data/flat")  # load: {train,test,val}_{x,y}.npy
     normalizer = property(lambda s: s.root / "models/normalizer.npz")  # normalize
     weights = property(lambda s: s.root / "models/weights.npz")  # train
     run_info = property(lambda s: s.root / "reports/mlflow_run.json")

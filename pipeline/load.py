@@ -1,7 +1,10 @@
 """Stage ``load``: read and validate the HDF5 files, flatten every image to a vector.
 
-Writes data/flat/{train,test}.npz: x (N, 12288) uint8, y (N,) uint8; with
-``data.val_fraction`` > 0 also data/flat/val.npz, carved (stratified) from the training file.
+Writes data/flat/{train,test}_x.npy (N, 12288) uint8 and {train,test}_y.npy (N,) uint8; with
+``data.val_fraction`` > 0 also data/flat/val_{x,y}.npy, carved (stratified) from the training
+file. The images are read, checked and written ``BLOCK`` at a time, and the later stages read
+them back row by row (catnet.data.NpyRows), so no stage needs the whole set in memory except
+full-batch training itself.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 
 from pathlib import Path
 
-from catnet.data import Split, dvc_dir_digest, flatten, load_dataset, stratified_split
+from catnet.data import H5Images, NpyRows, Split, dvc_dir_digest, stratified_indices, write_npy_rows
 from catnet.errors import DataError
-from pipeline.common import CONF_DIR, ROOT, Outputs, load_npz, log, resolve, run_cli, save_npz
+from pipeline.common import CONF_DIR, ROOT, Outputs, log, resolve, run_cli
+
+BLOCK = 1024  # images read, checked and written at a time
 
 
 @dataclass(frozen=True)
@@ -56,31 +61,75 @@ def run(cfg: DictConfig) -> Splits:
         path = resolve(cfg.data[key])
         if path.exists():
             verify_dvc_tracked(path)
-    train, test = load_dataset(
-        resolve(cfg.data.train_path), resolve(cfg.data.test_path), tuple(cfg.data.image_shape),
-        names=(f"data.train_path={cfg.data.train_path}", f"data.test_path={cfg.data.test_path}"),
-    )
-    splits = Splits(flatten(train), flatten(test))
-    if cfg.data.val_fraction > 0:
-        rest, val = stratified_split(splits.train, cfg.data.val_fraction,
-                                     np.random.default_rng(cfg.data.split_seed))
-        splits = Splits(rest, splits.test, val)
+    shape = tuple(cfg.data.image_shape)
+    train_name, test_name = f"data.train_path={cfg.data.train_path}", f"data.test_path={cfg.data.test_path}"
     out = Outputs.of(cfg)
-    out.flat_val.unlink(missing_ok=True)
-    for name, split in splits.named():
-        save_npz(out.flat_dir / f"{name}.npz", x=split.x, y=split.y)
+    with H5Images(resolve(cfg.data.train_path), "train", shape, train_name) as train_src, \
+            H5Images(resolve(cfg.data.test_path), "test", shape, test_name) as test_src:
+        if len(np.unique(train_src.y)) < 2:
+            raise DataError(f"{train_name}: the training set holds only label {int(train_src.y[0])}; "
+                            "both classes are needed")
+        rows = {"train": (train_src, np.arange(len(train_src))), "test": (test_src, np.arange(len(test_src)))}
+        if cfg.data.val_fraction > 0:
+            rest, val = stratified_indices(train_src.y, cfg.data.val_fraction,
+                                           np.random.default_rng(cfg.data.split_seed))
+            rows.update(train=(train_src, rest), val=(train_src, val))
+        _write_all(out.flat_dir, {name: rows[name] for name in ("train", "val", "test") if name in rows},
+                   train_src.features)
+    splits = read(cfg)
     log.info("load: %s; %d features each", ", ".join(
-        f"{len(s)} {n} images ({int(s.y.sum())} cats)" for n, s in splits.named()), train.x[0].size)
+        f"{len(s)} {n} images ({int(s.y.sum())} cats)" for n, s in splits.named()), splits.train.x.shape[1])
     return splits
 
 
+def _write_all(flat_dir: Path, rows: dict[str, tuple[H5Images, np.ndarray]], features: int) -> None:
+    """Every split's x and y into temporary files, renamed into place only when all images of
+    all splits have been read and passed the checks: a bad image anywhere leaves the previous
+    outputs as they were. Files of earlier runs that this run does not write go."""
+    import os
+
+    created = [p for p in (flat_dir, *flat_dir.parents) if not p.exists()]  # deepest first
+    flat_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[Path, Path] = {}
+    done = False
+    try:
+        for name, (src, idx) in rows.items():
+            for part, write in (("x", lambda f: write_npy_rows(f, len(idx), features, (
+                    src.take(idx[s:s + BLOCK]) for s in range(0, len(idx), BLOCK)))),
+                                ("y", lambda f: np.save(f, src.y[idx]))):
+                final = flat_dir / f"{name}_{part}.npy"
+                tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+                with open(tmp, "wb") as f:
+                    written[final] = tmp
+                    write(f)
+        for final, tmp in written.items():
+            os.replace(tmp, final)
+        for stale in [*flat_dir.glob("*.npz"), *flat_dir.glob("*.npy")]:
+            if stale not in written:
+                stale.unlink()
+        done = True
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        if not done:  # no trace of a failed load: the folders it made go too
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
 def read(cfg: DictConfig) -> Splits:
-    """This stage's outputs, for the stages that run after it in another process."""
+    """This stage's outputs, for the stages after it: images as NpyRows (read on demand)."""
     out = Outputs.of(cfg)
-    arrays = {n: load_npz(out.flat_dir / f"{n}.npz", "load") for n in ("train", "test")}
-    if cfg.data.val_fraction > 0:
-        arrays["val"] = load_npz(out.flat_val, "load")
-    return Splits(**{n: Split(a["x"], a["y"]) for n, a in arrays.items()})
+    names = ["train", "test"] + (["val"] if cfg.data.val_fraction > 0 else [])
+    for name in names:
+        for part in ("x", "y"):
+            if not (out.flat_dir / f"{name}_{part}.npy").is_file():
+                raise DataError(f"{out.flat_dir / f'{name}_{part}.npy'}: not found; run the 'load' stage "
+                                "first (dvc repro load)")
+    return Splits(**{n: Split(NpyRows(out.flat_dir / f"{n}_x.npy"),
+                              np.load(out.flat_dir / f"{n}_y.npy", allow_pickle=False)) for n in names})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -166,3 +166,58 @@ def test_streamed_batches_equal_the_loaded_images(good):
         assert len(src) == 6 and src.y.tolist() == y.tolist()
         idx = np.array([4, 0, 5, 2])
         np.testing.assert_array_equal(src.take(idx), x[idx].reshape(4, -1))
+
+
+def test_npy_rows_read_what_was_written_block_by_block(tmp_path):
+    from catnet.data import NpyRows, write_npy_rows
+
+    x = np.random.default_rng(0).integers(0, 256, size=(23, 7), dtype=np.uint8)
+    with open(tmp_path / "x.npy", "wb") as f:
+        write_npy_rows(f, 23, 7, (x[s:s + 5] for s in range(0, 23, 5)))
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)  # a standard .npy file
+    rows = NpyRows(tmp_path / "x.npy")
+    assert rows.shape == (23, 7) and len(rows) == 23 and rows.dtype == np.uint8
+    idx = np.array([5, 2, 22, 2, 0])
+    mask = np.arange(23) % 3 == 0
+    for key, expected in ((slice(3, 11), x[3:11]), (slice(None), x), (slice(20, 40), x[20:]), (idx, x[idx]),
+                          (mask, x[mask]), (slice(1, 12, 4), x[1:12:4]), (np.array([-1]), x[[-1]])):
+        got = rows[key]
+        np.testing.assert_array_equal(got, expected)
+        assert got.flags.writeable and got.flags.c_contiguous
+    np.testing.assert_array_equal(np.array(rows, dtype=np.float64), x.astype(np.float64))
+    with pytest.raises(IndexError):
+        rows[np.array([23])]
+    with open(tmp_path / "short.npy", "wb") as f:
+        with pytest.raises(ValueError, match="wrote 5 rows, announced 6"):
+            write_npy_rows(f, 6, 7, [x[:5]])
+
+
+def test_load_stage_checks_every_block_and_keeps_old_outputs_on_a_bad_one(tmp_path, compose_cfg, monkeypatch):
+    """Images are read and checked a block at a time; one bad image in the last block of the
+    test file leaves the outputs of the previous load as they were."""
+    from pipeline import load
+    from pipeline.common import ROOT
+    from pipeline.config import prepare
+
+    rng = np.random.default_rng(0)
+    x, y = make_images(9, rng)
+    xt, yt = make_images(5, rng)
+    train, test = write_h5(tmp_path / "train.h5", x, y), write_h5(tmp_path / "test.h5", xt, yt, split="test")
+    monkeypatch.setattr(load, "BLOCK", 2)
+    cfg = prepare(compose_cfg(f"data.train_path={train}", f"data.test_path={test}", f"paths.out_dir={tmp_path / 'out'}",
+                              "data.val_fraction=0.3"), ROOT)
+    splits = load.run(cfg)
+    from catnet.data import stratified_indices
+
+    rest, val = stratified_indices(y, 0.3, np.random.default_rng(cfg.data.split_seed))
+    np.testing.assert_array_equal(np.asarray(splits.train.x), x[rest].reshape(len(rest), -1))
+    np.testing.assert_array_equal(splits.val.x[:], x[val].reshape(len(val), -1))
+    np.testing.assert_array_equal(splits.val.y, y[val])
+    np.testing.assert_array_equal(splits.test.x[:], xt.reshape(5, -1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out/data/flat").iterdir()}
+    bad = xt.astype(np.float64)
+    bad[4, 0, 0, 0] = np.nan  # the last block of the test file
+    write_h5(tmp_path / "test.h5", bad, yt, split="test")
+    with pytest.raises(DataError, match="NaN or infinite"):
+        load.run(cfg)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out/data/flat").iterdir()} == before

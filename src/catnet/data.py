@@ -48,14 +48,7 @@ def load_split(path: str | Path, split: str, image_shape: tuple[int, ...], name:
 
     path = Path(path)
     shown = name or str(path)
-    if not path.exists():
-        raise DataError(f"{shown}: file not found")
-    if not path.is_file():
-        raise DataError(f"{shown}: not a file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{shown}: file is empty")
-    if not h5py.is_hdf5(path):
-        raise DataError(f"{shown}: not an HDF5 file")
+    _check_file(path, shown)
     try:
         with h5py.File(path, "r") as f:
             keys = [k for k in f.keys() if isinstance(f[k], h5py.Dataset)]
@@ -68,6 +61,19 @@ def load_split(path: str | Path, split: str, image_shape: tuple[int, ...], name:
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         raise DataError(f"{shown}: unreadable HDF5 file (truncated or corrupt?): {e}") from None
     return Split(x=_check_images(x, x_key, shown, image_shape), y=_check_labels(y, y_key, shown, len(x)))
+
+
+def _check_file(path: Path, shown: str) -> None:
+    import h5py
+
+    if not path.exists():
+        raise DataError(f"{shown}: file not found")
+    if not path.is_file():
+        raise DataError(f"{shown}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{shown}: file is empty")
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{shown}: not an HDF5 file")
 
 
 def _check_images(x: np.ndarray, key: str, path: str, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -161,18 +167,24 @@ def dvc_dir_digest(directory: str | Path) -> str:
 def stratified_split(split: Split, fraction: float, rng: np.random.Generator) -> tuple[Split, Split]:
     """Carve a validation set of about ``fraction`` of the images out of ``split``, keeping the
     share of each class; every class keeps at least one image on each side. Order is kept."""
+    rest, val = stratified_indices(split.y, fraction, rng)
+    return Split(split.x[rest], split.y[rest]), Split(split.x[val], split.y[val])
+
+
+def stratified_indices(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The increasing indices (rest, validation) of stratified_split."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     val_idx = []
-    for label in np.unique(split.y):
-        idx = np.flatnonzero(split.y == label)
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
         n_val = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)
         val_idx.append(rng.permutation(idx)[:n_val])
-    is_val = np.zeros(len(split.y), dtype=bool)
+    is_val = np.zeros(len(y), dtype=bool)
     is_val[np.concatenate(val_idx)] = True
     if is_val.all() or not is_val.any():
-        raise DataError(f"cannot carve a validation set of {fraction} from {len(split.y)} images")
-    return (Split(split.x[~is_val], split.y[~is_val]), Split(split.x[is_val], split.y[is_val]))
+        raise DataError(f"cannot carve a validation set of {fraction} from {len(y)} images")
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def stratified_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -201,20 +213,22 @@ class H5Images:
 
         self.path = Path(path)
         self.name = name or str(path)
-        if not self.path.is_file():
-            raise DataError(f"{self.name}: file not found")
-        if not h5py.is_hdf5(self.path):
-            raise DataError(f"{self.name}: not an HDF5 file")
-        self.file = h5py.File(self.path, "r")
-        keys = [k for k in self.file.keys() if isinstance(self.file[k], h5py.Dataset)]
+        _check_file(self.path, self.name)
+        try:
+            self.file = h5py.File(self.path, "r")
+            keys = [k for k in self.file.keys() if isinstance(self.file[k], h5py.Dataset)]
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            raise DataError(f"{self.name}: unreadable HDF5 file (truncated or corrupt?): {e}") from None
         x_key, y_key = _find_key(keys, split, "x", self.name), _find_key(keys, split, "y", self.name)
         self.images = self.file[x_key]
+        if self.images.dtype.kind not in "uif":
+            raise DataError(f"{self.name} (dataset '{x_key}'): images must be numbers, got dtype {self.images.dtype}")
         if self.images.ndim != 1 + len(image_shape) or tuple(self.images.shape[1:]) != tuple(image_shape):
             raise DataError(f"{self.name} (dataset '{x_key}'): expected images of shape "
                             f"(N, {', '.join(map(str, image_shape))}), got {self.images.shape}")
         if len(self.images) == 0:
             raise DataError(f"{self.name} (dataset '{x_key}'): the set is empty (0 images)")
-        self.y = _check_labels(self.file[y_key][()], y_key, self.name, len(self.images))
+        self.y = _check_labels(self._read(self.file[y_key], ()), y_key, self.name, len(self.images))
         self.x_key = x_key
         self.features = int(np.prod(image_shape))
 
@@ -223,12 +237,23 @@ class H5Images:
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` as (len(idx), features) uint8, in the order of ``idx``."""
-        order = np.argsort(idx)
-        raw = self.images[np.asarray(idx)[order]]  # HDF5 wants increasing indices
+        idx = np.asarray(idx)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        if len(sorted_idx) and sorted_idx[-1] - sorted_idx[0] + 1 == len(sorted_idx):  # a run of rows:
+            raw = self._read(self.images, slice(int(sorted_idx[0]), int(sorted_idx[-1]) + 1))  # one read
+        else:
+            raw = self._read(self.images, sorted_idx)  # HDF5 wants increasing indices
         raw = _check_images(raw, self.x_key, self.name, tuple(self.images.shape[1:]))
         out = np.empty((len(idx), self.features), dtype=np.uint8)
         out[order] = raw.reshape(len(idx), -1)
         return out
+
+    def _read(self, dataset, key):
+        try:
+            return dataset[key]
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            raise DataError(f"{self.name}: unreadable HDF5 file (truncated or corrupt?): {e}") from None
 
     def close(self) -> None:
         self.file.close()
@@ -238,3 +263,94 @@ class H5Images:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NpyRows:
+    """The rows of a 2-D ``.npy`` file, read on demand: ``rows[i:j]``, ``rows[indices]`` and
+    ``rows[mask]`` return arrays, ``np.asarray(rows)`` the whole matrix. Reads go through
+    ``os.preadv`` into fresh arrays, not a memory map (whose pages would stay resident), so a
+    stage that works batch by batch holds one batch."""
+
+    def __init__(self, path: str | Path):
+        import os
+
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if len(shape) != 2 or fortran:
+            raise DataError(f"{self.path}: expected a 2-D row-major array, got shape {shape}")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.ndim = 2
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read_into(self, out: np.ndarray, first_row: int) -> None:
+        import os
+
+        view, pos = memoryview(out).cast("B"), 0
+        while pos < len(view):
+            n = os.preadv(self._fd, [view[pos:]], self.offset + first_row * self.row_bytes + pos)
+            if n == 0:
+                raise DataError(f"{self.path}: file ends early (truncated?)")
+            pos += n
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                out = np.empty((max(stop - start, 0), self.shape[1]), dtype=self.dtype)
+                if len(out):
+                    self._read_into(out, start)
+                return out
+            key = np.arange(start, stop, step)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1:
+            raise TypeError(f"NpyRows takes a slice, a 1-D index array or a mask, not {key!r}")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        out = np.empty((len(idx), self.shape[1]), dtype=self.dtype)
+        for row, i in enumerate(idx):
+            self._read_into(out[row], int(i))
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def close(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def write_npy_rows(f, n_rows: int, n_cols: int, blocks, dtype=np.uint8) -> None:
+    """Write a 2-D (n_rows, n_cols) ``.npy`` to the open binary file ``f`` from an iterable of
+    row blocks, so the whole matrix never has to be in memory."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": (n_rows, n_cols)}
+    np.lib.format.write_array_header_1_0(f, header)
+    written = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block, dtype=dtype)
+        f.write(block.tobytes())
+        written += len(block)
+    if written != n_rows:
+        raise ValueError(f"wrote {written} rows, announced {n_rows}")

@@ -18,8 +18,9 @@ class Normalizer:
     scale: np.ndarray  # (D,) float64, divides every image
 
     def apply(self, x: np.ndarray, dtype: str | np.dtype = np.float32) -> np.ndarray:
-        """(N, D) pixels -> (N, D) network inputs of ``dtype``, a fresh C-contiguous array."""
-        out = x.astype(np.float64)  # exact for uint8, so float32 and float64 runs see the same inputs
+        """(N, D) pixels (an array, or rows read on demand: catnet.data.NpyRows) -> (N, D)
+        network inputs of ``dtype``, a fresh C-contiguous array."""
+        out = np.array(x, dtype=np.float64)  # exact for uint8: float32 and float64 runs see the same inputs
         out -= self.shift
         out /= self.scale
         return out.astype(dtype, copy=False)
