@@ -113,7 +113,7 @@ def report(sizes=(2500, 5000, 10000, 20000), epochs: int = 3, batch_size: int = 
     print(f"pipeline stages on {max(sizes)} images (train.batch_size={batch_size}, MLflow on), each in its own "
           "process as under dvc repro, peak RSS MB: "
           + ", ".join(f"{stage} {mb:.0f}" for stage, mb in pipeline_peaks.items())
-          + "  (the uint8 images are held whole; batches are normalized one at a time)")
+          + "  (images read from the HDF5 file and from data/flat a block or a batch at a time)")
 
 
 def main() -> None:
