@@ -9,16 +9,16 @@ full-batch training itself.
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from dataclasses import dataclass
-
-import numpy as np
-
 from pathlib import Path
 
-from catnet.data import H5Images, NpyRows, Split, dvc_dir_digest, stratified_indices, write_npy_rows
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from catnet.data import (
+    H5Images, NpyRows, Split, check_both_classes, dvc_dir_digest, stratified_indices, write_npy_rows,
+)
 from catnet.errors import DataError
 from pipeline.common import CONF_DIR, ROOT, Outputs, log, resolve, run_cli
 
@@ -66,9 +66,7 @@ def run(cfg: DictConfig) -> Splits:
     out = Outputs.of(cfg)
     with H5Images(resolve(cfg.data.train_path), "train", shape, train_name) as train_src, \
             H5Images(resolve(cfg.data.test_path), "test", shape, test_name) as test_src:
-        if len(np.unique(train_src.y)) < 2:
-            raise DataError(f"{train_name}: the training set holds only label {int(train_src.y[0])}; "
-                            "both classes are needed")
+        check_both_classes(train_src.y, train_name)
         rows = {"train": (train_src, np.arange(len(train_src))), "test": (test_src, np.arange(len(test_src)))}
         if cfg.data.val_fraction > 0:
             rest, val = stratified_indices(train_src.y, cfg.data.val_fraction,

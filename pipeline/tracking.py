@@ -194,11 +194,17 @@ class MlflowRun(NullRun):
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def flush(self) -> None:
-        """Send the buffer and wait until everything sent is written (raises if writing failed)."""
+        """Send the buffer and wait until everything sent is written (raises if writing failed);
+        the writer thread then ends (a joblib worker runs many jobs, one run each)."""
         self.send()
         pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric

@@ -125,23 +125,23 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
     from catnet.metrics import evaluate
 
     dtype = np.dtype(cfg.train.dtype)
+    pixels = np.asarray(train.x)  # every fold trains full batch on most of them: read them once
     scores: dict[str, list[float]] = {}
     folds = [(repeat, fold) for repeat in range(cfg.data.cv_repeats) for fold in
              stratified_folds(train.y, cfg.data.cv_folds, np.random.default_rng(cfg.data.split_seed + repeat))]
     for repeat, fold in folds:
         mask = np.zeros(len(train.y), dtype=bool)
         mask[fold] = True
-        norm = preprocess.fit(train.x[~mask], cfg.normalize.method, divisor=cfg.normalize.divisor)
-        x = norm.apply(train.x[~mask], dtype)
+        norm = preprocess.fit(pixels[~mask], cfg.normalize.method, divisor=cfg.normalize.divisor)
+        x = norm.apply(pixels[~mask], dtype)
+        weights = network.class_weights(train.y[~mask], cfg.train.class_weight)
         net = network.init_network(
             [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed + repeat),
             activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype)
         catnet_train.fit(net, x, train.y[~mask], epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
-                         solver=cfg.train.solver,
-                         class_weight=network.class_weights(train.y[~mask], cfg.train.class_weight),
+                         solver=cfg.train.solver, class_weight=weights,
                          max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
-        m = evaluate(net, norm.apply(train.x[mask], dtype), train.y[mask], loss=cfg.train.loss,
-                     class_weight=network.class_weights(train.y[~mask], cfg.train.class_weight))
+        m = evaluate(net, norm.apply(pixels[mask], dtype), train.y[mask], loss=cfg.train.loss, class_weight=weights)
         for k in ("accuracy", "balanced_accuracy", "error"):
             scores.setdefault(f"cv/{k}", []).append(m[k])
     result = {k: float(np.mean(v)) for k, v in scores.items()}

@@ -124,11 +124,14 @@ def load_dataset(
     train_name, test_name = names or (str(train_path), str(test_path))
     train = load_split(train_path, "train", image_shape, train_name)
     test = load_split(test_path, "test", image_shape, test_name)
-    if len(np.unique(train.y)) < 2:
-        raise DataError(
-            f"{train_name}: the training set holds only label {int(train.y[0])}; both classes are needed"
-        )
+    check_both_classes(train.y, train_name)
     return train, test
+
+
+def check_both_classes(y: np.ndarray, name: str) -> None:
+    """A training set needs cats and non-cats."""
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{name}: the training set holds only label {int(y[0])}; both classes are needed")
 
 
 def flatten(split: Split) -> Split:

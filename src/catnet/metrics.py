@@ -36,8 +36,9 @@ def evaluate(net: Network, x: np.ndarray, y: np.ndarray, loss: str = "sse",
 
     ``transform``: x holds raw rows (pixels) and ``transform(rows)`` gives the network inputs;
     the forward pass then runs ``block`` rows at a time, so a set whose float copy would not fit
-    in memory is still evaluated (the rows may be a memory map). ``class_weight``: the loss's
-    (non-cat, cat) example weights, as in training (catnet.network.class_weights)."""
+    in memory is still evaluated (x may be catnet.data.NpyRows, read on demand).
+    ``class_weight``: the loss's (non-cat, cat) example weights, as in training
+    (catnet.network.class_weights)."""
     dtype = net.weights[0].dtype
     if transform is None:
         h = forward(net, np.asarray(x, dtype=dtype))[-1]  # (N, 1)
