@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from catnet.data import AUGMENTATIONS
 from catnet.errors import ConfigError
 from catnet.network import ACTIVATIONS, INITS, LOSSES
 from catnet.train import SOLVERS
@@ -63,6 +64,7 @@ class TrainConfig:
     divergence_patience: int = 20  # ... for this many epochs in a row
     class_weight: Optional[str] = None  # None: every example weighs 1 (the seed's); balanced
     solver: str = "auto"  # full batch: primal (update W1) | dual (W1 = W1(0) + X^T A) | auto (cheaper one)
+    augment: Optional[str] = None  # None: the training images as they are (the seed's); hflip: plus mirrored
 
 
 @dataclass
@@ -158,6 +160,11 @@ def validate(cfg: DictConfig) -> None:
     _choice("train.solver", cfg.train.solver, SOLVERS)
     if cfg.train.class_weight is not None:
         _choice("train.class_weight", cfg.train.class_weight, ("balanced",))
+    if cfg.train.augment is not None:
+        _choice("train.augment", cfg.train.augment, AUGMENTATIONS)
+        if len(shape) < 2:
+            raise ConfigError(f"train.augment={cfg.train.augment}: needs images of (height, width, ...), "
+                              f"not data.image_shape={shape}")
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed}: must be >= 0")
     uri = cfg.tracking.uri

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from catnet import network, train as catnet_train
-from catnet.data import Split
+from catnet.data import Split, augment
 from catnet.network import Network
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking
@@ -32,11 +32,13 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     out = Outputs.of(cfg)
     dtype = np.dtype(cfg.train.dtype)
     train = splits.train
+    # the images the network learns from: with train.augment=hflip also mirrored, made on demand
+    rows, labels = augment(train.x, train.y, cfg.train.augment, tuple(cfg.data.image_shape))
     if cfg.train.batch_size:  # normalize batch by batch: no float copy of the whole set
         x = None
-        take = lambda idx: normalizer.apply(train.x[idx], dtype)  # noqa: E731
+        take = lambda idx: normalizer.apply(rows[idx], dtype)  # noqa: E731
     else:
-        x = normalizer.apply(train.x, dtype)  # (N, D)
+        x = normalizer.apply(rows, dtype)  # (N, D)
     val = (normalizer.apply(splits.val.x, dtype), splits.val.y) if splits.val else None
     net = network.init_network(
         [train.x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
@@ -72,14 +74,14 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     start = time.perf_counter()
     try:
         common = dict(epochs=epochs, lr=cfg.train.lr, loss=cfg.train.loss, on_epoch=on_epoch,
-                      class_weight=network.class_weights(train.y, cfg.train.class_weight),
+                      class_weight=network.class_weights(labels, cfg.train.class_weight),
                       max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
         if cfg.train.batch_size:
             history = catnet_train.fit_minibatch(
-                net, take, train.y, batch_size=cfg.train.batch_size,
+                net, take, labels, batch_size=cfg.train.batch_size,
                 rng=np.random.default_rng([cfg.seed, 1]), **common)
         else:
-            history = catnet_train.fit(net, x, train.y, val=val, solver=cfg.train.solver, **common)
+            history = catnet_train.fit(net, x, labels, val=val, solver=cfg.train.solver, **common)
     finally:
         if bar is not None:
             bar.close()
@@ -91,8 +93,9 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     atomic_write(out.curve, lambda f: _plot_curve(f, history, cfg), mode="wb")
     for path in (out.weights, out.history, out.curve):
         mlrun.log_artifact(path)
-    log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, error %.4g -> %.4g; first epoch done "
-             "%.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
+    log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, %d images, error %.4g -> %.4g; first epoch "
+             "done %.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
+             len(labels),
              history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
     return net, cv
 
@@ -119,7 +122,8 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
     the other folds, with the normalization fitted on them. With ``data.cv_repeats`` = r > 1
     the k folds are drawn r times (repeat i: split seed split_seed+i, weight seed seed+i), so
     the mean also averages over initializations. A steadier ranking for a sweep than one
-    small validation split; the test set is never touched."""
+    small validation split; the test set is never touched. ``train.augment`` applies to the
+    training folds only, never to the fold that is validated."""
     from catnet import preprocess
     from catnet.data import stratified_folds
     from catnet.metrics import evaluate
@@ -132,13 +136,15 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
     for repeat, fold in folds:
         mask = np.zeros(len(train.y), dtype=bool)
         mask[fold] = True
+        # fitted on the fold's own images, as the normalize stage fits on the training file's
         norm = preprocess.fit(pixels[~mask], cfg.normalize.method, divisor=cfg.normalize.divisor)
-        x = norm.apply(pixels[~mask], dtype)
-        weights = network.class_weights(train.y[~mask], cfg.train.class_weight)
+        rows, labels = augment(pixels[~mask], train.y[~mask], cfg.train.augment, tuple(cfg.data.image_shape))
+        x = norm.apply(rows, dtype)
+        weights = network.class_weights(labels, cfg.train.class_weight)
         net = network.init_network(
             [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed + repeat),
             activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype)
-        catnet_train.fit(net, x, train.y[~mask], epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
+        catnet_train.fit(net, x, labels, epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
                          solver=cfg.train.solver, class_weight=weights,
                          max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
         m = evaluate(net, norm.apply(pixels[mask], dtype), train.y[mask], loss=cfg.train.loss, class_weight=weights)
@@ -167,7 +173,8 @@ def read_run_info(cfg: DictConfig) -> dict:
 
 def _describe(net: Network, cfg: DictConfig) -> str:
     sizes = "-".join(map(str, net.layer_sizes))
-    return f"{sizes} {cfg.model.activation}{' +bias' if cfg.model.bias else ''} {cfg.train.dtype}"
+    augmented = f" +{cfg.train.augment}" if cfg.train.augment else ""
+    return f"{sizes} {cfg.model.activation}{' +bias' if cfg.model.bias else ''} {cfg.train.dtype}{augmented}"
 
 
 def _write_history(f, history: dict[str, np.ndarray]) -> None:

@@ -149,3 +149,30 @@ def test_long_runs_log_every_kth_epoch_to_mlflow_and_every_epoch_to_the_csv(stor
     rows = (store["out"] / "reports/train_history.csv").read_text().splitlines()
     assert len(rows) == 1 + 25
     assert runs[0].data.metrics["train/error"] == pytest.approx(float(rows[-1].split(",")[1]), rel=1e-6)
+
+
+def test_hflip_augmentation_trains_on_twice_the_images(store):
+    proc = run_cli("train.augment=hflip", "train.epochs=3", "model.hidden_sizes=[4,2]", "data.cv_folds=2",
+                   *store["args"])
+    out = proc.stdout + proc.stderr
+    assert "418 images" in out and "+hflip" in out  # 209 and their mirror images
+    client, runs = runs_of(store["uri"])
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["train.augment"] == "hflip"
+    assert {"cv/accuracy", "train/accuracy", "test/accuracy"} <= set(run.data.metrics)
+    metrics = read_json(store["out"] / "reports/metrics.json")  # evaluated on the images as they are
+    assert sum(metrics["train"]["confusion"].values()) == 209
+
+
+def test_hflip_full_batch_and_one_mini_batch_train_the_same_network(tmp_path):
+    """Mini-batch mode reads the mirrored images on demand, full batch all at once: with one
+    batch holding all 418 they must make the same updates (float64, the direct update)."""
+    weights = []
+    for mode in ("train.batch_size=null", "train.batch_size=1000"):
+        out = tmp_path / mode.split("=")[1]
+        run_cli("train.augment=hflip", mode, "train.epochs=5", "train.dtype=float64", "train.solver=primal",
+                "model.hidden_sizes=[4,2]", "tracking.enabled=false", f"paths.out_dir={out}")
+        with np.load(out / "models/weights.npz") as w:
+            weights.append({k: w[k] for k in w})
+    for k in weights[0]:
+        np.testing.assert_allclose(weights[1][k], weights[0][k], rtol=1e-9, atol=1e-12)

@@ -58,6 +58,7 @@ def test_public_overrides_reach_the_config(compose_cfg):
     ("train.dtype=float16", "train.dtype"), ("train.loss=hinge", "train.loss"),
     ("normalize.method=minmax", "normalize.method"), ("seed=-1", "seed"),
     ("data.image_shape=[]", "data.image_shape"), ("tracking.experiment=''", "tracking.experiment"),
+    ("train.augment=vflip", "train.augment"), ("train.class_weight=auto", "train.class_weight"),
 ])
 def test_bad_values_name_the_knob(compose_cfg, override, knob):
     with pytest.raises(ConfigError) as e:
@@ -116,3 +117,13 @@ def test_repeated_cross_validation_trains_k_times_r_networks(compose_cfg, monkey
     assert 0 <= result["cv/accuracy"] <= 1 and result["cv/error"] > 0
     with pytest.raises(ConfigError, match="data.cv_repeats=0: must be >= 1"):
         prepare(compose_cfg("data.cv_repeats=0"), ROOT)
+
+
+def test_train_stage_reruns_on_every_training_knob():
+    """`dvc exp run -S train.<anything>=...` must re-run the train stage: DVC re-runs a stage
+    only for the params it lists, so it lists whole groups, not a hand-kept subset."""
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    assert {"seed", "model", "train", "data.cv_folds", "data.cv_repeats"} <= set(stage["params"])
+    assert "conf/train" in stage["deps"] and "conf/model" in stage["deps"]

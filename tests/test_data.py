@@ -221,3 +221,37 @@ def test_load_stage_checks_every_block_and_keeps_old_outputs_on_a_bad_one(tmp_pa
     with pytest.raises(DataError, match="NaN or infinite"):
         load.run(cfg)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out/data/flat").iterdir()} == before
+
+
+def test_hflip_mirrors_each_image_left_to_right():
+    from catnet.data import hflip
+
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 4, 5, 3), dtype=np.uint8)
+    flat = images.reshape(3, -1)
+    mirrored = hflip(flat, (4, 5, 3)).reshape(3, 4, 5, 3)
+    for r in range(4):
+        for c in range(5):  # pixel (r, c) moves to (r, W-1-c), channels untouched
+            np.testing.assert_array_equal(mirrored[:, r, 4 - c], images[:, r, c])
+    np.testing.assert_array_equal(hflip(hflip(flat, (4, 5, 3)), (4, 5, 3)), flat)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_augmented_rows_are_the_images_then_their_mirrors(tmp_path, on_disk):
+    from catnet.data import NpyRows, augment, hflip
+
+    shape = (2, 3, 3)
+    x = np.random.default_rng(1).integers(0, 256, size=(7, 18), dtype=np.uint8)
+    y = np.array([0, 1, 1, 0, 0, 1, 0])
+    if on_disk:
+        np.save(tmp_path / "x.npy", x)
+    rows, labels = augment(NpyRows(tmp_path / "x.npy") if on_disk else x, y, "hflip", shape)
+    whole = np.concatenate([x, hflip(x, shape)])
+    assert rows.shape == (14, 18) and len(rows) == 14
+    np.testing.assert_array_equal(labels, np.concatenate([y, y]))
+    np.testing.assert_array_equal(np.asarray(rows), whole)
+    order = np.random.default_rng(2).permutation(14)
+    for key in (order, order[:5], slice(5, 12), np.arange(14) % 3 == 0):
+        np.testing.assert_array_equal(rows[key], whole[key])
+    np.testing.assert_array_equal(x, np.load(tmp_path / "x.npy") if on_disk else x)  # source untouched
+    kept = augment(x, y, None, shape)
+    assert kept[0] is x and kept[1] is y
