@@ -102,10 +102,13 @@ def test_predict_on_png_and_jpeg_files_skips_a_bad_one(trained):
 
 def test_mlflow_models_predict_cli_on_the_champion(trained):
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
+    source = trained["tmp"] / "cli_input.json"  # the format pipeline.predict json=... writes
+    source.write_text(json.dumps({"inputs": _test_images()[0][:6].tolist()}))
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "models", "predict", "-m", "models:/catnet@champion",
-         "--env-manager", "local", "-i", str(trained["tmp"] / "input.json"), "-t", "json"],
+         "--env-manager", "local", "-i", str(source), "-t", "json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     predictions = json.loads(proc.stdout.strip().splitlines()[-1])["predictions"]
     assert len(predictions) == 6 and {"probability", "label"} <= set(predictions[0])
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # e.g. MLflow's "add type hints to predict"
