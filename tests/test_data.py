@@ -7,7 +7,7 @@ import pytest
 from conftest import REAL_TEST, REAL_TRAIN, make_images, write_h5
 
 from catnet.data import dvc_digest, flatten, load_dataset, load_split
-from catnet.errors import DataError
+from catnet.errors import ConfigError, DataError
 from catnet.preprocess import fit
 
 SHAPE = (64, 64, 3)
@@ -255,3 +255,5 @@ def test_augmented_rows_are_the_images_then_their_mirrors(tmp_path, on_disk):
     np.testing.assert_array_equal(x, np.load(tmp_path / "x.npy") if on_disk else x)  # source untouched
     kept = augment(x, y, None, shape)
     assert kept[0] is x and kept[1] is y
+    with pytest.raises(ConfigError, match="train.augment='vflip': must be one of hflip"):
+        augment(x, y, "vflip", shape)

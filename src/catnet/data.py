@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catnet.errors import DataError
+from catnet.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,7 @@ def augment(x, y: np.ndarray, method: str | None, image_shape: tuple[int, ...]):
     if method is None:
         return x, y
     if method not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {method!r}: must be one of {', '.join(AUGMENTATIONS)}")
+        raise ConfigError(f"train.augment={method!r}: must be one of {', '.join(AUGMENTATIONS)}")
     return Mirrored(x, image_shape), np.tile(np.asarray(y), 2)
 
 
