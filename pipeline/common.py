@@ -98,6 +98,58 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
+def one_line(error: BaseException) -> str:
+    """Hydra's report of a bad override (unknown key, missing config option, grammar) on one
+    line: its lines and its cause's first line joined by '; ', option lists comma-separated,
+    the config search path and OmegaConf's indented details left out."""
+    lines = str(error).splitlines()
+    if error.__cause__ is not None and str(error.__cause__):
+        lines[1:1] = str(error.__cause__).splitlines()[:1]
+    pieces: list[str] = []
+    for line in lines:
+        if line.startswith("Config search path"):
+            break
+        if line.startswith("\t") and pieces:  # an available option under "Available options in ..."
+            pieces[-1] += (", " if not pieces[-1].endswith(":") else " ") + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            pieces.append(line.strip().rstrip("."))
+    return "; ".join(pieces)
+
+
+def _report_bad_overrides_on_one_line() -> None:
+    """Make Hydra's entry points report a composition error (``train.lrr=1``, ``model=nope``,
+    ``train.lr=[``) as every other bad input is reported: ``catnet: error: ...`` on one line,
+    exit status 2, no traceback. HYDRA_FULL_ERROR=1 keeps Hydra's own report. Hydra has no
+    public hook for this; if its internals move, its own multi-line report stays."""
+    try:
+        from hydra._internal import utils as hydra_utils
+        from hydra.errors import CompactHydraException
+    except ImportError:
+        return
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None or getattr(report, "catnet", False):
+        return
+
+    def run_and_report(func):
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return report(func)
+
+        def guarded():
+            try:
+                return func()
+            except CompactHydraException as e:
+                print(f"catnet: error: {one_line(e)}", file=sys.stderr)
+                sys.exit(2)
+
+        return report(guarded)
+
+    run_and_report.catnet = True
+    hydra_utils.run_and_report = run_and_report
+
+
+_report_bad_overrides_on_one_line()
+
+
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool = True) -> Any:
     """Run a stage from its Hydra entry point: check the config's values, then do the work.
 

@@ -183,3 +183,27 @@ def test_bad_knob_through_the_cli(store, override):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("catnet: error: " + override.split("=")[0]), lines
     assert not (store["out"] / "models").exists()
+
+
+@pytest.mark.parametrize("module, override, expected", [
+    ("pipeline", "train.lrr=1", "Could not override 'train.lrr'; Key 'lrr' is not in struct; "
+                                "To append to your config use +train.lrr=1"),
+    ("pipeline", "model=nope", "Could not find 'model/nope'; Available options in 'model': deep, seed"),
+    ("pipeline", "train.lr=[", "no viable alternative at input '['"),
+    ("pipeline", "hydra/launcher=nope", "Available options in 'hydra/launcher': basic, joblib"),
+    ("pipeline.train", "train.lrr=1", "Could not override 'train.lrr'"),
+    ("pipeline.compare", "bogus=1", "Could not override 'bogus'; Key 'bogus' not in 'CompareConfig'"),
+])
+def test_bad_override_is_one_line_from_hydra_too(store, module, override, expected):
+    """Hydra refuses these before any stage runs; its several-line report becomes one line,
+    exit status 2, like a bad value. HYDRA_FULL_ERROR=1 still shows Hydra's full report."""
+    args = [] if module == "pipeline.compare" else store["args"]  # compare has no tracking/paths keys
+    proc = run_cli(*args, override, module=module, check=False)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("catnet: error: ") and expected in lines[0], lines
+    assert not store["out"].exists()
+    if override == "train.lrr=1" and module == "pipeline":
+        full = subprocess.run([sys.executable, "-m", module, *store["args"], override], cwd=ROOT,
+                              env={**os.environ, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True)
+        assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigCompositionException" in full.stderr
