@@ -136,9 +136,10 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
     for repeat, fold in folds:
         mask = np.zeros(len(train.y), dtype=bool)
         mask[fold] = True
+        fold_pixels = pixels[~mask]
         # fitted on the fold's own images, as the normalize stage fits on the training file's
-        norm = preprocess.fit(pixels[~mask], cfg.normalize.method, divisor=cfg.normalize.divisor)
-        rows, labels = augment(pixels[~mask], train.y[~mask], cfg.train.augment, tuple(cfg.data.image_shape))
+        norm = preprocess.fit(fold_pixels, cfg.normalize.method, divisor=cfg.normalize.divisor)
+        rows, labels = augment(fold_pixels, train.y[~mask], cfg.train.augment, tuple(cfg.data.image_shape))
         x = norm.apply(rows, dtype)
         weights = network.class_weights(labels, cfg.train.class_weight)
         net = network.init_network(

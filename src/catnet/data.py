@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from catnet.errors import ConfigError, DataError
+from catnet.errors import DataError
+from catnet.network import check_choice
 
 
 @dataclass(frozen=True)
@@ -389,8 +390,7 @@ def augment(x, y: np.ndarray, method: str | None, image_shape: tuple[int, ...]):
     for the images a network trains on: validation and test images are never augmented."""
     if method is None:
         return x, y
-    if method not in AUGMENTATIONS:
-        raise ConfigError(f"train.augment={method!r}: must be one of {', '.join(AUGMENTATIONS)}")
+    check_choice("train.augment", method, AUGMENTATIONS)
     return Mirrored(x, image_shape), np.tile(np.asarray(y), 2)
 
 
