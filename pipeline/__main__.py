@@ -16,21 +16,28 @@ import hydra
 from omegaconf import DictConfig
 
 from catnet.errors import CatnetError
-from pipeline import evaluate, load, normalize, tracking, train
-from pipeline.common import CONF_DIR, ROOT, is_multirun, run_cli
+from pipeline import evaluate, load, normalize, sweep, tracking, train
+from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli
 from pipeline.config import prepare
-from pipeline.sweep import objective_value
+from pipeline.tracking.query import metric_order, objective_value
 
 log = logging.getLogger("catnet")
 
 
 def run_all(cfg: DictConfig) -> dict:
-    """Run every stage; return the evaluate stage's metrics as MLflow names them."""
+    """Run every stage; return the evaluate stage's metrics as MLflow names them. The MLflow run
+    opens once the data passed its checks (bad input fails in a second, before MLflow starts)."""
     splits = load.run(cfg)
     normalizer = normalize.run(cfg, splits.train)
     with tracking.open_run(cfg) as mlrun:
+        mlrun.record_data(load.digest(splits), load.sources(cfg))
         net, cv = train.run(cfg, splits, normalizer, mlrun)
         return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))}
+
+
+def objective(cfg: DictConfig, metrics: dict) -> float:
+    """What the job returns to the sweeper: the first metric of the ranking order it has."""
+    return objective_value(metrics, metric_order(cfg.sweep.objective, cfg.sweep.fallback))[1]
 
 
 def _blas_threads() -> int | None:
@@ -44,32 +51,43 @@ def _blas_threads() -> int | None:
     return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))
 
 
-def _job(cfg: DictConfig) -> float:
+def _job(raw: DictConfig) -> float:
     """One job of a sweep: a bad value or file, or a diverging run, fails this job (its run
-    FAILED, one line in the log) and the sweep goes on; any other error too, with its traceback.
-    The sweeper then gets the worst possible objective (-inf when maximizing): Optuna stops the
-    whole study on a NaN."""
+    FAILED with the reason, one line in the log, FAILED in the sweep's ledger) and the sweep
+    goes on; any other error too, with its traceback. The sweeper then gets the worst possible
+    objective (-inf when maximizing: Optuna stops the whole study on a NaN); the sweep's
+    summary and exit status still count the job as failed."""
     from threadpoolctl import threadpool_limits
 
-    worst = -math.inf if cfg.sweep.direction == "maximize" else math.inf
+    worst = -math.inf if raw.sweep.direction == "maximize" else math.inf
+    entry = sweep.job_started()
+    cfg = None  # until the values pass their checks
     with threadpool_limits(limits=_blas_threads()):
         try:
-            cfg = prepare(cfg, ROOT)
-            value = objective_value(cfg, run_all(cfg))
+            cfg = prepare(raw, ROOT)
+            value = objective(cfg, run_all(cfg))
+            sweep.job_ended(entry, "FINISHED")
             return worst if math.isnan(value) else value
-        except CatnetError as e:
-            log.error("catnet: error: %s", e)
-            return worst
-        except Exception:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
-            log.exception("catnet: job failed")
+        except (KeyboardInterrupt, Terminated) as e:
+            sweep.job_ended(entry, "KILLED", type(e).__name__)
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
+            if isinstance(e, CatnetError):
+                log.error("catnet: error: %s", e)
+            else:
+                log.exception("catnet: job failed")
+            if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
+                tracking.failed_run(cfg or raw, e)
+            sweep.job_ended(entry, "FAILED", f"{type(e).__name__}: {e}")
             return worst
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     if is_multirun():
         return _job(cfg)
-    return objective_value(cfg, run_cli(run_all, cfg))
+    run_cli(run_all, cfg)
+    return None
 
 
 if __name__ == "__main__":

@@ -94,8 +94,25 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that a stage stops the way Ctrl-C stops it."""
 
 
-def _terminate(signum, frame) -> None:
+def raise_terminated(signum, frame) -> None:
     raise Terminated(signal.Signals(signum).name)
+
+
+# called, in order, with (status, reason) when Ctrl-C or SIGTERM stops a Hydra application
+# outside a stage's own handling (a sweep between or around its jobs: pipeline/sweep.py)
+ABORT_HOOKS: list[Callable[[str, str], None]] = []
+
+
+def _interrupted(e: BaseException) -> None:
+    """One line and exit 130 (Ctrl-C) or 143 (SIGTERM), after the abort hooks ran."""
+    name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+    for hook in list(ABORT_HOOKS):
+        try:
+            hook("KILLED", name)
+        except Exception as err:  # noqa: BLE001 - the exit status must still say what happened
+            print(f"catnet: could not mark the runs KILLED: {err}", file=sys.stderr)
+    print(f"catnet: interrupted by {name}; stopped cleanly", file=sys.stderr)
+    sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 def one_line(error: BaseException) -> str:
@@ -132,7 +149,10 @@ def _report_bad_overrides_on_one_line() -> None:
 
     def run_and_report(func):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            return report(func)
+            try:
+                return report(func)
+            except (KeyboardInterrupt, Terminated) as e:
+                _interrupted(e)
 
         def guarded():
             try:
@@ -141,7 +161,10 @@ def _report_bad_overrides_on_one_line() -> None:
                 print(f"catnet: error: {one_line(e)}", file=sys.stderr)
                 sys.exit(2)
 
-        return report(guarded)
+        try:
+            return report(guarded)
+        except (KeyboardInterrupt, Terminated) as e:  # a sweep stopped: its runs are KILLED
+            _interrupted(e)
 
     run_and_report.catnet = True
     hydra_utils.run_and_report = run_and_report
@@ -158,7 +181,7 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool =
     130 or 143 (the MLflow run was marked KILLED on the way out; outputs are written whole or
     not at all).
     """
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         if validate:
             cfg = config.prepare(cfg, ROOT)
@@ -169,6 +192,4 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool =
         print(f"catnet: error: {e}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as e:
-        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(f"catnet: interrupted by {name}; stopped cleanly", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        _interrupted(e)

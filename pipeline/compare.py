@@ -30,7 +30,7 @@ KEY_METRICS = ["val/balanced_accuracy", "val/accuracy", "train/accuracy", "test/
 class CompareConfig:
     experiment: str = "catnet"
     parent: Optional[str] = None  # a sweep's parent run: compare its children only
-    objective: str = "val/balanced_accuracy"  # sort key; falls back to ``fallback`` when no run has it
+    objective: str = "val/balanced_accuracy"  # sort key; then cv/balanced_accuracy, then ``fallback``
     fallback: str = "train/balanced_accuracy"
     direction: str = "maximize"
     max_runs: int = 200
@@ -46,17 +46,14 @@ def compare(cfg: DictConfig):
     import mlflow
     import pandas as pd
 
-    from pipeline import tracking
+    from pipeline.tracking import query, store
 
-    uri, _ = tracking.store_uri(cfg)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    mlflow.set_tracking_uri(uri)
-    if client.get_experiment_by_name(cfg.experiment) is None:
-        raise ConfigError(f"experiment={cfg.experiment!r}: no such MLflow experiment in {uri}")
+    order = query.metric_order(cfg.objective, cfg.fallback)  # refuses a test/ metric first
+    client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
     filters = ["attributes.status = 'FINISHED'"]
     if cfg.parent:
         filters.append(f"tags.mlflow.parentRunId = '{cfg.parent}'")
-    runs = mlflow.search_runs(experiment_names=[cfg.experiment], filter_string=" and ".join(filters),
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=" and ".join(filters),
                               max_results=cfg.max_runs)
     if "tags.catnet.sweep" in runs:  # sweep parents summarize; they are not runs to compare
         runs = runs[runs["tags.catnet.sweep"] != "parent"]
@@ -64,16 +61,18 @@ def compare(cfg: DictConfig):
         raise ConfigError(f"no finished runs in experiment {cfg.experiment!r}"
                           + (f" under parent {cfg.parent}" if cfg.parent else ""))
 
-    candidates = (cfg.objective, "cv/balanced_accuracy", cfg.fallback)  # cv/...: an Optuna search's runs
-    objective = next((k for k in candidates if f"metrics.{k}" in runs), None)
+    # the one ranking rule: the runs that have its metric, best first, then the others
+    rows = [r for _, r in runs.iterrows()]
+    metrics_of = lambda r: {c[8:]: r[c] for c in runs if c.startswith("metrics.") and pd.notna(r[c])}  # noqa: E731
+    objective, ranked = query.rank(rows, metrics_of, order, cfg.direction)
+    ranked_ids = [r["run_id"] for r in ranked]
+    runs = pd.concat([runs.set_index("run_id").loc[ranked_ids].reset_index(),
+                      runs[~runs["run_id"].isin(ranked_ids)]], ignore_index=True)
     # the pipeline's params (the flattened config: seed and dotted keys), where runs differ
     params = [c for c in runs if c.startswith("params.") and ("." in c[7:] or c == "params.seed")
               and runs[c].nunique(dropna=False) > 1]
     metrics = [f"metrics.{m}" for m in dict.fromkeys([objective, *KEY_METRICS]) if f"metrics.{m}" in runs]
     table = runs[["run_id", "tags.mlflow.runName", *params, *metrics]].copy()
-    if objective:
-        table = table.sort_values(f"metrics.{objective}", ascending=cfg.direction == "minimize",
-                                  kind="stable")
     table.columns = ["run_id", "run_name", *(c.split(".", 1)[1] for c in params + metrics)]
     table["run_id"] = table["run_id"].str[:8]
 

@@ -65,6 +65,7 @@ class TrainConfig:
     class_weight: Optional[str] = None  # None: every example weighs 1 (the seed's); balanced
     solver: str = "auto"  # full batch: primal (update W1) | dual (W1 = W1(0) + X^T A) | auto (cheaper one)
     augment: Optional[str] = None  # None: the training images as they are (the seed's); hflip: plus mirrored
+    check_learned: bool = True  # FAILED when the trained network is no better than a constant prediction
 
 
 @dataclass
@@ -174,9 +175,10 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment: must not be empty")
     _choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))
-    if cfg.sweep.objective.startswith("test/"):
-        raise ConfigError(f"sweep.objective={cfg.sweep.objective}: sweeps never optimize a test metric; "
-                          "use val/... with data.val_fraction > 0")
+    from pipeline.tracking.query import refuse_test_metric  # the rule of every ranking
+
+    refuse_test_metric("sweep.objective", cfg.sweep.objective)
+    refuse_test_metric("sweep.fallback", cfg.sweep.fallback)
     if not cfg.tracking.flush_seconds >= 0:
         raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds}: must be >= 0")
     if cfg.tracking.max_epoch_points is not None and cfg.tracking.max_epoch_points < 1:
@@ -190,7 +192,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
+def flatten(cfg: DictConfig, resolve: bool = True) -> dict[str, str]:
     """{'model.hidden_sizes': '[20, 7]', 'train.lr': '0.005', ...}: MLflow params."""
     out: dict[str, str] = {}
 
@@ -201,5 +203,5 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
         else:
             out[prefix[:-1]] = str(node)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=resolve), "")
     return out

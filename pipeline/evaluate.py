@@ -10,6 +10,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from catnet.errors import DataError
 from catnet.metrics import evaluate
 from catnet.network import Network, class_weights
 from catnet.preprocess import Normalizer
@@ -27,7 +28,7 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
                      class_weight=weights)
         results[name] = {
             "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
-            "error": m["error"], "precision": m["precision"],
+            "loss": m["error"], "precision": m["precision"],  # "error" would read as a failure to DVC
             "recall": m["recall"],
             "confusion": {k: m[k] for k in ("tp", "fp", "fn", "tn")},
         }
@@ -35,9 +36,10 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
     save_json(out.metrics, results)
     mlrun.log_metrics(mlflow_metrics(results))
     example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
-    mlrun.log_model(out.weights, out.normalizer, cfg, example)
+    # the network and normalizer evaluated here, from memory: the model is what these metrics judge
+    mlrun.log_model(train.weight_arrays(net, cfg), normalizer.to_arrays(), example)
     log.info("evaluate: %s | test precision %.3f recall %.3f", " | ".join(
-        f"{n} accuracy {m['accuracy']:.3f} error {m['error']:.4g}" for n, m in results.items()),
+        f"{n} accuracy {m['accuracy']:.3f} error {m['loss']:.4g}" for n, m in results.items()),
         results["test"]["precision"], results["test"]["recall"])
     return results
 
@@ -52,16 +54,21 @@ def mlflow_metrics(results: dict) -> dict[str, float]:
             if k == "confusion":
                 if split == "test":
                     out.update({f"test/{c}": n for c, n in v.items()})
-            elif k == "error" and split != "test":
-                out[f"{split}/final_error"] = v
+            elif k == "loss":
+                out[f"{split}/{'error' if split == 'test' else 'final_error'}"] = v
             else:
                 out[f"{split}/{k}"] = v
     return out
 
 
 def _stage(cfg: DictConfig) -> None:
+    """The evaluate stage alone (dvc repro): continues the run the train stage handed over."""
+    info = train.read_run_info(cfg)
+    if info is None and cfg.tracking.enabled:
+        raise DataError(f"{Outputs.of(cfg).run_info}: not found: training has not succeeded "
+                        "(dvc repro train)")
     splits, normalizer, net = load.read(cfg), normalize.read(cfg), train.read(cfg)
-    with tracking.open_run(cfg, resume=train.read_run_info(cfg)) as mlrun:
+    with tracking.open_run(cfg, resume=info or {}) as mlrun:
         run(cfg, splits, normalizer, net, mlrun)
 
 

@@ -72,18 +72,21 @@ def run(cfg: DictConfig) -> Splits:
             rest, val = stratified_indices(train_src.y, cfg.data.val_fraction,
                                            np.random.default_rng(cfg.data.split_seed))
             rows.update(train=(train_src, rest), val=(train_src, val))
-        _write_all(out.flat_dir, {name: rows[name] for name in ("train", "val", "test") if name in rows},
-                   train_src.features)
-    splits = read(cfg)
+        splits = Splits(**_write_all(out.flat_dir, {name: rows[name] for name in ("train", "val", "test")
+                                                    if name in rows}, train_src.features))
     log.info("load: %s; %d features each", ", ".join(
         f"{len(s)} {n} images ({int(s.y.sum())} cats)" for n, s in splits.named()), splits.train.x.shape[1])
     return splits
 
 
-def _write_all(flat_dir: Path, rows: dict[str, tuple[H5Images, np.ndarray]], features: int) -> None:
+def _write_all(flat_dir: Path, rows: dict[str, tuple[H5Images, np.ndarray]], features: int) -> dict[str, Split]:
     """Every split's x and y into temporary files, renamed into place only when all images of
     all splits have been read and passed the checks: a bad image anywhere leaves the previous
-    outputs as they were. Files of earlier runs that this run does not write go."""
+    outputs as they were. Files of earlier runs that this run does not write go.
+
+    Returns the splits read back from the files this call wrote, opened before they are renamed
+    into place: what the later stages of this process read is what this process wrote, even if
+    another job writes the same folder meanwhile."""
     import os
 
     created = [p for p in (flat_dir, *flat_dir.parents) if not p.exists()]  # deepest first
@@ -100,6 +103,8 @@ def _write_all(flat_dir: Path, rows: dict[str, tuple[H5Images, np.ndarray]], fea
                 with open(tmp, "wb") as f:
                     written[final] = tmp
                     write(f)
+        splits = {name: Split(NpyRows(written[flat_dir / f"{name}_x.npy"], shown_as=flat_dir / f"{name}_x.npy"),
+                              np.load(written[flat_dir / f"{name}_y.npy"], allow_pickle=False)) for name in rows}
         for final, tmp in written.items():
             os.replace(tmp, final)
         for stale in [*flat_dir.glob("*.npz"), *flat_dir.glob("*.npy")]:
@@ -115,6 +120,30 @@ def _write_all(flat_dir: Path, rows: dict[str, tuple[H5Images, np.ndarray]], fea
                     folder.rmdir()
                 except OSError:
                     break
+    return splits
+
+
+def digest(splits: Splits) -> str:
+    """md5 of the data a run learns from and is judged on: each split's name, shape, pixels and
+    labels as read (the flattened arrays, not the files they came from)."""
+    import hashlib
+
+    h = hashlib.md5()
+    for name, split in splits.named():
+        h.update(f"{name}:{split.x.shape}:{split.x.dtype}".encode())
+        for start in range(0, len(split), BLOCK):
+            h.update(np.ascontiguousarray(split.x[start:start + BLOCK]).tobytes())
+        h.update(np.ascontiguousarray(split.y).tobytes())
+    return h.hexdigest()
+
+
+def sources(cfg: DictConfig) -> dict[str, str]:
+    """The data files, relative to the project when they lie in it."""
+    out = {}
+    for split, key in (("train", "train_path"), ("test", "test_path")):
+        path = resolve(cfg.data[key])
+        out[split] = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else cfg.data[key]
+    return out
 
 
 def read(cfg: DictConfig) -> Splits:

@@ -3,8 +3,9 @@
 Input: raw images, a uint8 tensor (N, 64, 64, 3) with values 0..255 (one image (64, 64, 3)
 is taken as N=1), exactly what the HDF5 files hold; the model flattens and normalizes them
 as the pipeline did. Output: a DataFrame with ``probability`` (of cat) and ``label`` (1 = cat).
-The weights and the normalizer travel as artifacts (.npz, loaded without pickle), the catnet
-package as code, so loading needs only numpy, pandas and MLflow.
+The weights (with the activation and image shape they were trained for) and the normalizer
+travel as artifacts (.npz, loaded without pickle), the catnet package as code, so loading needs
+only numpy, pandas and MLflow.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ class CatnetModel(PythonModel):
         from catnet.network import Network
         from catnet.preprocess import Normalizer
 
-        cfg = context.model_config
         with np.load(context.artifacts["weights"], allow_pickle=False) as f:
-            self.net = Network.from_arrays(dict(f), activation=cfg["activation"])
+            arrays = dict(f)  # W1..WL (b1..bL), the activation and the image shape (pipeline/train.py)
+        self.net = Network.from_arrays(arrays)
+        self.image_shape = tuple(int(s) for s in arrays["image_shape"])
+        self.dtype = self.net.weights[0].dtype
         with np.load(context.artifacts["normalizer"], allow_pickle=False) as f:
             self.normalizer = Normalizer.from_arrays(dict(f))
-        self.image_shape = tuple(cfg["image_shape"])
-        self.dtype = np.dtype(cfg["dtype"])
 
     # the type hint tells MLflow the input is an array (no schema inferred from it: the logged
     # signature is the (N, 64, 64, 3) uint8 tensor) and silences its "add type hints" warning

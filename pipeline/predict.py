@@ -1,8 +1,11 @@
 """``python -m pipeline.predict``: classify image files with any MLflow model URI.
 
-    python -m pipeline.predict model=models:/catnet@champion images=[a.png,b.jpg]
-    python -m pipeline.predict model=runs:/<run id>/model images=[photos/] csv=predictions.csv
-    python -m pipeline.predict model=null images=[a.png] json=input.json   # input for `mlflow models predict`
+    python -m pipeline.predict model_uri=models:/catnet@champion images=[a.png,b.jpg]
+    python -m pipeline.predict model_uri=runs:/<run id>/model images=[photos/] csv=predictions.csv
+    python -m pipeline.predict model_uri=null images=[a.png] json=input.json   # input for `mlflow models predict`
+    catnet-predict images=[a.png]                                          # the same, installed as a command
+
+Image paths, and the csv= and json= files, are relative to the directory it runs from.
 
 Each image is converted to RGB and resized to 64x64 (Pillow), as the training images are.
 Prints one line per image: path, label (cat / non-cat), probability of cat. An image that
@@ -24,7 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from catnet.errors import ConfigError
-from pipeline.common import CONF_DIR, atomic_write, resolve, run_cli
+from pipeline.common import CONF_DIR, atomic_write, run_cli
 from pipeline.config import TrackingConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -32,7 +35,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class PredictConfig:
-    model: Optional[str] = "models:/catnet@champion"  # any MLflow model URI
+    model_uri: Optional[str] = "models:/catnet@champion"  # any MLflow model URI (null: only write json=)
     images: list[str] = field(default_factory=list)  # files or folders
     size: list[int] = field(default_factory=lambda: [64, 64])
     csv: Optional[str] = None  # also write path,label,probability here
@@ -43,11 +46,16 @@ class PredictConfig:
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 
 
+def here(path: str) -> Path:
+    """A path the user typed: relative to the directory the command runs from."""
+    return Path(path).expanduser().absolute()
+
+
 def image_paths(items: list[str]) -> list[Path]:
     """The files named, and the image files inside the folders named, in order."""
     paths: list[Path] = []
     for item in items:
-        p = resolve(item)
+        p = here(item)
         if p.is_dir():
             paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
@@ -86,8 +94,8 @@ def predict(cfg: DictConfig) -> int:
         raise ConfigError("images: no readable image among those given")
     x = np.stack(arrays)  # (N, 64, 64, 3) uint8
     if cfg.json:
-        atomic_write(resolve(cfg.json), lambda f: json_module.dump({"inputs": x.tolist()}, f), mode="w")
-    if cfg.model:
+        atomic_write(here(cfg.json), lambda f: json_module.dump({"inputs": x.tolist()}, f), mode="w")
+    if cfg.model_uri:
         out = load_model(cfg).predict(x)
         rows = [(str(p), "cat" if lab == 1 else "non-cat", float(pr))
                 for p, lab, pr in zip(good, out["label"], out["probability"])]
@@ -98,29 +106,25 @@ def predict(cfg: DictConfig) -> int:
                 w = csv_module.writer(f)
                 w.writerow(["path", "label", "probability"])
                 w.writerows(rows)
-            atomic_write(resolve(cfg.csv), write, mode="w")
+            atomic_write(here(cfg.csv), write, mode="w")
     return 1 if failed else 0
 
 
 def load_model(cfg: DictConfig):
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from pipeline.tracking import model, store
 
-    from pipeline import tracking
-
-    uri, _ = tracking.store_uri(cfg)
-    tracking.quiet_model_warnings()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model(cfg.model)
-    except (MlflowException, OSError) as e:
-        raise ConfigError(f"model={cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
+    store.client(cfg)  # models:/ and runs:/ URIs resolve through the configured store
+    return model.load(cfg.model_uri)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     sys.exit(run_cli(predict, cfg, validate=False))
+
+
+def cli() -> None:
+    """The ``catnet-predict`` command (pyproject.toml)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -1,89 +1,191 @@
-"""Hydra multirun into MLflow: one parent run per sweep, one child run per job.
+"""Hydra multirun into MLflow: one parent run per sweep, one child run per job, honest counts.
 
 ``MlflowSweep`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``); it runs in the
 process that launches the sweep. Before any job starts it creates the SQLite store, the
 experiment and the parent run, so parallel jobs never race to create them, and hands the
 parent's id to the jobs through the environment (inherited by joblib and local Ray workers).
-When the sweep ends it records on the parent the number of jobs and the best child by the
-sweep objective (a validation metric, never a test one).
+Every job also leaves its outcome in the sweep's ledger, a folder private to the sweep, so the
+sweep knows how many jobs finished and failed even with tracking off or the store down.
+
+When the sweep ends the parent records the number of jobs, finished and failed, and the best
+child by the one ranking rule (pipeline/tracking/query.py: validation, then cross-validation,
+then training metrics, never test). A sweep in which any job failed is FAILED and exits 1;
+Ctrl-C or SIGTERM marks the parent and every child still running KILLED (exit 130 / 143).
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
-import math
 import os
+import shutil
+import signal
+import tempfile
+import uuid
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-PARENT_ENV = "CATNET_MLFLOW_PARENT_RUN_ID"
-SWEPT_ENV = "CATNET_SWEPT_KEYS"  # the keys the sweep varies: children are named by their values
+from pipeline import common
+
+LEDGER_ENV = "CATNET_SWEEP_LEDGER"  # the folder where each job writes its outcome
 log = logging.getLogger("catnet")
 
 
-def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
-    """The number a sweeper optimizes: ``sweep.objective``, or ``sweep.fallback`` when the run
-    has no such metric (no validation split). NaN when neither is there (a failed job)."""
-    for key in (cfg.sweep.objective, cfg.sweep.fallback):
-        if key in metrics:
-            return float(metrics[key])
-    return math.nan
+# ---- the job's side ----------------------------------------------------------------------------
 
+def job_started() -> Path | None:
+    """Enter this job in the sweep's ledger (as RUNNING until ``job_ended``)."""
+    ledger = os.environ.get(LEDGER_ENV)
+    if not ledger or not Path(ledger).is_dir():
+        return None
+    entry = Path(ledger) / f"{uuid.uuid4().hex}.json"
+    entry.write_text(json.dumps({"status": "RUNNING", "pid": os.getpid()}))
+    return entry
+
+
+def job_ended(entry: Path | None, status: str, reason: str | None = None) -> None:
+    if entry is not None and entry.parent.is_dir():
+        common.atomic_write(entry, lambda f: json.dump({"status": status, "reason": reason}, f), mode="w")
+
+
+# ---- the sweep's side ----------------------------------------------------------------------------
 
 class MlflowSweep(Callback):
     def __init__(self) -> None:
-        self.parent = None  # (client, run_id)
-        self.sweep_cfg = None
+        self.client = None
+        self.parent_id: str | None = None
+        self.config: DictConfig | None = None
+        self.ledger: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.tracking.enabled:
-            return
+        self.config = config
+        self.ledger = Path(tempfile.mkdtemp(prefix="catnet-sweep-"))
+        os.environ[LEDGER_ENV] = str(self.ledger)
+        signal.signal(signal.SIGTERM, common.raise_terminated)  # stop the way Ctrl-C stops
+        common.ABORT_HOOKS.append(self.abort)
+        atexit.register(self._abandoned)  # the sweep stopped another way: on_multirun_end never came
+        if config.tracking.enabled:
+            self._open_parent(config)
+
+    def _open_parent(self, config: DictConfig) -> None:
         from mlflow.entities import Param
 
         from pipeline import tracking
 
-        client, experiment_id = tracking.client_and_experiment(config)
+        client, experiment_id = tracking.open_store(config)
         hc = config.hydra
         overrides = list(hc.overrides.task)
-        name = f"sweep {' '.join(o for o in overrides if not o.startswith(('tracking.', 'hydra')))}"
-        run = client.create_run(experiment_id, run_name=name[:250], tags={
+        shown = [o for o in overrides if not o.startswith(("tracking.", "hydra", "paths."))]
+        run = client.create_run(experiment_id, run_name=f"sweep {tracking.run.short_name(shown)}"[:250], tags={
             "catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
-            **tracking.provenance_tags(),
+            **tracking.provenance_tags(), **tracking.store.process_tags(),
         })
-        self.parent = (client, run.info.run_id)
-        self.sweep_cfg = config.sweep
-        client.log_batch(run.info.run_id, params=[
+        self.client, self.parent_id = client, run.info.run_id
+        order = _order(config)
+        client.log_batch(self.parent_id, params=[
             Param("sweep.overrides", " ".join(overrides)[:6000]),
             Param("sweep.sweeper", hc.sweeper._target_.rsplit(".", 1)[-1]),
             Param("sweep.launcher", hc.launcher._target_.rsplit(".", 1)[-1]),
-            Param("sweep.objective", f"{config.sweep.objective} ({config.sweep.direction})"),
+            Param("sweep.ranking", f"{' > '.join(order)} ({config.sweep.direction})"),
             Param("sweep.dir", str(hc.sweep.dir)),
         ])
-        os.environ[PARENT_ENV] = run.info.run_id
-        os.environ[SWEPT_ENV] = ",".join(swept_keys(config))
-        atexit.register(self._abandoned)  # the sweep aborted: on_multirun_end never came
-        log.info("sweep: MLflow parent run %s", run.info.run_id)
+        os.environ[tracking.PARENT_ENV] = self.parent_id
+        os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
+        log.info("sweep: MLflow parent run %s", self.parent_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent is None:
+        outcomes = self._close_ledger()
+        counts = _count(outcomes)
+        summary: dict[str, Any] = {}
+        status, reason = "FINISHED", None
+        if counts["failed"] or counts["killed"] or counts["running"]:
+            status = "FAILED"
+            reason = f"{counts['failed'] + counts['killed'] + counts['running']} of {counts['jobs']} jobs failed"
+        if self.parent_id is not None:
+            client, parent_id = self.client, self.parent_id
+            self.parent_id = None
+            _clear_env()
+            try:
+                summary = summarize_children(client, parent_id, config, counts)
+            except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
+                status, reason = "FAILED", f"the sweep's summary could not be written: {type(e).__name__}: {e}"
+            _close(client, parent_id, status, reason)
+        best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
+                if summary.get("best_run_id") else "")
+        log.info("sweep: %d jobs, %d finished, %d failed%s", counts["jobs"], counts["finished"],
+                 counts["failed"] + counts["killed"] + counts["running"], best)
+        if status != "FINISHED":
+            print(f"catnet: error: sweep: {reason}", flush=True, file=__import__("sys").stderr)
+            raise SystemExit(1)
+
+    def abort(self, status: str, reason: str) -> None:
+        """Ctrl-C / SIGTERM in the launching process: the parent and every child still running
+        are KILLED (a child's own process marks its run too, if it gets the chance)."""
+        self._close_ledger()
+        if self.parent_id is None:
             return
-        client, parent_id = self.parent
-        self.parent = None
-        os.environ.pop(PARENT_ENV, None)
-        os.environ.pop(SWEPT_ENV, None)
-        summary = summarize_children(client, parent_id, config.sweep)
-        log.info("sweep: %d jobs, %d finished; best %s", summary["jobs"], summary["finished"],
-                 summary.get("best_run_name", "none"))
-        client.set_terminated(parent_id, "FINISHED")
+        client, parent_id = self.client, self.parent_id
+        self.parent_id = None
+        _clear_env()
+        try:
+            _close_children(client, parent_id, status, f"the sweep was stopped ({reason})")
+        finally:
+            _close(client, parent_id, status, f"the sweep was stopped ({reason})")
 
     def _abandoned(self) -> None:
-        if self.parent is not None:
-            client, parent_id = self.parent
-            summarize_children(client, parent_id, self.sweep_cfg)
-            client.set_terminated(parent_id, "FAILED")
+        if self.parent_id is not None:
+            self.abort("FAILED", "it ended before its summary")
+
+    def _close_ledger(self) -> list[dict]:
+        if self.ledger is None:
+            return []
+        outcomes = []
+        for entry in sorted(self.ledger.glob("*.json")):
+            try:
+                outcomes.append(json.loads(entry.read_text()))
+            except (OSError, ValueError):
+                outcomes.append({"status": "RUNNING"})
+        shutil.rmtree(self.ledger, ignore_errors=True)
+        os.environ.pop(LEDGER_ENV, None)
+        self.ledger = None
+        return outcomes
+
+
+def _clear_env() -> None:
+    from pipeline import tracking
+
+    os.environ.pop(tracking.PARENT_ENV, None)
+    os.environ.pop(tracking.SWEPT_ENV, None)
+
+
+def _count(outcomes: list[dict]) -> dict[str, int]:
+    statuses = [o.get("status") for o in outcomes]
+    return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
+            "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING")}
+
+
+def _order(config: DictConfig) -> list[str]:
+    from pipeline.tracking.query import metric_order
+
+    return metric_order(config.sweep.objective, config.sweep.fallback)
+
+
+def _close(client, run_id: str, status: str, reason: str | None) -> None:
+    if reason:
+        client.set_tag(run_id, "catnet.failure", reason[:5000])
+    client.set_terminated(run_id, status)
+
+
+def _close_children(client, parent_id: str, status: str, reason: str) -> None:
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    running = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                  "attributes.status = 'RUNNING'", max_results=10000)
+    for run in running:
+        _close(client, run.info.run_id, status, reason)
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -96,29 +198,28 @@ def swept_keys(config: DictConfig) -> list[str]:
     return keys + [k for k in params if k not in keys]
 
 
-def summarize_children(client, parent_id: str, sweep: DictConfig) -> dict:
-    """Count the children of ``parent_id``, pick the best finished one, record both on the parent."""
-    from mlflow.entities import Metric, RunTag
+def summarize_children(client, parent_id: str, config: DictConfig, counts: dict[str, int]) -> dict:
+    """Record on the parent the job counts and the best finished child by the ranking rule."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from pipeline.tracking import query
 
     experiment_id = client.get_run(parent_id).info.experiment_id
-    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  max_results=10000)
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
     finished = [r for r in children if r.info.status == "FINISHED"]
-    summary: dict[str, Any] = {"jobs": len(children), "finished": len(finished)}
-    metrics = [Metric("sweep/jobs", len(children), 0, 0), Metric("sweep/finished", len(finished), 0, 0)]
+    failed = counts["failed"] + counts["killed"] + counts["running"]
+    metrics = [Metric("sweep/jobs", counts["jobs"], 0, 0), Metric("sweep/finished", counts["finished"], 0, 0),
+               Metric("sweep/failed", failed, 0, 0)]
+    key, ranked = query.rank(finished, lambda r: r.data.metrics, _order(config), config.sweep.direction)
+    summary: dict[str, Any] = {"objective": key}
     tags = []
-    for key in (sweep.objective, sweep.fallback):
-        ranked = [r for r in finished if key in r.data.metrics]
-        if ranked:
-            sign = 1 if sweep.direction == "maximize" else -1
-            tiebreak = f"{key.split('/')[0]}/final_error"  # equal accuracy: the lower error wins
-            best = max(ranked, key=lambda r: (sign * r.data.metrics[key], -r.data.metrics.get(tiebreak, 0.0)))
-            summary.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name, objective=key)
-            tags += [RunTag("catnet.best_run_id", best.info.run_id),
-                     RunTag("catnet.best_run_name", best.info.run_name or ""),
-                     RunTag("catnet.best_by", key)]
-            metrics += [Metric(f"best/{k}", v, 0, 0) for k, v in best.data.metrics.items()
-                        if k.split("/")[-1] in ("accuracy", "final_error", "error") and not k.startswith("best/")]
-            break
-    client.log_batch(parent_id, metrics=metrics, tags=tags)
+    if ranked:
+        best = ranked[0]
+        summary.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name)
+        tags += [RunTag("catnet.best_run_id", best.info.run_id), RunTag("catnet.best_run_name", best.info.run_name or ""),
+                 RunTag("catnet.best_by", key)]
+        metrics += [Metric(f"best/{k}", v, 0, 0) for k, v in best.data.metrics.items()
+                    if k.split("/")[-1] in ("accuracy", "balanced_accuracy", "final_error", "error")]
+    params = [Param("sweep.objective", f"{key or 'none'} ({config.sweep.direction})")]
+    client.log_batch(parent_id, metrics=metrics, tags=tags, params=params)
     return summary

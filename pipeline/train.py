@@ -20,7 +20,7 @@ from catnet.network import Network
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking
 from pipeline.common import (
-    CONF_DIR, Outputs, atomic_write, is_multirun, load_npz, log, run_cli, save_json, save_npz,
+    CONF_DIR, Outputs, is_multirun, load_npz, log, run_cli, save_json,
 )
 
 METRIC = {"error": "train/error", "val_error": "val/error"}  # per-epoch MLflow metric names
@@ -44,9 +44,6 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
         [train.x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
         activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype,
     )
-    # the configured tracking.uri, not the resolved one: this file is committed with dvc.lock
-    save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": cfg.tracking.uri})
-
     epochs = cfg.train.epochs
     show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()
     bar = None
@@ -87,17 +84,30 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
             bar.close()
     seconds = time.perf_counter() - start
     mlrun.send()  # the last epochs go to MLflow in the background while the outputs are written
+    # a network that learned nothing (saturated by a huge step, say) is a failure, not a result
+    proba = None if not cfg.train.check_learned else (network.predict_proba(net, x) if x is not None else np.concatenate(
+        [network.predict_proba(net, take(np.arange(s, min(s + 256, len(labels)))))
+         for s in range(0, len(labels), 256)]))
+    if cfg.train.check_learned:
+        catnet_train.check_learned(proba, labels, cfg.train.loss, common["class_weight"],
+                                   epoch=len(history["error"]))
 
-    save_npz(out.weights, **net.arrays())
-    atomic_write(out.history, lambda f: _write_history(f, history), mode="w")
-    atomic_write(out.curve, lambda f: _plot_curve(f, history, cfg), mode="wb")
-    for path in (out.weights, out.history, out.curve):
-        mlrun.log_artifact(path)
+    # each file is written where only this run writes, logged from there, then put in place
+    mlrun.log_output(out.weights, lambda f: np.savez(f, **weight_arrays(net, cfg)))
+    mlrun.log_output(out.history, lambda f: _write_history(f, history), mode="w")
+    mlrun.log_output(out.curve, lambda f: _plot_curve(f, history, cfg))
+    mlrun.set_tags({"catnet.trained": "true"})
     log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, %d images, error %.4g -> %.4g; first epoch "
              "done %.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
              len(labels),
              history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
     return net, cv
+
+
+def weight_arrays(net: Network, cfg: DictConfig) -> dict[str, np.ndarray]:
+    """What weights.npz holds: W1..WL (b1..bL), the hidden activation and the image shape the
+    network reads, so that the file alone rebuilds it (evaluate, the MLflow model)."""
+    return {**net.file_arrays(), "image_shape": np.asarray(cfg.data.image_shape, dtype=np.int64)}
 
 
 def epoch_stride(epochs: int, max_points: int | None) -> int:
@@ -159,17 +169,21 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
 
 
 def read(cfg: DictConfig) -> Network:
+    """The trained network, rebuilt from weights.npz alone (its activation is in the file)."""
     arrays = load_npz(Outputs.of(cfg).weights, "train")
-    return Network.from_arrays(arrays, activation=cfg.model.activation)
+    net = Network.from_arrays(arrays, activation=None if "activation" in arrays else cfg.model.activation)
+    if net.activation != cfg.model.activation:
+        log.warning("evaluate: %s was trained with activation %s, not model.activation=%s; using %s",
+                    Outputs.of(cfg).weights, net.activation, cfg.model.activation, net.activation)
+    return net
 
 
-def read_run_info(cfg: DictConfig) -> dict:
+def read_run_info(cfg: DictConfig) -> dict | None:
+    """The run the train stage handed over, or None if training has not succeeded."""
     import json
 
     path = Outputs.of(cfg).run_info
-    if not path.exists():
-        return {"run_id": None, "tracking_uri": None}
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _describe(net: Network, cfg: DictConfig) -> str:
@@ -205,9 +219,20 @@ def _plot_curve(f, history: dict[str, np.ndarray], cfg: DictConfig) -> None:
 
 
 def _stage(cfg: DictConfig) -> None:
+    """The train stage alone (dvc repro): the run stays RUNNING for the evaluate stage, which
+    finds it in reports/mlflow_run.json, written only once training succeeded."""
+    out = Outputs.of(cfg)
+    previous = read_run_info(cfg)
+    for stale in (out.run_info, out.weights):  # a failed run leaves no weights to evaluate
+        stale.unlink(missing_ok=True)
+    if cfg.tracking.enabled and previous and previous.get("run_id"):
+        tracking.run.supersede(cfg, previous)  # its weights are gone: evaluate can never continue it
     splits, normalizer = load.read(cfg), normalize.read(cfg)
     with tracking.open_run(cfg, finish=False) as mlrun:  # evaluate finishes the run
+        mlrun.record_data(load.digest(splits), load.sources(cfg))
         run(cfg, splits, normalizer, mlrun)
+    # the configured tracking.uri, not the resolved one: the project may move
+    save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": cfg.tracking.uri})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

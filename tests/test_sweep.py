@@ -18,7 +18,7 @@ from pipeline.common import ROOT
 
 pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
 
-SWEEP = ["train.lr=0.001,0.005", "model.hidden_sizes=[20,7],[8,4]", "train.epochs=12", "data.val_fraction=0.2"]
+SWEEP = ["train.lr=0.001,0.005", "model.hidden_sizes=[20,7],[8,4]", "train.epochs=12", "train.check_learned=false", "data.val_fraction=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     names = {c.info.run_name for c in children}
-    assert names == {f"train.lr={lr} model.hidden_sizes={h}" for lr in ("0.001", "0.005") for h in ("[20,7]", "[8,4]")}
+    assert names == {f"lr={lr} hidden={h}" for lr in ("0.001", "0.005") for h in ("[20,7]", "[8,4]")}
     for c in children:
         for key in ("train/error", "val/error"):
             assert sorted(m.step for m in client.get_metric_history(c.info.run_id, key)) == list(range(1, 13))
@@ -52,6 +52,7 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     best = max(children, key=lambda c: (c.data.metrics["val/balanced_accuracy"], -c.data.metrics["val/final_error"]))
     assert parent.data.tags["catnet.best_run_id"] == best.info.run_id
     assert parent.data.tags["catnet.best_by"] == "val/balanced_accuracy"
+    assert parent.data.params["sweep.objective"] == "val/balanced_accuracy (maximize)"
 
 
 def test_compare_report_lists_the_sweep_and_logs_to_its_parent(sweep_store):
@@ -122,25 +123,27 @@ def test_mlflow_server_serves_the_sweep_over_rest(sweep_store):
 
 def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_cli("-m", "train.lr=0.005,-1", "train.epochs=3", f"tracking.uri={uri}", "tracking.experiment=test",
-            f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    proc = run_cli("-m", "train.lr=0.005,-1", "train.epochs=3", "train.check_learned=false", f"tracking.uri={uri}",
+                   "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'multirun'}", check=False)
+    assert proc.returncode == 1  # the sweep went on, and says that a job failed
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 1
-    assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["train.lr=0.005"]
+    assert parent.info.status == "FAILED" and parent.data.metrics["sweep/finished"] == 1
+    assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["lr=0.005"]
+    assert [r.info.run_name for r in runs if r.info.status == "FAILED" and r is not parent] == ["lr=-1"]
 
 
 @pytest.mark.slow
 def test_ray_launcher_sweep_lands_as_children(tmp_path):
     pytest.importorskip("ray", reason="the cluster extra is not installed (make setup-cluster)")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_cli("-m", "train.lr=0.001,0.005", "train.epochs=6", f"tracking.uri={uri}", "tracking.experiment=test",
+    run_cli("-m", "train.lr=0.001,0.005", "train.epochs=6", "train.check_learned=false", f"tracking.uri={uri}", "tracking.experiment=test",
             "hydra/launcher=ray_local", f"hydra.sweep.dir={tmp_path / 'multirun'}")
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.data.params["sweep.launcher"] == "RayLauncher"
-    assert sorted(c.info.run_name for c in children) == ["train.lr=0.001", "train.lr=0.005"]
+    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.005"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(len(client.get_metric_history(c.info.run_id, "train/error")) == 6 for c in children)
 
@@ -157,7 +160,7 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = subprocess.run(
-        ["dvc", "exp", "run", "-S", "train.lr=0.0123", "-S", "train.epochs=4", "-S", f"tracking.uri={uri}",
+        ["dvc", "exp", "run", "-S", "train.lr=0.0123", "-S", "train.epochs=4", "-S", "train.check_learned=false", "-S", f"tracking.uri={uri}",
          "-S", "tracking.experiment=test"], cwd=work, env={**os.environ, **env}, capture_output=True, text=True)
     assert exp.returncode == 0, exp.stderr[-2000:] + exp.stdout[-2000:]
     _, runs = runs_of(uri)
@@ -169,7 +172,7 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
 
 def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_cli("-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "data.cv_folds=2",
+    run_cli("-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false", "data.cv_folds=2",
             f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'multirun'}")
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")

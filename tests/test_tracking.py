@@ -84,13 +84,13 @@ def test_dataset_insert_race_is_retried_and_other_errors_are_not():
 
     race = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name"
     client = Client([race, race])
-    tracking._log_inputs(client, "run", [])
+    tracking.run._log_inputs(client, "run", [])
     assert client.calls == 3
     client = Client(["RESOURCE_DOES_NOT_EXIST: run"])
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
-        tracking._log_inputs(client, "run", [])
+        tracking.run._log_inputs(client, "run", [])
     assert client.calls == 1
     client = Client([race] * 5)
     with pytest.raises(MlflowException, match="UNIQUE"):
-        tracking._log_inputs(client, "run", [])
+        tracking.run._log_inputs(client, "run", [])
     assert client.calls == 5

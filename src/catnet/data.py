@@ -275,7 +275,7 @@ class NpyRows:
     ``os.preadv`` into fresh arrays, not a memory map (whose pages would stay resident), so a
     stage that works batch by batch holds one batch."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shown_as: str | Path | None = None):
         import os
 
         self.path = Path(path)
@@ -291,6 +291,7 @@ class NpyRows:
         self.ndim = 2
         self.row_bytes = self.shape[1] * self.dtype.itemsize
         self._fd = os.open(self.path, os.O_RDONLY)
+        self.path = Path(shown_as or path)  # how errors name it (the file may be renamed once open)
 
     def __len__(self) -> int:
         return self.shape[0]

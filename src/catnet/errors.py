@@ -21,3 +21,13 @@ class TrainingDiverged(CatnetError):
         self.error = error
         self.why = why
         super().__init__(f"training diverged at epoch {epoch}: {why} (error {error:.6g}); try a smaller train.lr")
+
+
+class TrainingCollapsed(TrainingDiverged):
+    """Training ended with a network no better than a constant: every output the same (saturated
+    units), or an error no lower than that of the best constant prediction."""
+
+    def __init__(self, epoch: int, error: float, why: str):
+        self.epoch, self.error, self.why = epoch, error, why
+        CatnetError.__init__(self, f"training failed after epoch {epoch}: {why} (error {error:.6g}); "
+                                   "try a smaller train.lr or more train.epochs")

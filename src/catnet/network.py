@@ -100,11 +100,22 @@ class Network:
             out.update({f"b{i}": b for i, b in enumerate(self.biases, 1)})
         return out
 
+    def file_arrays(self) -> dict[str, np.ndarray]:
+        """What weights.npz holds: the arrays and the hidden activation (a string array, loadable
+        without pickle), so the file alone rebuilds the network."""
+        return {**self.arrays(), "activation": np.array(self.activation)}
+
     @classmethod
-    def from_arrays(cls, arrays, activation: str = "sigmoid") -> "Network":
+    def from_arrays(cls, arrays, activation: str | None = None) -> "Network":
+        """The network of ``arrays`` (W1..WL, b1..bL); its activation is the one the arrays
+        record (``file_arrays``), else ``activation``, else sigmoid."""
         n = sum(1 for k in arrays if k.startswith("W"))
         weights = [np.asarray(arrays[f"W{i}"]) for i in range(1, n + 1)]
         biases = [np.asarray(arrays[f"b{i}"]) for i in range(1, n + 1)] if "b1" in arrays else None
+        if "activation" in arrays:
+            activation = str(np.asarray(arrays["activation"]))
+        activation = activation or "sigmoid"
+        check_choice("activation", activation, ACTIVATIONS)
         return cls(weights, biases, activation)
 
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from catnet.errors import ConfigError, TrainingDiverged
+from catnet.errors import ConfigError, TrainingCollapsed, TrainingDiverged
 from catnet.network import LOSSES, Network, backward, check_choice, example_weights, forward, loss_value
 
 
@@ -206,3 +206,24 @@ def fit_minibatch(
         if on_epoch is not None:
             on_epoch(epoch, {"error": error})
     return history
+
+
+def check_learned(proba: np.ndarray, y: np.ndarray, loss: str = "sse",
+                  class_weight: tuple[float, float] | None = None, epoch: int = 0) -> None:
+    """Raise TrainingCollapsed when a trained network learned nothing from its training set:
+    its outputs ``proba`` (N,) are all the same (a huge step saturates every unit, and the error
+    then stays put instead of exploding), or its error is no lower than that of the best
+    constant prediction (the weighted share of cats, for either loss)."""
+    h = np.asarray(proba, dtype=np.float64).reshape(-1, 1)
+    t = np.asarray(y, dtype=np.float64).reshape(-1, 1)
+    w = example_weights(y, class_weight, np.float64)
+    error = loss_value(h, t, loss, w)
+    if len(h) > 1 and float(np.ptp(h)) < 1e-6:
+        raise TrainingCollapsed(epoch, error, f"the network gives every training image the same output "
+                                              f"({float(h[0, 0]):.6g}): its units saturated")
+    weights = np.ones_like(t) if w is None else w
+    share = float(np.clip((weights * t).sum() / weights.sum(), 1e-12, 1 - 1e-12))
+    constant = loss_value(np.full_like(h, share), t, loss, w)
+    if not error < constant:
+        raise TrainingCollapsed(epoch, error, f"its training error is no lower than that of predicting "
+                                              f"{share:.4g} for every image ({constant:.6g})")

@@ -1,0 +1,14 @@
+"""The one package that talks to MLflow; nothing else in catnet imports it.
+
+- ``store``: where the record is (URIs, client, experiments) and closing runs of dead processes;
+- ``run``: a run's life (params, batched per-epoch metrics, files from a private folder, status);
+- ``model``: the network as an MLflow model (log, register, load);
+- ``query``: the one ranking rule of sweeps, ``register`` and ``compare`` (never on test/).
+
+``mlflow`` itself is imported only when tracking is on: it costs over a second.
+"""
+
+from pipeline.tracking.run import (  # noqa: F401 - the stages' interface
+    PARENT_ENV, SWEPT_ENV, MlflowRun, NullRun, failed_run, open_run, provenance_tags,
+)
+from pipeline.tracking.store import open_store, store_uri  # noqa: F401

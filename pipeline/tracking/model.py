@@ -1,0 +1,136 @@
+"""The network as an MLflow model: logged in its run's experiment, registered, loaded.
+
+The model is saved from code (``pipeline/mlflow_model.py``; nothing is pickled) into a folder
+private to the run, from the weights and normalizer in memory, so it always holds the
+network this run trained and evaluated, whatever else runs beside it. The ``MLmodel`` file
+keeps no path of the machine that logged it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from catnet.errors import ConfigError
+from pipeline.common import ROOT
+
+MODEL_NAME = "model"  # runs:/<run id>/model
+
+
+def weights_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: dict[str, np.ndarray],
+              normalizer: dict[str, np.ndarray], example: np.ndarray, params: dict[str, str]) -> str:
+    """Log the pyfunc model ``model`` of run ``run_id`` (a LoggedModel of ``experiment_id``,
+    linked to the run as its output) and return its URI, ``models:/<model id>``.
+
+    ``weights``: the arrays of weights.npz (with the network's description, see
+    catnet.network.Network.to_file_arrays); ``normalizer``: those of normalizer.npz."""
+    import mlflow
+    import pandas
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model, infer_signature
+
+    quiet_model_warnings()
+    src = folder / "model-src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "weights.npz").write_bytes(weights_bytes(weights))
+    (src / "normalizer.npz").write_bytes(weights_bytes(normalizer))
+    signature = infer_signature(example, pandas.DataFrame(
+        {"probability": np.zeros(len(example)), "label": np.zeros(len(example), np.int64)}))
+    model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params,
+                                       model_type="catnet")
+    local = folder / "model"
+    mlflow.pyfunc.save_model(
+        path=str(local), python_model=str(ROOT / "pipeline" / "mlflow_model.py"),
+        artifacts={"weights": str(src / "weights.npz"), "normalizer": str(src / "normalizer.npz")},
+        code_paths=[str(ROOT / "src" / "catnet")],
+        signature=signature, input_example=example,
+        pip_requirements=[f"numpy=={np.__version__}", f"pandas=={pandas.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+        mlflow_model=Model(run_id=run_id, model_id=model.model_id, model_uuid=model.model_id),
+    )
+    _strip_machine_paths(local / "MLmodel")
+    for pycache in local.rglob("__pycache__"):
+        import shutil
+
+        shutil.rmtree(pycache, ignore_errors=True)
+    client.log_model_artifacts(model.model_id, str(local))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return f"models:/{model.model_id}"
+
+
+def _strip_machine_paths(mlmodel: Path) -> None:
+    """MLflow writes where the artifacts and the model's code came from (absolute paths of
+    this machine); loading needs only the paths inside the model folder."""
+    import yaml
+
+    doc = yaml.safe_load(mlmodel.read_text())
+    pyfunc = doc["flavors"]["python_function"]
+    for artifact in (pyfunc.get("artifacts") or {}).values():
+        artifact.pop("uri", None)
+    if "model_code_path" in pyfunc:
+        pyfunc["model_code_path"] = os.path.basename(pyfunc["model_code_path"])
+    doc.pop("artifact_path", None)
+    mlmodel.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def register(client, model_uri: str, run_id: str, name: str, alias: str, tags: dict[str, str]):
+    """Register the model at ``model_uri`` (``models:/<model id>``) under ``name`` (once per
+    model) and point ``alias`` at that version; return the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="catnet: cat / non-cat classifier")
+    model_id = model_uri.removeprefix("models:/")
+    same = [v for v in client.search_model_versions(f"name='{name}'")
+            if v.source == model_uri or getattr(v, "model_id", None) == model_id]
+    if same:
+        version = same[0]
+    else:
+        version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+def load(model_uri: str):
+    """The pyfunc model at any MLflow model URI (the store is the one ``store.client`` set)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quiet_model_warnings()
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as e:
+        raise ConfigError(f"model_uri={model_uri}: cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def quiet_model_warnings() -> None:
+    """Drop two MLflow hints that do not apply here: "add type hints to predict" (the model
+    validates its input itself) and "integer column(s)" (the label column is never missing).
+    MLflow re-enables UserWarnings inside its own calls (a "once" filter put in front of ours),
+    so a filter cannot do it; the display hook can."""
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a user's own setting wins
+    if getattr(warnings.showwarning, "_catnet", False):
+        return
+    shown = warnings.showwarning
+    hints = ("type hints to the `predict` method", "Inferred schema contains integer column")
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not any(h in str(message) for h in hints):
+            shown(message, category, filename, lineno, file, line)
+
+    showwarning._catnet = True
+    warnings.showwarning = showwarning

@@ -1,0 +1,365 @@
+"""A run's life: created (or continued), its params, metrics and files logged, its status set.
+
+A pipeline execution is one MLflow run. ``open_run`` creates it, or continues the run the
+train stage handed over (evaluate stage, when ``dvc repro`` runs the stages as separate
+processes), and sets its status honestly: FINISHED only when the last stage succeeded, FAILED
+(or KILLED on Ctrl-C / SIGTERM) with the reason as a tag when a stage raised. Per-epoch metrics
+are buffered and sent in batches by a background thread; a run ends only after they are
+written. Every file a run logs is first written into a folder private to that run, so what it
+uploads is its own, whatever else runs beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from catnet.errors import ConfigError, TrainingDiverged
+from pipeline import config
+from pipeline.common import ROOT, Terminated, atomic_write
+from pipeline.tracking import model as tracking_model
+from pipeline.tracking import store
+
+log = logging.getLogger("catnet")
+
+PARENT_ENV = "CATNET_MLFLOW_PARENT_RUN_ID"
+SWEPT_ENV = "CATNET_SWEPT_KEYS"  # the keys the sweep varies: children are named by their values
+SHORT_KEYS = {"hidden_sizes": "hidden"}  # names in run names, where the last part of a key is long
+
+
+class NullRun:
+    """What the stages log to when ``tracking.enabled=false``: nothing; outputs are written."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def record_data(self, digest: str, sources: dict[str, str]) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_model(self, weights: dict, normalizer: dict, example) -> None: ...
+    def send(self) -> None: ...
+    def flush(self) -> None: ...
+    def end(self, status: str, reason: str | None = None) -> None: ...
+
+    def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+        """Write a stage output (whole or not at all) and, when tracked, log it as an artifact."""
+        atomic_write(path, write, mode)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance_tags() -> dict[str, str]:
+    """What it takes to reproduce a run: the code's commit and the package versions."""
+    import importlib.metadata as md
+
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "h5py", "hydra-core", "mlflow"))
+    tags = {"catnet.versions": f"python {platform.python_version()}, {versions}"}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["catnet.dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def short_name(overrides: list[str]) -> str:
+    """``train.lr=0.005 model.hidden_sizes=[64,16] seed=3`` -> ``lr=0.005 hidden=[64,16] seed=3``:
+    each key by its last part (unless two would look alike)."""
+    pairs = [o.lstrip("+~").split("=", 1) for o in overrides]
+    pairs = [(k, v[0] if v else "") for k, *v in pairs]
+    short = [SHORT_KEYS.get(k.rsplit(".", 1)[-1], k.rsplit(".", 1)[-1]) for k, _ in pairs]
+    names = [s if short.count(s) == 1 else k for s, (k, _) in zip(short, pairs)]
+    return " ".join(f"{n}={v}" for n, (_, v) in zip(names, pairs))
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``tracking.run_name``, else what differs from the defaults: the command-line overrides
+    (in a sweep, the swept values), after the DVC experiment's name under ``dvc exp run``;
+    ``default`` when nothing differs."""
+    if cfg.tracking.run_name:
+        return str(cfg.tracking.run_name)[:250]
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task
+                     if not o.lstrip("+~").startswith(("tracking.", "paths.", "hydra"))]
+        swept = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+        if swept:  # a sweep's child: named by the values it sweeps
+            overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+    name = " ".join(p for p in (os.environ.get("DVC_EXP_NAME", ""), short_name(overrides)) if p)
+    return (name or "default")[:250]
+
+
+class MlflowRun(NullRun):
+    def __init__(self, client, run_id: str, experiment_id: str, flush_seconds: float):
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.tracking_uri = client.tracking_uri
+        self.flush_seconds = flush_seconds
+        self.private = Path(tempfile.mkdtemp(prefix=f"catnet-run-{run_id[:8]}-"))  # this run's files
+        self._buffer: list[tuple[str, float, float, int]] = []  # (key, value, time, epoch)
+        self._pending: list = []  # futures of writes not yet waited for
+        self._writer = None  # the background thread, started by the first send
+        self._last_send = time.time()
+        self._params: dict[str, str] = {}
+
+    @classmethod
+    def create(cls, cfg: DictConfig, tags: dict[str, str] | None = None) -> "MlflowRun":
+        from mlflow.entities import Param
+
+        client, experiment_id = store.open_store(cfg)
+        tags = {
+            "mlflow.source.name": "pipeline",
+            "mlflow.source.type": "LOCAL",
+            "catnet.seed": str(cfg.seed),
+            **provenance_tags(),
+            **store.process_tags(),
+            **(tags or {}),
+        }
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
+        self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
+        try:
+            self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in self._params.items()])
+            client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        except BaseException as e:
+            e._catnet_run_id = self.run_id
+            self.end("FAILED", f"{type(e).__name__}: {e}")
+            raise
+        log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, run.info.run_name,
+                 cfg.tracking.experiment, client.tracking_uri)
+        return self
+
+    @classmethod
+    def continue_(cls, cfg: DictConfig, info: dict) -> "MlflowRun":
+        """The run the train stage handed over (``info``: its run id and tracking URI), if it is
+        still RUNNING. If an earlier evaluate already closed it (``dvc repro`` re-ran evaluate
+        alone), a new run evaluates the same weights (tag ``catnet.weights_run_id``). A run whose
+        training did not succeed is never continued."""
+        from mlflow.exceptions import MlflowException
+
+        resolved = OmegaConf.merge(cfg, {"tracking": {"uri": info.get("tracking_uri")}})
+        client, _ = store.open_store(resolved)
+        run_id = info["run_id"]
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"MLflow run {run_id} (written by the train stage) is not in {client.tracking_uri}; "
+                              "re-run training: dvc repro --force train") from None
+        if run.info.status == "RUNNING":
+            self = cls(client, run_id, run.info.experiment_id, cfg.tracking.flush_seconds)
+            self._params = dict(run.data.params)
+            client.delete_tag(run_id, store.HANDOFF_TAG) if store.HANDOFF_TAG in run.data.tags else None
+            self.set_tags(store.process_tags())
+            return self
+        if run.data.tags.get("catnet.trained") != "true":
+            raise ConfigError(f"MLflow run {run_id} is {run.info.status} and its training did not succeed; "
+                              "re-run training: dvc repro --force train")
+        self = cls.create(resolved, tags={"catnet.weights_run_id": run_id,
+                                          "catnet.data.md5": run.data.tags.get("catnet.data.md5", "")})
+        log.info("tracking: run %s is %s already: evaluating its weights in a new run", run_id, run.info.status)
+        return self
+
+    def record_data(self, digest: str, sources: dict[str, str]) -> None:
+        """The data this run reads: the md5 of its arrays (tag catnet.data.md5) and, as an MLflow
+        dataset input with that digest, the files they came from (paths relative to the project)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.set_tags({"catnet.data.md5": digest})
+        dataset = Dataset(name="catvnoncat", digest=digest, source_type="local", source=json.dumps(sources))
+        _log_inputs(self.client, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
+        every ``flush_seconds`` the buffer goes to MLflow in the background (``send``)."""
+        now = time.time()
+        for key, value in metrics.items():  # flat tuples of atomic values: the garbage collector
+            self._buffer.append((key, value, now, epoch))  # stops tracking them, unlike kept dicts
+        if now - self._last_send >= self.flush_seconds:
+            self.send()
+
+    def send(self) -> None:
+        """Hand the buffered epochs to a background thread that writes them to MLflow (in
+        batches of 1000), so the caller goes on training; ``flush`` waits for it."""
+        if self._buffer:
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catnet-mlflow")
+            self._pending.append(self._writer.submit(self._write, self._buffer))
+            self._buffer = []
+        self._last_send = time.time()
+
+    def _write(self, points: list[tuple[str, float, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key, float(value), int(t * 1000), epoch) for key, value, t, epoch in points]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def flush(self) -> None:
+        """Send the buffer and wait until everything sent is written (raises if writing failed);
+        the writer thread then ends (a joblib worker runs many jobs, one run each)."""
+        self.send()
+        pending, self._pending = self._pending, []
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+        """Write the file into this run's private folder, log it from there, then publish it as
+        the stage output ``path`` (whole or not at all)."""
+        private = self.private / path.name
+        with open(private, mode) as f:
+            write(f)
+        self.client.log_artifact(self.run_id, str(private))
+        atomic_write(path, lambda f: f.write(private.read_bytes()), mode="wb")
+
+    def log_model(self, weights: dict, normalizer: dict, example) -> None:
+        """The network as the pyfunc model ``model`` of this run, in its experiment; its URI
+        (``models:/<model id>``) goes in the tag catnet.model_uri."""
+        uri = tracking_model.log_model(self.client, self.run_id, self.experiment_id, self.private, weights,
+                                       normalizer, example, self._params)
+        self.set_tags({"catnet.model_uri": uri})
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        try:
+            if reason:
+                self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
+            self.client.set_terminated(self.run_id, status)
+        finally:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
+    """client.log_inputs, retried when a parallel job inserted the same dataset first: MLflow's
+    SQL store looks the dataset up, then inserts it, so two first runs on one store can both
+    insert it and one fails on the UNIQUE constraint; on retry it finds the row and links it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as e:
+            if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def recorded(error: BaseException) -> bool:
+    """Whether ``error`` ended a run (which is then FAILED or KILLED with the reason)."""
+    return getattr(error, "_catnet_run_id", None) is not None
+
+
+def supersede(cfg: DictConfig, previous: dict) -> None:
+    """The train stage runs again: its previous run, if still waiting for evaluate (handoff),
+    will never be continued (its weights are replaced). KILLED, with the reason."""
+    try:
+        client, _ = store.open_store(OmegaConf.merge(cfg, {"tracking": {"uri": previous.get("tracking_uri")}}))
+        run = client.get_run(previous["run_id"])
+    except Exception:  # noqa: BLE001 - another store, or gone: nothing to close
+        return
+    if run.info.status == "RUNNING" and store.HANDOFF_TAG in run.data.tags:
+        client.set_tag(run.info.run_id, "catnet.failure",
+                       "superseded: the train stage ran again before the evaluate stage continued this run")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
+    """Record a job that failed before its run could start (a bad value, say): a FAILED run
+    with the reason, its params as given. None when the store cannot be reached."""
+    from mlflow.entities import Param
+
+    try:
+        client, experiment_id = store.open_store(cfg)
+        tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {error}"[:5000],
+                **provenance_tags(), **store.process_tags()}
+        if os.environ.get(PARENT_ENV):
+            tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
+        try:
+            params = config.flatten(cfg, resolve=False)
+            client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        finally:
+            client.set_terminated(run.info.run_id, "FAILED")
+        return run.info.run_id
+    except Exception as e:  # noqa: BLE001 - the store is down or the config unusable: the log says it
+        log.error("tracking: could not record the failed job (%s)", str(e).splitlines()[0] if str(e) else e)
+        return None
+
+
+@contextmanager
+def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True) -> Iterator[NullRun]:
+    """The run the stages inside the block log to.
+
+    ``resume``: the run info the train stage wrote ({'run_id', 'tracking_uri'}), to continue
+    that run instead of creating one. On success the run is FINISHED if ``finish``, else left
+    RUNNING for the next stage (tag ``catnet.handoff``, so that no later command takes it for
+    an orphan). On any exception it is FAILED (KILLED for Ctrl-C / SIGTERM) and the reason is
+    tagged ``catnet.failure``; the exception propagates.
+    """
+    if not cfg.tracking.enabled:
+        yield NullRun()
+        return
+    if resume is not None and not resume.get("run_id"):  # training ran with tracking off
+        yield NullRun()
+        return
+    run = MlflowRun.continue_(cfg, resume) if resume is not None else MlflowRun.create(cfg)
+    try:
+        yield run
+        run.flush()
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED"
+        e._catnet_run_id = run.run_id  # see recorded()
+        try:
+            run.flush()
+            if isinstance(e, TrainingDiverged):
+                run.client.set_tag(run.run_id, "catnet.diverged_epoch", str(e.epoch))
+        finally:
+            run.end(status, reason=f"{type(e).__name__}: {e}")
+        raise
+    if finish:
+        run.end("FINISHED")
+    else:
+        run.set_tags({store.HANDOFF_TAG: "evaluate"})
+        shutil.rmtree(run.private, ignore_errors=True)
