@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
@@ -108,6 +109,19 @@ def test_remote_tracking_server_records_the_same_run(tmp_path):
         local = client.download_artifacts(rid, "weights.npz", str(tmp_path))
         with np.load(local, allow_pickle=False) as w, np.load(tmp_path / "out/models/weights.npz") as mine:
             assert all(np.array_equal(w[k], mine[k]) for k in mine)
+        # the model, in the run's experiment, registered and used through the server as on SQLite
+        exp = client.get_experiment_by_name("test")
+        assert [m.source_run_id for m in client.search_logged_models([exp.experiment_id])] == [rid]
+        reg = run_cli(f"tracking.uri={uri}", "experiment=test", module="pipeline.register")
+        assert f"run {rid}" in reg.stdout
+        from PIL import Image
+
+        with h5py.File(REAL_TEST) as f:
+            Image.fromarray(f["test_set_x"][0]).save(tmp_path / "a.png")
+        for model_uri in (f"runs:/{rid}/model", "models:/catnet@champion"):
+            pred = run_cli(f"model_uri={model_uri}", f"images=[{tmp_path / 'a.png'}]", f"tracking.uri={uri}",
+                           module="pipeline.predict")
+            assert pred.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "a.png"))
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -41,7 +41,8 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     names = {c.info.run_name for c in children}
-    assert names == {f"lr={lr} hidden={h}" for lr in ("0.001", "0.005") for h in ("[20,7]", "[8,4]")}
+    assert names == {f"#{i} lr={lr} hidden={h}" for i, (lr, h) in enumerate(
+        (lr, h) for lr in ("0.001", "0.005") for h in ("[20,7]", "[8,4]"))}
     for c in children:
         for key in ("train/error", "val/error"):
             assert sorted(m.step for m in client.get_metric_history(c.info.run_id, key)) == list(range(1, 13))
@@ -129,8 +130,8 @@ def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
     assert parent.info.status == "FAILED" and parent.data.metrics["sweep/finished"] == 1
-    assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["lr=0.005"]
-    assert [r.info.run_name for r in runs if r.info.status == "FAILED" and r is not parent] == ["lr=-1"]
+    assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["#0 lr=0.005"]
+    assert [r.info.run_name for r in runs if r.info.status == "FAILED" and r is not parent] == ["#1 lr=-1"]
 
 
 @pytest.mark.slow
@@ -143,7 +144,7 @@ def test_ray_launcher_sweep_lands_as_children(tmp_path):
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.data.params["sweep.launcher"] == "RayLauncher"
-    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.005"]
+    assert sorted(c.info.run_name for c in children) == ["#0 lr=0.001", "#1 lr=0.005"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(len(client.get_metric_history(c.info.run_id, "train/error")) == 6 for c in children)
 
@@ -165,9 +166,11 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
     assert exp.returncode == 0, exp.stderr[-2000:] + exp.stdout[-2000:]
     _, runs = runs_of(uri)
     assert [(r.data.params["train.lr"], r.info.status) for r in runs] == [("0.0123", "FINISHED")]
+    exp_name = runs[0].data.tags["catnet.dvc.exp_name"]  # the run carries the DVC experiment's name
+    assert exp_name and runs[0].info.run_name == exp_name
     show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, env={**os.environ, **env},
                           capture_output=True, text=True, check=True)
-    assert "0.0123" in show.stdout
+    assert "0.0123" in show.stdout and exp_name in show.stdout
 
 
 def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):

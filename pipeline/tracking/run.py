@@ -92,8 +92,8 @@ def short_name(overrides: list[str]) -> str:
 
 def run_name(cfg: DictConfig) -> str:
     """``tracking.run_name``, else what differs from the defaults: the command-line overrides
-    (in a sweep, the swept values), after the DVC experiment's name under ``dvc exp run``;
-    ``default`` when nothing differs."""
+    (in a sweep, the job number and the swept values: ``#3 lr=0.005 hidden=[64,16]``), after the
+    DVC experiment's name under ``dvc exp run``; ``default`` when nothing differs."""
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)[:250]
     from hydra.core.hydra_config import HydraConfig
@@ -105,6 +105,9 @@ def run_name(cfg: DictConfig) -> str:
         swept = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
         if swept:  # a sweep's child: named by the values it sweeps
             overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+        if os.environ.get(PARENT_ENV):  # after its job number, which the UI's narrow name column keeps
+            job = f"#{HydraConfig.get().job.num}"
+            return f"{job} {short_name(overrides)}".strip()[:250]
     name = " ".join(p for p in (os.environ.get("DVC_EXP_NAME", ""), short_name(overrides)) if p)
     return (name or "default")[:250]
 
