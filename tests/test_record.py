@@ -441,3 +441,26 @@ def test_dvc_metrics_show_reads_the_metrics_cleanly(store):
     proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "metrics", "show"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "failed to load" not in (proc.stdout + proc.stderr).lower(), proc.stderr
+
+
+# ---- 9. a clean clone stays clean, and its run is complete ---------------------------------------
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_clean_clone_finishes_its_run_and_changes_nothing(tmp_path):
+    """What `make run` does in a fresh clone: every stage runs, git sees no change afterwards
+    (so the run is not tagged dirty), and the one MLflow run is FINISHED with its model."""
+    import shutil
+
+    work = tmp_path / "project"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+    shutil.copytree(ROOT / "data" / "raw", work / "data" / "raw")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    repro = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
+    assert repro.returncode == 0, repro.stderr[-2000:] + repro.stdout[-2000:]
+    assert "Running stage 'evaluate'" in repro.stdout
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=work, capture_output=True, text=True).stdout
+    assert status == "", status
+    client, runs = runs_of(f"sqlite:///{work / 'mlruns/mlflow.db'}", "catnet")
+    assert [(r.info.status, r.data.tags["catnet.git.dirty"]) for r in runs] == [("FINISHED", "False")]
+    assert "catnet.model_uri" in runs[0].data.tags and "catnet.handoff" not in runs[0].data.tags

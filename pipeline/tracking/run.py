@@ -74,10 +74,29 @@ def provenance_tags() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        # the stages' own results do not make the code dirty: `dvc repro` deletes and rewrites them
+        results = [f":(exclude){p}" for p in dvc_results()]
+        tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                                 *results)))
     if os.environ.get("DVC_EXP_NAME"):
         tags["catnet.dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags
+
+
+def dvc_results() -> list[str]:
+    """The files the pipeline's stages write (dvc.yaml's outs, metrics and plots) and dvc.lock."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load((ROOT / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    paths = ["dvc.lock"]
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for item in stage.get(kind) or []:
+                paths.append(next(iter(item)) if isinstance(item, dict) else str(item))
+    return paths
 
 
 def short_name(overrides: list[str]) -> str:
