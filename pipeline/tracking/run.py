@@ -179,8 +179,8 @@ class MlflowRun(NullRun):
     def continue_(cls, cfg: DictConfig, info: dict) -> "MlflowRun":
         """The run the train stage handed over (``info``: its run id and tracking URI), if it is
         still RUNNING. If an earlier evaluate already closed it (``dvc repro`` re-ran evaluate
-        alone), a new run evaluates the same weights (tag ``catnet.weights_run_id``). A run whose
-        training did not succeed is never continued."""
+        alone), or the store no longer has it, a new run evaluates the same weights (tag
+        ``catnet.weights_run_id``). A run whose training did not succeed is never continued."""
         from mlflow.exceptions import MlflowException
 
         resolved = OmegaConf.merge(cfg, {"tracking": {"uri": info.get("tracking_uri")}})
@@ -188,9 +188,10 @@ class MlflowRun(NullRun):
         run_id = info["run_id"]
         try:
             run = client.get_run(run_id)
-        except MlflowException:
-            raise ConfigError(f"MLflow run {run_id} (written by the train stage) is not in {client.tracking_uri}; "
-                              "re-run training: dvc repro --force train") from None
+        except MlflowException:  # another store, or a store made anew: the weights are still valid
+            log.warning("tracking: run %s (the train stage's) is not in %s: evaluating its weights in a new run",
+                        run_id, client.tracking_uri)
+            return cls.create(resolved, tags={"catnet.weights_run_id": run_id})
         if run.info.status == "RUNNING":
             self = cls(client, run_id, run.info.experiment_id, cfg.tracking.flush_seconds)
             self._params = dict(run.data.params)
