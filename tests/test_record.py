@@ -355,6 +355,15 @@ def test_evaluate_alone_after_a_finished_run_opens_a_new_run(store):
     assert len(client.get_metric_history(first.info.run_id, "train/error")) == 100
 
 
+def test_evaluate_after_the_store_was_made_anew_opens_a_new_run(store):
+    _stages(store, "load", "normalize", "train", extra=["train.epochs=100"])
+    trained_in = json.loads((store["out"] / "reports/mlflow_run.json").read_text())["run_id"]
+    Path(store["uri"][len("sqlite:///"):]).unlink()  # the store is gone; the weights are still good
+    _stages(store, "evaluate", extra=["train.epochs=100"])
+    client, runs = runs_of(store["uri"])
+    assert [(r.info.status, r.data.tags["catnet.weights_run_id"]) for r in runs] == [("FINISHED", trained_in)]
+
+
 # ---- 7. a saturated network is a failure ---------------------------------------------------------
 
 @pytest.mark.parametrize("args", [["train.lr=1e10", "seed=2"], ["train.lr=1e10", "model.activation=tanh"]])
