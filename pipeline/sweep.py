@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -119,7 +120,7 @@ class MlflowSweep(Callback):
         log.info("sweep: %d jobs, %d finished, %d failed%s", counts["jobs"], counts["finished"],
                  counts["failed"] + counts["killed"] + counts["running"], best)
         if status != "FINISHED":
-            print(f"catnet: error: sweep: {reason}", flush=True, file=__import__("sys").stderr)
+            print(f"catnet: error: sweep: {reason}", flush=True, file=sys.stderr)
             raise SystemExit(1)
 
     def abort(self, status: str, reason: str) -> None:

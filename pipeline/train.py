@@ -85,10 +85,10 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     seconds = time.perf_counter() - start
     mlrun.send()  # the last epochs go to MLflow in the background while the outputs are written
     # a network that learned nothing (saturated by a huge step, say) is a failure, not a result
-    proba = None if not cfg.train.check_learned else (network.predict_proba(net, x) if x is not None else np.concatenate(
-        [network.predict_proba(net, take(np.arange(s, min(s + 256, len(labels)))))
-         for s in range(0, len(labels), 256)]))
     if cfg.train.check_learned:
+        proba = (network.predict_proba(net, x) if x is not None else np.concatenate(  # mini-batch: by blocks
+            [network.predict_proba(net, take(np.arange(s, min(s + 256, len(labels)))))
+             for s in range(0, len(labels), 256)]))
         catnet_train.check_learned(proba, labels, cfg.train.loss, common["class_weight"],
                                    epoch=len(history["error"]))
 

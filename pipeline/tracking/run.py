@@ -195,7 +195,8 @@ class MlflowRun(NullRun):
         if run.info.status == "RUNNING":
             self = cls(client, run_id, run.info.experiment_id, cfg.tracking.flush_seconds)
             self._params = dict(run.data.params)
-            client.delete_tag(run_id, store.HANDOFF_TAG) if store.HANDOFF_TAG in run.data.tags else None
+            if store.HANDOFF_TAG in run.data.tags:
+                client.delete_tag(run_id, store.HANDOFF_TAG)
             self.set_tags(store.process_tags())
             return self
         if run.data.tags.get("catnet.trained") != "true":
