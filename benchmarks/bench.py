@@ -25,7 +25,7 @@ HIDDEN = [20, 7]
 
 
 def load_real(dtype):
-    from catnet.data import flatten, load_dataset
+    from catnet.hdf5 import flatten, load_dataset
     from catnet.preprocess import fit
 
     train, _ = load_dataset(ROOT / "data/raw/train_catvnoncat.h5", ROOT / "data/raw/test_catvnoncat.h5")

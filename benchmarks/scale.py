@@ -44,7 +44,7 @@ def make_synthetic(path: Path, n: int, seed: int = 0, chunk: int = 1000) -> Path
 
 def train_streamed(path: Path, epochs: int, batch_size: int) -> dict:
     """Train from ``path`` without loading it; seconds per epoch and peak RSS (MB)."""
-    from catnet.data import H5Images
+    from catnet.hdf5 import H5Images
     from catnet.network import init_network
     from catnet.train import fit_minibatch
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from catnet.errors import CatnetError
 from pipeline import evaluate, load, normalize, sweep, tracking, train
-from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli
+from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, told
 from pipeline.config import prepare
 from pipeline.tracking.query import metric_order, objective_value
 
@@ -73,12 +73,12 @@ def _job(raw: DictConfig) -> float:
             raise
         except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
             if isinstance(e, CatnetError):
-                log.error("catnet: error: %s", e)
+                log.error("catnet: error: %s", told(e))
             else:
                 log.exception("catnet: job failed")
             if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
                 tracking.failed_run(cfg or raw, e)
-            sweep.job_ended(entry, "FAILED", f"{type(e).__name__}: {e}")
+            sweep.job_ended(entry, "FAILED", f"{type(e).__name__}: {told(e)}")
             return worst
 
 

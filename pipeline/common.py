@@ -90,6 +90,12 @@ def load_npz(path: Path, stage: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
+def told(e: BaseException) -> str:
+    """An error's one-line report: catnet's errors name config keys (config.KNOBS), not the
+    library's parameter names."""
+    return e.message(config.KNOBS) if isinstance(e, CatnetError) else str(e)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that a stage stops the way Ctrl-C stops it."""
 
@@ -133,19 +139,33 @@ def one_line(error: BaseException) -> str:
     return "; ".join(pieces)
 
 
-def _report_bad_overrides_on_one_line() -> None:
+HYDRA_PATCHED_FOR = ("1.3.",)  # the Hydra versions whose run_and_report the patch below was written for
+
+
+def _report_bad_overrides_on_one_line() -> bool:
     """Make Hydra's entry points report a composition error (``train.lrr=1``, ``model=nope``,
     ``train.lr=[``) as every other bad input is reported: ``catnet: error: ...`` on one line,
     exit status 2, no traceback. HYDRA_FULL_ERROR=1 keeps Hydra's own report. Hydra has no
-    public hook for this; if its internals move, its own multi-line report stays."""
+    public hook for this, so the patch is applied only to the Hydra versions it was written for
+    and only when ``run_and_report`` still takes the one argument it wraps; otherwise Hydra's own
+    multi-line report stays (tests/test_layout.py). Returns whether it patched."""
+    import inspect
+
     try:
+        import hydra
         from hydra._internal import utils as hydra_utils
         from hydra.errors import CompactHydraException
     except ImportError:
-        return
+        return False
     report = getattr(hydra_utils, "run_and_report", None)
     if report is None or getattr(report, "catnet", False):
-        return
+        return False
+    try:
+        takes_one = list(inspect.signature(report).parameters) == ["func"]
+    except (TypeError, ValueError):
+        takes_one = False
+    if not takes_one or not str(getattr(hydra, "__version__", "")).startswith(HYDRA_PATCHED_FOR):
+        return False
 
     def run_and_report(func):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -168,6 +188,7 @@ def _report_bad_overrides_on_one_line() -> None:
 
     run_and_report.catnet = True
     hydra_utils.run_and_report = run_and_report
+    return True
 
 
 _report_bad_overrides_on_one_line()
@@ -189,7 +210,7 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool =
     except CatnetError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"catnet: error: {e}", file=sys.stderr)
+        print(f"catnet: error: {told(e)}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as e:
         _interrupted(e)

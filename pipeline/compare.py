@@ -3,7 +3,7 @@
     python -m pipeline.compare experiment=catnet
     python -m pipeline.compare experiment=catnet parent=<sweep parent run id>
 
-Reads the runs with ``mlflow.search_runs``; writes reports/compare/runs.{md,csv} (the params
+Reads the runs through pipeline/tracking (query.finished_runs_frame); writes reports/compare/runs.{md,csv} (the params
 that differ between the runs, the key metrics, sorted by the objective) and
 reports/compare/error_curves.png (the per-epoch training error of every run, overlaid).
 Prints the table; with ``parent`` also logs both files to that run under ``compare/``.
@@ -43,20 +43,13 @@ ConfigStore.instance().store(name="compare_schema", node=CompareConfig)
 
 
 def compare(cfg: DictConfig):
-    import mlflow
     import pandas as pd
 
-    from pipeline.tracking import query, store
+    from pipeline.tracking import parent, query, store
 
     order = query.metric_order(cfg.objective, cfg.fallback)  # refuses a test/ metric first
     client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
-    filters = ["attributes.status = 'FINISHED'"]
-    if cfg.parent:
-        filters.append(f"tags.mlflow.parentRunId = '{cfg.parent}'")
-    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=" and ".join(filters),
-                              max_results=cfg.max_runs)
-    if "tags.catnet.sweep" in runs:  # sweep parents summarize; they are not runs to compare
-        runs = runs[runs["tags.catnet.sweep"] != "parent"]
+    runs = query.finished_runs_frame(experiment_id, cfg.parent, cfg.max_runs)
     if runs.empty:
         raise ConfigError(f"no finished runs in experiment {cfg.experiment!r}"
                           + (f" under parent {cfg.parent}" if cfg.parent else ""))
@@ -86,15 +79,14 @@ def compare(cfg: DictConfig):
     atomic_write(csv, lambda f: table.to_csv(f, index=False), mode="w")
     histories = {  # labelled like the table's rows: short run id and objective
         f"{r['run_id'][:8]}" + (f" {objective} {r[f'metrics.{objective}']:.4g}" if objective else ""): pd.DataFrame(
-            [(m.step, m.value) for m in client.get_metric_history(r["run_id"], "train/error")],
-            columns=["epoch", "error"]).sort_values("epoch")
+            query.metric_history(client, r["run_id"], "train/error"),
+            columns=["epoch", "error"])
         for _, r in runs.loc[table.index[: cfg.max_curves]].iterrows()  # the table keeps runs' row labels
     }
     atomic_write(png, lambda f: _plot(f, histories), mode="wb")
     print(text)
     if cfg.parent:
-        for path in (md, csv, png):
-            client.log_artifact(cfg.parent, str(path), "compare")
+        parent.attach(client, cfg.parent, (md, csv, png), "compare")
     log.info("compare: %d runs -> %s, %s, %s", len(table), md, csv, png)
     return table
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from catnet.data import AUGMENTATIONS
-from catnet.errors import ConfigError
+from catnet.augment import AUGMENTATIONS
+from catnet.errors import ConfigError, check_choice
 from catnet.network import ACTIVATIONS, INITS, LOSSES
 from catnet.train import SOLVERS
 from catnet.preprocess import METHODS
@@ -102,6 +102,15 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+# the config key that feeds each parameter of the library (catnet.errors: its errors name the parameter)
+KNOBS = {
+    "lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size", "loss": "train.loss",
+    "solver": "train.solver", "class_weight": "train.class_weight", "augment": "train.augment",
+    "activation": "model.activation", "init": "model.init", "method": "normalize.method",
+    "divisor": "normalize.divisor", "folds": "data.cv_folds", "fraction": "data.val_fraction",
+}
+
+
 def prepare(cfg: DictConfig, root: Path | None = None) -> DictConfig:
     """The composed config, typed and checked. Inside ``dvc exp run`` the stage reads
     ``params.yaml`` instead, which DVC has just composed from ``conf/`` and the ``-S`` overrides."""
@@ -116,9 +125,12 @@ def prepare(cfg: DictConfig, root: Path | None = None) -> DictConfig:
     return typed
 
 
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+def refuse_test_metric(knob: str, metric: str) -> None:
+    """The rule of every ranking (pipeline/tracking/query.py): nothing is ever selected or
+    ranked on the test set."""
+    if str(metric).split("/", 1)[0] == "test":
+        raise ConfigError(f"{knob}={metric}: runs are never selected or ranked on the test set; "
+                          "use a val/ (data.val_fraction > 0), cv/ (data.cv_folds) or train/ metric")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -132,24 +144,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must lie in [0, 1)")
     if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:
         raise ConfigError(f"data.cv_folds={cfg.data.cv_folds}: must be 0 (off) or >= 2")
+    if cfg.data.split_seed < 0:
+        raise ConfigError(f"data.split_seed={cfg.data.split_seed}: must be >= 0")
     if cfg.data.cv_repeats < 1:
         raise ConfigError(f"data.cv_repeats={cfg.data.cv_repeats}: must be >= 1")
-    _choice("normalize.method", cfg.normalize.method, METHODS)
-    if not cfg.normalize.divisor > 0:
-        raise ConfigError(f"normalize.divisor={cfg.normalize.divisor}: must be > 0")
+    check_choice("normalize.method", cfg.normalize.method, METHODS)
+    if not 0 < cfg.normalize.divisor < float("inf"):
+        raise ConfigError(f"normalize.divisor={cfg.normalize.divisor}: must be a finite number > 0")
     hidden = cfg.model.hidden_sizes
     if not isinstance(hidden, (list, ListConfig)) or len(hidden) == 0:
         raise ConfigError(f"model.hidden_sizes={_show(hidden)}: must list at least one layer width, e.g. [20,7]")
     if any(h < 1 for h in hidden):
         raise ConfigError(f"model.hidden_sizes={_show(hidden)}: every width must be >= 1")
-    _choice("model.activation", cfg.model.activation, ACTIVATIONS)
-    _choice("model.init", cfg.model.init, INITS)
+    check_choice("model.activation", cfg.model.activation, ACTIVATIONS)
+    check_choice("model.init", cfg.model.init, INITS)
     if cfg.train.epochs < 1:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: must be >= 1")
     lr = cfg.train.lr
     if not (lr > 0 and lr != float("inf")):
         raise ConfigError(f"train.lr={lr}: must be a finite number > 0")
-    _choice("train.dtype", cfg.train.dtype, DTYPES)
+    check_choice("train.dtype", cfg.train.dtype, DTYPES)
     if cfg.train.batch_size is not None and cfg.train.batch_size < 1:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be >= 1, or null for full batch")
     ratio = cfg.train.divergence_ratio
@@ -157,12 +171,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.divergence_ratio={ratio}: must be > 1, or null to stop only on NaN/inf")
     if cfg.train.divergence_patience < 1:
         raise ConfigError(f"train.divergence_patience={cfg.train.divergence_patience}: must be >= 1")
-    _choice("train.loss", cfg.train.loss, LOSSES)
-    _choice("train.solver", cfg.train.solver, SOLVERS)
+    check_choice("train.loss", cfg.train.loss, LOSSES)
+    check_choice("train.solver", cfg.train.solver, SOLVERS)
     if cfg.train.class_weight is not None:
-        _choice("train.class_weight", cfg.train.class_weight, ("balanced",))
+        check_choice("train.class_weight", cfg.train.class_weight, ("balanced",))
     if cfg.train.augment is not None:
-        _choice("train.augment", cfg.train.augment, AUGMENTATIONS)
+        check_choice("train.augment", cfg.train.augment, AUGMENTATIONS)
         if len(shape) < 2:
             raise ConfigError(f"train.augment={cfg.train.augment}: needs images of (height, width, ...), "
                               f"not data.image_shape={shape}")
@@ -174,9 +188,7 @@ def validate(cfg: DictConfig) -> None:
                           "(MLflow's file store is not supported)")
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment: must not be empty")
-    _choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))
-    from pipeline.tracking.query import refuse_test_metric  # the rule of every ranking
-
+    check_choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))
     refuse_test_metric("sweep.objective", cfg.sweep.objective)
     refuse_test_metric("sweep.fallback", cfg.sweep.fallback)
     if not cfg.tracking.flush_seconds >= 0:

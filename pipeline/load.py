@@ -3,7 +3,7 @@
 Writes data/flat/{train,test}_x.npy (N, 12288) uint8 and {train,test}_y.npy (N,) uint8; with
 ``data.val_fraction`` > 0 also data/flat/val_{x,y}.npy, carved (stratified) from the training
 file. The images are read, checked and written ``BLOCK`` at a time, and the later stages read
-them back row by row (catnet.data.NpyRows), so no stage needs the whole set in memory except
+them back row by row (catnet.npy.NpyRows), so no stage needs the whole set in memory except
 full-batch training itself.
 """
 
@@ -16,10 +16,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from catnet.data import (
-    H5Images, NpyRows, Split, check_both_classes, dvc_dir_digest, stratified_indices, write_npy_rows,
-)
 from catnet.errors import DataError
+from catnet.hdf5 import H5Images, Split, check_both_classes
+from catnet.npy import NpyRows, load_array, write_npy_rows
+from catnet.splits import stratified_indices
 from pipeline.common import CONF_DIR, ROOT, Outputs, log, resolve, run_cli
 
 BLOCK = 1024  # images read, checked and written at a time
@@ -33,6 +33,28 @@ class Splits:
 
     def named(self) -> list[tuple[str, Split]]:
         return [(n, s) for n, s in (("train", self.train), ("val", self.val), ("test", self.test)) if s]
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_dir_digest(directory: str | Path) -> str:
+    """The md5 ``dvc add <directory>`` records for the directory as it is now (without DVC's
+    ``.dir`` suffix): the md5 of the JSON list of its files' md5 and relative paths."""
+    import hashlib
+    import json
+
+    directory = Path(directory)
+    entries = sorted(({"md5": _md5(p), "relpath": p.relative_to(directory).as_posix()}
+                      for p in directory.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries).encode()).hexdigest()
 
 
 def verify_dvc_tracked(path: Path) -> None:
@@ -104,7 +126,7 @@ def _write_all(flat_dir: Path, rows: dict[str, tuple[H5Images, np.ndarray]], fea
                     written[final] = tmp
                     write(f)
         splits = {name: Split(NpyRows(written[flat_dir / f"{name}_x.npy"], shown_as=flat_dir / f"{name}_x.npy"),
-                              np.load(written[flat_dir / f"{name}_y.npy"], allow_pickle=False)) for name in rows}
+                              load_array(written[flat_dir / f"{name}_y.npy"])) for name in rows}
         for final, tmp in written.items():
             os.replace(tmp, final)
         for stale in [*flat_dir.glob("*.npz"), *flat_dir.glob("*.npy")]:
@@ -156,7 +178,7 @@ def read(cfg: DictConfig) -> Splits:
                 raise DataError(f"{out.flat_dir / f'{name}_{part}.npy'}: not found; run the 'load' stage "
                                 "first (dvc repro load)")
     return Splits(**{n: Split(NpyRows(out.flat_dir / f"{n}_x.npy"),
-                              np.load(out.flat_dir / f"{n}_y.npy", allow_pickle=False)) for n in names})
+                              load_array(out.flat_dir / f"{n}_y.npy")) for n in names})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from catnet import preprocess
-from catnet.data import Split
+from catnet.hdf5 import Split
 from catnet.preprocess import Normalizer
 from pipeline import load
 from pipeline.common import CONF_DIR, Outputs, load_npz, log, run_cli, save_npz

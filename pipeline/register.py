@@ -43,10 +43,7 @@ def register(cfg: DictConfig) -> dict:
 
     order = query.metric_order(cfg.metric, cfg.fallback, knobs=("metric", "fallback"))  # refuses a test/ metric first
     client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
-    filters = ["attributes.status = 'FINISHED'", "tags.`catnet.model_uri` != ''"]
-    if cfg.parent:
-        filters.append(f"tags.mlflow.parentRunId = '{cfg.parent}'")
-    runs = client.search_runs([experiment_id], " and ".join(filters), max_results=50000)
+    runs = query.finished_runs(client, experiment_id, cfg.parent, with_model=True)
     metric, ranked = query.rank(runs, lambda r: r.data.metrics, order, cfg.direction)
     if not ranked:
         raise ConfigError(f"no finished run with a model and a metric among {', '.join(order)} "

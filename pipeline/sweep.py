@@ -30,7 +30,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from catnet.errors import CatnetError, check_choice
 from pipeline import common
+from pipeline.tracking import parent
 
 LEDGER_ENV = "CATNET_SWEEP_LEDGER"  # the folder where each job writes its outcome
 log = logging.getLogger("catnet")
@@ -63,6 +65,12 @@ class MlflowSweep(Callback):
         self.ledger: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # what every job would refuse is refused once, before any job starts
+            _order(config)
+            check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
+        except CatnetError as e:  # Hydra turns a callback's exception into a warning: exit here
+            print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         self.config = config
         self.ledger = Path(tempfile.mkdtemp(prefix="catnet-sweep-"))
         os.environ[LEDGER_ENV] = str(self.ledger)
@@ -73,27 +81,19 @@ class MlflowSweep(Callback):
             self._open_parent(config)
 
     def _open_parent(self, config: DictConfig) -> None:
-        from mlflow.entities import Param
-
         from pipeline import tracking
 
-        client, experiment_id = tracking.open_store(config)
         hc = config.hydra
         overrides = list(hc.overrides.task)
         shown = [o for o in overrides if not o.startswith(("tracking.", "hydra", "paths."))]
-        run = client.create_run(experiment_id, run_name=f"sweep {tracking.run.short_name(shown)}"[:250], tags={
-            "catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
-            **tracking.provenance_tags(), **tracking.store.process_tags(),
-        })
-        self.client, self.parent_id = client, run.info.run_id
-        order = _order(config)
-        client.log_batch(self.parent_id, params=[
-            Param("sweep.overrides", " ".join(overrides)[:6000]),
-            Param("sweep.sweeper", hc.sweeper._target_.rsplit(".", 1)[-1]),
-            Param("sweep.launcher", hc.launcher._target_.rsplit(".", 1)[-1]),
-            Param("sweep.ranking", f"{' > '.join(order)} ({config.sweep.direction})"),
-            Param("sweep.dir", str(hc.sweep.dir)),
-        ])
+        self.client, self.parent_id = parent.open_parent(
+            config, f"sweep {tracking.run.short_name(shown)}", {
+                "sweep.overrides": " ".join(overrides),
+                "sweep.sweeper": hc.sweeper._target_.rsplit(".", 1)[-1],
+                "sweep.launcher": hc.launcher._target_.rsplit(".", 1)[-1],
+                "sweep.ranking": f"{' > '.join(_order(config))} ({config.sweep.direction})",
+                "sweep.dir": str(hc.sweep.dir),
+            })
         os.environ[tracking.PARENT_ENV] = self.parent_id
         os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
         log.info("sweep: MLflow parent run %s", self.parent_id)
@@ -111,10 +111,10 @@ class MlflowSweep(Callback):
             self.parent_id = None
             _clear_env()
             try:
-                summary = summarize_children(client, parent_id, config, counts)
+                summary = parent.summarize(client, parent_id, counts, _order(config), config.sweep.direction)
             except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
                 status, reason = "FAILED", f"the sweep's summary could not be written: {type(e).__name__}: {e}"
-            _close(client, parent_id, status, reason)
+            parent.close(client, parent_id, status, reason)
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
         log.info("sweep: %d jobs, %d finished, %d failed%s", counts["jobs"], counts["finished"],
@@ -133,9 +133,9 @@ class MlflowSweep(Callback):
         self.parent_id = None
         _clear_env()
         try:
-            _close_children(client, parent_id, status, f"the sweep was stopped ({reason})")
+            parent.close_children(client, parent_id, status, f"the sweep was stopped ({reason})")
         finally:
-            _close(client, parent_id, status, f"the sweep was stopped ({reason})")
+            parent.close(client, parent_id, status, f"the sweep was stopped ({reason})")
 
     def _abandoned(self) -> None:
         if self.parent_id is not None:
@@ -172,21 +172,7 @@ def _count(outcomes: list[dict]) -> dict[str, int]:
 def _order(config: DictConfig) -> list[str]:
     from pipeline.tracking.query import metric_order
 
-    return metric_order(config.sweep.objective, config.sweep.fallback)
-
-
-def _close(client, run_id: str, status: str, reason: str | None) -> None:
-    if reason:
-        client.set_tag(run_id, "catnet.failure", reason[:5000])
-    client.set_terminated(run_id, status)
-
-
-def _close_children(client, parent_id: str, status: str, reason: str) -> None:
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    running = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
-                                                  "attributes.status = 'RUNNING'", max_results=10000)
-    for run in running:
-        _close(client, run.info.run_id, status, reason)
+    return metric_order(config.sweep.objective, config.sweep.fallback, knobs=("sweep.objective", "sweep.fallback"))
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -197,30 +183,3 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys = [o.get_key_element() for o in parsed if o.is_sweep_override()]
     params = config.hydra.sweeper.get("params") or {}
     return keys + [k for k in params if k not in keys]
-
-
-def summarize_children(client, parent_id: str, config: DictConfig, counts: dict[str, int]) -> dict:
-    """Record on the parent the job counts and the best finished child by the ranking rule."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    from pipeline.tracking import query
-
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
-    finished = [r for r in children if r.info.status == "FINISHED"]
-    failed = counts["failed"] + counts["killed"] + counts["running"]
-    metrics = [Metric("sweep/jobs", counts["jobs"], 0, 0), Metric("sweep/finished", counts["finished"], 0, 0),
-               Metric("sweep/failed", failed, 0, 0)]
-    key, ranked = query.rank(finished, lambda r: r.data.metrics, _order(config), config.sweep.direction)
-    summary: dict[str, Any] = {"objective": key}
-    tags = []
-    if ranked:
-        best = ranked[0]
-        summary.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name)
-        tags += [RunTag("catnet.best_run_id", best.info.run_id), RunTag("catnet.best_run_name", best.info.run_name or ""),
-                 RunTag("catnet.best_by", key)]
-        metrics += [Metric(f"best/{k}", v, 0, 0) for k, v in best.data.metrics.items()
-                    if k.split("/")[-1] in ("accuracy", "balanced_accuracy", "final_error", "error")]
-    params = [Param("sweep.objective", f"{key or 'none'} ({config.sweep.direction})")]
-    client.log_batch(parent_id, metrics=metrics, tags=tags, params=params)
-    return summary

@@ -14,8 +14,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from catnet import network, train as catnet_train
-from catnet.data import Split, augment
+from catnet import train as catnet_train
+from catnet.hdf5 import Split
 from catnet.network import Network
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking
@@ -26,24 +26,21 @@ from pipeline.common import (
 METRIC = {"error": "train/error", "val_error": "val/error"}  # per-epoch MLflow metric names
 
 
+def recipe(cfg: DictConfig) -> catnet_train.Recipe:
+    """The training recipe the config describes (catnet.train.Recipe)."""
+    return catnet_train.Recipe(
+        hidden_sizes=tuple(cfg.model.hidden_sizes), activation=cfg.model.activation, bias=cfg.model.bias,
+        init=cfg.model.init, dtype=cfg.train.dtype, epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
+        solver=cfg.train.solver, batch_size=cfg.train.batch_size, class_weight=cfg.train.class_weight,
+        augment=cfg.train.augment, image_shape=tuple(cfg.data.image_shape),
+        max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience,
+        check_learned=cfg.train.check_learned)
+
+
 def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
         mlrun: tracking.NullRun) -> tuple[Network, dict[str, float]]:
     """Train; return the network and the cross-validation metrics (empty unless data.cv_folds)."""
     out = Outputs.of(cfg)
-    dtype = np.dtype(cfg.train.dtype)
-    train = splits.train
-    # the images the network learns from: with train.augment=hflip also mirrored, made on demand
-    rows, labels = augment(train.x, train.y, cfg.train.augment, tuple(cfg.data.image_shape))
-    if cfg.train.batch_size:  # normalize batch by batch: no float copy of the whole set
-        x = None
-        take = lambda idx: normalizer.apply(rows[idx], dtype)  # noqa: E731
-    else:
-        x = normalizer.apply(rows, dtype)  # (N, D)
-    val = (normalizer.apply(splits.val.x, dtype), splits.val.y) if splits.val else None
-    net = network.init_network(
-        [train.x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed),
-        activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype,
-    )
     epochs = cfg.train.epochs
     show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()
     bar = None
@@ -65,32 +62,20 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
             if epoch % 10 == 0 or epoch == epochs:
                 bar.set_postfix_str(" ".join(f"{k}={v:.4f}" for k, v in errors.items()), refresh=False)
 
-    cv = cross_validate(cfg, train) if cfg.data.cv_folds else {}
+    cv = cross_validate(cfg, splits.train) if cfg.data.cv_folds else {}
     if cv:
         mlrun.log_metrics(cv)
     start = time.perf_counter()
+    val = (splits.val.x, splits.val.y) if splits.val else None
     try:
-        common = dict(epochs=epochs, lr=cfg.train.lr, loss=cfg.train.loss, on_epoch=on_epoch,
-                      class_weight=network.class_weights(labels, cfg.train.class_weight),
-                      max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
-        if cfg.train.batch_size:
-            history = catnet_train.fit_minibatch(
-                net, take, labels, batch_size=cfg.train.batch_size,
-                rng=np.random.default_rng([cfg.seed, 1]), **common)
-        else:
-            history = catnet_train.fit(net, x, labels, val=val, solver=cfg.train.solver, **common)
+        trained = catnet_train.train_network(recipe(cfg), splits.train.x, splits.train.y, normalizer, cfg.seed,
+                                             val=val, on_epoch=on_epoch)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
     mlrun.send()  # the last epochs go to MLflow in the background while the outputs are written
-    # a network that learned nothing (saturated by a huge step, say) is a failure, not a result
-    if cfg.train.check_learned:
-        proba = (network.predict_proba(net, x) if x is not None else np.concatenate(  # mini-batch: by blocks
-            [network.predict_proba(net, take(np.arange(s, min(s + 256, len(labels)))))
-             for s in range(0, len(labels), 256)]))
-        catnet_train.check_learned(proba, labels, cfg.train.loss, common["class_weight"],
-                                   epoch=len(history["error"]))
+    net, history = trained.net, trained.history
 
     # each file is written where only this run writes, logged from there, then put in place
     mlrun.log_output(out.weights, lambda f: np.savez(f, **weight_arrays(net, cfg)))
@@ -99,8 +84,7 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     mlrun.set_tags({"catnet.trained": "true"})
     log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, %d images, error %.4g -> %.4g; first epoch "
              "done %.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
-             len(labels),
-             history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
+             trained.images, history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
     return net, cv
 
 
@@ -127,41 +111,16 @@ def _process_start() -> float:
 
 
 def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
-    """Mean validation metrics of the configured network over ``data.cv_folds`` stratified
-    folds of the training set (split by ``data.split_seed``): each fold's network trains on
-    the other folds, with the normalization fitted on them. With ``data.cv_repeats`` = r > 1
-    the k folds are drawn r times (repeat i: split seed split_seed+i, weight seed seed+i), so
-    the mean also averages over initializations. A steadier ranking for a sweep than one
-    small validation split; the test set is never touched. ``train.augment`` applies to the
-    training folds only, never to the fold that is validated."""
+    """Mean validation metrics of the configured recipe over ``data.cv_folds`` stratified folds
+    of the training set (catnet.cv.cross_validate; split by ``data.split_seed``, ``data.cv_repeats``
+    times), each fold's normalization fitted as the normalize stage fits it. A steadier ranking
+    for a sweep than one small validation split; the test set is never touched."""
     from catnet import preprocess
-    from catnet.data import stratified_folds
-    from catnet.metrics import evaluate
+    from catnet.cv import cross_validate as cv
 
-    dtype = np.dtype(cfg.train.dtype)
-    pixels = np.asarray(train.x)  # every fold trains full batch on most of them: read them once
-    scores: dict[str, list[float]] = {}
-    folds = [(repeat, fold) for repeat in range(cfg.data.cv_repeats) for fold in
-             stratified_folds(train.y, cfg.data.cv_folds, np.random.default_rng(cfg.data.split_seed + repeat))]
-    for repeat, fold in folds:
-        mask = np.zeros(len(train.y), dtype=bool)
-        mask[fold] = True
-        fold_pixels = pixels[~mask]
-        # fitted on the fold's own images, as the normalize stage fits on the training file's
-        norm = preprocess.fit(fold_pixels, cfg.normalize.method, divisor=cfg.normalize.divisor)
-        rows, labels = augment(fold_pixels, train.y[~mask], cfg.train.augment, tuple(cfg.data.image_shape))
-        x = norm.apply(rows, dtype)
-        weights = network.class_weights(labels, cfg.train.class_weight)
-        net = network.init_network(
-            [x.shape[1], *cfg.model.hidden_sizes, 1], np.random.default_rng(cfg.seed + repeat),
-            activation=cfg.model.activation, bias=cfg.model.bias, init=cfg.model.init, dtype=dtype)
-        catnet_train.fit(net, x, labels, epochs=cfg.train.epochs, lr=cfg.train.lr, loss=cfg.train.loss,
-                         solver=cfg.train.solver, class_weight=weights,
-                         max_error_ratio=cfg.train.divergence_ratio, patience=cfg.train.divergence_patience)
-        m = evaluate(net, norm.apply(pixels[mask], dtype), train.y[mask], loss=cfg.train.loss, class_weight=weights)
-        for k in ("accuracy", "balanced_accuracy", "error"):
-            scores.setdefault(f"cv/{k}", []).append(m[k])
-    result = {k: float(np.mean(v)) for k, v in scores.items()}
+    result = cv(recipe(cfg), train.x, train.y,
+                lambda rows: preprocess.fit(rows, cfg.normalize.method, divisor=cfg.normalize.divisor),
+                folds=cfg.data.cv_folds, repeats=cfg.data.cv_repeats, split_seed=cfg.data.split_seed, seed=cfg.seed)
     log.info("train: %d-fold cross-validation%s: balanced accuracy %.3f, accuracy %.3f", cfg.data.cv_folds,
              f" x {cfg.data.cv_repeats} repeats" if cfg.data.cv_repeats > 1 else "",
              result["cv/balanced_accuracy"], result["cv/accuracy"])

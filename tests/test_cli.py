@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REAL_TRAIN, make_images, read_json, run_cli, runs_of, write_h5
+from conftest import REAL_TRAIN, make_images, needs_data, read_json, run_cli, runs_of, write_h5
 
 
-pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+pytestmark = needs_data
 
 
 def test_one_process_run_is_fully_recorded(store):
@@ -114,12 +114,20 @@ def test_runs_on_another_dataset_in_the_same_schema(tmp_path, store):
     (["train.epochs=0"], "train.epochs=0: must be >= 1"),
     (["model.hidden_sizes=[]"], "model.hidden_sizes=[]: must list at least one layer width"),
     (["model.activation=gelu"], "model.activation='gelu': must be one of"),
+    (["data.split_seed=-1", "data.val_fraction=0.2"], "data.split_seed=-1: must be >= 0"),
+    (["normalize.divisor=inf"], "normalize.divisor=inf: must be a finite number > 0"),
+    # known only once the data is read: the library's parameter, reported under its config key
+    (["data.cv_folds=300"], "data.cv_folds=300: more folds than the 72 images of class 1"),
+    (["train.lr=1e9", "train.epochs=20"], "training failed after epoch 20: the network gives every training "
+                                          "image the same output"),
 ])
 def test_bad_input_fails_cleanly(store, args, expected):
     proc = run_cli(*args, *store["args"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"catnet: error: {expected}")
     assert "Traceback" not in proc.stderr
+    if "training failed" in expected:  # the advice names the config keys, not the library's names
+        assert proc.stderr.strip().endswith("try a smaller train.lr or more train.epochs")
     assert not (store["out"] / "models/weights.npz").exists()
     _, runs = runs_of(store["uri"])
     assert all(r.info.status != "FINISHED" for r in runs)

@@ -91,10 +91,11 @@ def test_repeated_cross_validation_trains_k_times_r_networks(compose_cfg, monkey
     scored on the rest; a repeat draws other folds and other initial weights."""
     import numpy as np
 
-    from catnet.data import Split
+    from catnet.hdf5 import Split
     from pipeline import train as stage
 
     cfg = prepare(compose_cfg("data.cv_folds=3", "data.cv_repeats=2", "train.epochs=5", "model.hidden_sizes=[3]",
+                              "train.check_learned=false",
                               "data.image_shape=[2,2,3]"), ROOT)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(30, 12), dtype=np.uint8)
@@ -117,6 +118,26 @@ def test_repeated_cross_validation_trains_k_times_r_networks(compose_cfg, monkey
     assert 0 <= result["cv/accuracy"] <= 1 and result["cv/error"] > 0
     with pytest.raises(ConfigError, match="data.cv_repeats=0: must be >= 1"):
         prepare(compose_cfg("data.cv_repeats=0"), ROOT)
+
+
+def test_cross_validation_trains_mini_batch_when_the_run_does(compose_cfg, monkeypatch):
+    """A sweep over train.batch_size ranks what it runs: each fold trains by the run's own path."""
+    import numpy as np
+
+    from catnet.hdf5 import Split
+    from pipeline import train as stage
+
+    cfg = prepare(compose_cfg("data.cv_folds=3", "train.batch_size=8", "train.epochs=2", "model.hidden_sizes=[3]",
+                              "train.check_learned=false", "data.image_shape=[2,2,3]"), ROOT)
+    x = np.random.default_rng(0).integers(0, 256, size=(30, 12), dtype=np.uint8)
+    y = np.array([0, 1] * 15, dtype=np.uint8)
+    calls = []
+    real = stage.catnet_train.fit_minibatch
+    monkeypatch.setattr(stage.catnet_train, "fit", lambda *a, **kw: calls.append("full") or pytest.fail("full batch"))
+    monkeypatch.setattr(stage.catnet_train, "fit_minibatch",
+                        lambda net, take, ys, **kw: calls.append(kw["batch_size"]) or real(net, take, ys, **kw))
+    stage.cross_validate(cfg, Split(x, y))
+    assert calls == [8, 8, 8]
 
 
 def test_train_stage_reruns_on_every_training_knob():

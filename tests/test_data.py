@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REAL_TEST, REAL_TRAIN, make_images, write_h5
+from conftest import REAL_TEST, REAL_TRAIN, make_images, needs_data, write_h5
 
-from catnet.data import dvc_digest, flatten, load_dataset, load_split
+from catnet.hdf5 import flatten, load_dataset, load_split
 from catnet.errors import ConfigError, DataError
 from catnet.preprocess import fit
 
@@ -146,7 +146,7 @@ def test_missing_file_and_train_test_mismatch(tmp_path):
         load_dataset(train, small, SHAPE)
 
 
-@pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+@needs_data
 def test_real_data_and_its_dvc_digest():
     import yaml
 
@@ -155,11 +155,13 @@ def test_real_data_and_its_dvc_digest():
     train, test = load_dataset(REAL_TRAIN, REAL_TEST, SHAPE)
     assert (len(train), len(test), int(train.y.sum())) == (209, 50, 72)
     tracked = yaml.safe_load((ROOT / "data/raw.dvc").read_text())["outs"][0]["md5"]
-    assert dvc_digest([REAL_TRAIN, REAL_TEST]) + ".dir" == tracked
+    from pipeline.load import dvc_dir_digest
+
+    assert dvc_dir_digest(REAL_TRAIN.parent) + ".dir" == tracked
 
 
 def test_streamed_batches_equal_the_loaded_images(good):
-    from catnet.data import H5Images
+    from catnet.hdf5 import H5Images
 
     x, y, path = good
     with H5Images(path, "train", SHAPE) as src:
@@ -169,7 +171,7 @@ def test_streamed_batches_equal_the_loaded_images(good):
 
 
 def test_npy_rows_read_what_was_written_block_by_block(tmp_path):
-    from catnet.data import NpyRows, write_npy_rows
+    from catnet.npy import NpyRows, write_npy_rows
 
     x = np.random.default_rng(0).integers(0, 256, size=(23, 7), dtype=np.uint8)
     with open(tmp_path / "x.npy", "wb") as f:
@@ -207,7 +209,7 @@ def test_load_stage_checks_every_block_and_keeps_old_outputs_on_a_bad_one(tmp_pa
     cfg = prepare(compose_cfg(f"data.train_path={train}", f"data.test_path={test}", f"paths.out_dir={tmp_path / 'out'}",
                               "data.val_fraction=0.3"), ROOT)
     splits = load.run(cfg)
-    from catnet.data import stratified_indices
+    from catnet.splits import stratified_indices
 
     rest, val = stratified_indices(y, 0.3, np.random.default_rng(cfg.data.split_seed))
     np.testing.assert_array_equal(np.asarray(splits.train.x), x[rest].reshape(len(rest), -1))
@@ -224,7 +226,7 @@ def test_load_stage_checks_every_block_and_keeps_old_outputs_on_a_bad_one(tmp_pa
 
 
 def test_hflip_mirrors_each_image_left_to_right():
-    from catnet.data import hflip
+    from catnet.augment import hflip
 
     images = np.random.default_rng(0).integers(0, 256, size=(3, 4, 5, 3), dtype=np.uint8)
     flat = images.reshape(3, -1)
@@ -237,7 +239,8 @@ def test_hflip_mirrors_each_image_left_to_right():
 
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_augmented_rows_are_the_images_then_their_mirrors(tmp_path, on_disk):
-    from catnet.data import NpyRows, augment, hflip
+    from catnet.augment import augment, hflip
+    from catnet.npy import NpyRows
 
     shape = (2, 3, 3)
     x = np.random.default_rng(1).integers(0, 256, size=(7, 18), dtype=np.uint8)
@@ -255,5 +258,5 @@ def test_augmented_rows_are_the_images_then_their_mirrors(tmp_path, on_disk):
     np.testing.assert_array_equal(x, np.load(tmp_path / "x.npy") if on_disk else x)  # source untouched
     kept = augment(x, y, None, shape)
     assert kept[0] is x and kept[1] is y
-    with pytest.raises(ConfigError, match="train.augment='vflip': must be one of hflip"):
+    with pytest.raises(ConfigError, match="augment='vflip': must be one of hflip"):
         augment(x, y, "vflip", shape)

@@ -10,11 +10,11 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
+from conftest import REAL_TEST, needs_data, run_cli, runs_of
 
 from pipeline.common import ROOT
 
-pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+pytestmark = needs_data
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,13 @@ def test_logged_model_reproduces_the_network_and_its_accuracy(trained):
     expected = predict_proba(net, norm.apply(x.reshape(50, -1)))
     np.testing.assert_allclose(out["probability"], expected, rtol=1e-6)
     assert (out["label"].to_numpy() == y).mean() == pytest.approx(run.data.metrics["test/accuracy"])
-    with pytest.raises(Exception, match="shape"):
+    with pytest.raises(Exception, match="shape"):  # MLflow's schema check comes first
         model.predict(x[:, :32])
+    # the model's own check, for inputs that pass the schema (or a model loaded without it)
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 64, 64, 3\), got \(50, 32, 64, 3\)"):
+        model.unwrap_python_model().predict(None, x[:, :32])
+    with pytest.raises(ValueError, match="expected pixel values 0..255"):
+        model.unwrap_python_model().predict(None, x.astype(np.int16) - 1)
 
 
 def test_register_points_the_alias_at_the_best_validation_run(trained):

@@ -233,7 +233,7 @@ def test_auto_solver_picks_dual_only_where_it_costs_less():
     assert not use_dual("auto", 209, 12288, 20, 2)  # too few epochs to repay X X^T
     assert not use_dual("auto", 5000, 3000, 20, 1000)  # more images than inputs
     assert use_dual("dual", 5000, 3000, 20, 1) and not use_dual("primal", 209, 12288, 20, 1000)
-    with pytest.raises(ConfigError, match="train.solver='kernel': must be one of auto, primal, dual"):
+    with pytest.raises(ConfigError, match="solver='kernel': must be one of auto, primal, dual"):
         use_dual("kernel", 209, 12288, 20, 1000)
 
 
@@ -256,7 +256,7 @@ def test_balanced_class_weights_give_each_class_half_of_the_loss():
     h = np.full((4, 1), 0.5)
     weighted = loss_value(h, y.reshape(-1, 1).astype(float), "sse", network.example_weights(y, (w0, w1), np.float64))
     assert weighted == pytest.approx(0.5 * (3 * w0 * 0.25 + w1 * 0.25))
-    with pytest.raises(Exception, match="train.class_weight='auto': must be one of balanced"):
+    with pytest.raises(Exception, match="class_weight='auto': must be one of balanced"):
         network.class_weights(y, "auto")
 
 

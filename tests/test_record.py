@@ -17,12 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
+from conftest import REAL_TEST, needs_data, run_cli, runs_of
 
 from pipeline.common import ROOT
 
-pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists() and not os.environ.get("CI"),
-                                reason="needs `dvc pull` of data/raw")
+pytestmark = needs_data
 
 
 def _test_set():
@@ -321,7 +320,7 @@ def test_a_parent_whose_summary_fails_is_failed(tmp_path, monkeypatch, compose_c
         def broken(*args, **kwargs):
             raise RuntimeError("store gone")
 
-        monkeypatch.setattr(sweep, "summarize_children", broken)
+        monkeypatch.setattr(sweep.parent, "summarize", broken)
         with pytest.raises(SystemExit) as exit_:
             callback.on_multirun_end(cfg)
         assert exit_.value.code == 1

@@ -13,14 +13,14 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import REAL_TEST, REAL_TRAIN, run_cli, runs_of
+from conftest import REAL_TEST, REAL_TRAIN, needs_data, run_cli, runs_of
 from test_data import EXPECTED, _bad_files
 from test_sweep import _free_port
 
 from catnet.errors import DataError
 from pipeline.common import ROOT
 
-pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+pytestmark = needs_data
 
 
 def test_divergence_fails_the_run_at_that_epoch_and_publishes_nothing(store):

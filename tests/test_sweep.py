@@ -12,11 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REAL_TRAIN, run_cli, runs_of
+from conftest import import_or_skip, needs_data, run_cli, runs_of
 
 from pipeline.common import ROOT
 
-pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+pytestmark = needs_data
 
 SWEEP = ["train.lr=0.001,0.005", "model.hidden_sizes=[20,7],[8,4]", "train.epochs=12", "train.check_learned=false", "data.val_fraction=0.2"]
 
@@ -134,9 +134,23 @@ def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     assert [r.info.run_name for r in runs if r.info.status == "FAILED" and r is not parent] == ["#1 lr=-1"]
 
 
+@pytest.mark.parametrize("knob", ["sweep.fallback=test/accuracy", "sweep.objective=test/balanced_accuracy",
+                                  "sweep.direction=up"])
+def test_a_sweep_that_would_rank_on_test_is_refused_before_any_job(tmp_path, knob):
+    """Refused once, in one line, exit 2, before the store or any job exists (a Hydra callback's
+    exception would only be a warning, and every job would fail on its own)."""
+    db = tmp_path / "mlflow.db"
+    proc = run_cli("-m", "seed=0,1", knob, "train.epochs=3", f"tracking.uri=sqlite:///{db}",
+                   f"hydra.sweep.dir={tmp_path / 'multirun'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"catnet: error: {knob.split('=')[0]}=")
+    assert "Traceback" not in proc.stderr and "#0" not in proc.stderr + proc.stdout
+    assert not db.exists()
+
+
 @pytest.mark.slow
 def test_ray_launcher_sweep_lands_as_children(tmp_path):
-    pytest.importorskip("ray", reason="the cluster extra is not installed (make setup-cluster)")
+    import_or_skip("ray", reason="the cluster extra is not installed (make setup-cluster)")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_cli("-m", "train.lr=0.001,0.005", "train.epochs=6", "train.check_learned=false", f"tracking.uri={uri}", "tracking.experiment=test",
             "hydra/launcher=ray_local", f"hydra.sweep.dir={tmp_path / 'multirun'}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REAL_TRAIN, runs_of
+from conftest import needs_data, runs_of
 
 from catnet.errors import DataError
 from pipeline import tracking
 
-pytestmark = pytest.mark.skipif(not REAL_TRAIN.exists(), reason="needs `dvc pull` of data/raw")
+pytestmark = needs_data
 
 
 @pytest.fixture

@@ -3,9 +3,13 @@
 - ``store``: where the record is (URIs, client, experiments) and closing runs of dead processes;
 - ``run``: a run's life (params, batched per-epoch metrics, files from a private folder, status);
 - ``model``: the network as an MLflow model (log, register, load);
-- ``query``: the one ranking rule of sweeps, ``register`` and ``compare`` (never on test/).
+- ``query``: searching runs, and the one ranking rule of sweeps, ``register`` and ``compare``
+  (never on test/);
+- ``parent``: a sweep's parent run (opened before the jobs, closed with counts and the best child);
+- ``pyfunc``: the MLflow pyfunc model's code (saved with each model; MLflow loads it from there).
 
-``mlflow`` itself is imported only when tracking is on: it costs over a second.
+``mlflow`` itself is imported only when tracking is on: it costs over a second. tests/test_layout.py
+checks that no module outside this package imports it.
 """
 
 from pipeline.tracking.run import (  # noqa: F401 - the stages' interface

@@ -1,6 +1,6 @@
 """The network as an MLflow model: logged in its run's experiment, registered, loaded.
 
-The model is saved from code (``pipeline/mlflow_model.py``; nothing is pickled) into a folder
+The model is saved from code (``pipeline/tracking/pyfunc.py``; nothing is pickled) into a folder
 private to the run, from the weights and normalizer in memory, so it always holds the
 network this run trained and evaluated, whatever else runs beside it. The ``MLmodel`` file
 keeps no path of the machine that logged it.
@@ -49,7 +49,7 @@ def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: di
                                        model_type="catnet")
     local = folder / "model"
     mlflow.pyfunc.save_model(
-        path=str(local), python_model=str(ROOT / "pipeline" / "mlflow_model.py"),
+        path=str(local), python_model=str(Path(__file__).with_name("pyfunc.py")),
         artifacts={"weights": str(src / "weights.npz"), "normalizer": str(src / "normalizer.npz")},
         code_paths=[str(ROOT / "src" / "catnet")],
         signature=signature, input_example=example,

@@ -10,17 +10,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
-from catnet.errors import ConfigError
+from pipeline.config import refuse_test_metric  # noqa: F401 - the rule lives with the config's checks
 
 CV_METRIC = "cv/balanced_accuracy"
 TRAIN_METRIC = "train/balanced_accuracy"
 T = TypeVar("T")
-
-
-def refuse_test_metric(knob: str, metric: str) -> None:
-    if str(metric).split("/", 1)[0] == "test":
-        raise ConfigError(f"{knob}={metric}: runs are never selected or ranked on the test set; "
-                          "use a val/ (data.val_fraction > 0), cv/ (data.cv_folds) or train/ metric")
 
 
 def metric_order(objective: str, fallback: str | None = None,
@@ -63,3 +57,35 @@ def rank(items: Iterable[T], metrics_of: Callable[[T], Mapping[str, float]], ord
 
 def _finite(value) -> bool:
     return value is not None and math.isfinite(float(value))
+
+
+def _filter(parent: str | None, with_model: bool) -> str:
+    where = ["attributes.status = 'FINISHED'"]
+    if with_model:
+        where.append("tags.`catnet.model_uri` != ''")
+    if parent:
+        where.append(f"tags.mlflow.parentRunId = '{parent}'")
+    return " and ".join(where)
+
+
+def finished_runs(client, experiment_id: str, parent: str | None = None, with_model: bool = False,
+                  max_results: int = 50000) -> list:
+    """The FINISHED runs of an experiment (of one sweep parent; only those that logged a model)."""
+    return client.search_runs([experiment_id], _filter(parent, with_model), max_results=max_results)
+
+
+def finished_runs_frame(experiment_id: str, parent: str | None = None, max_results: int = 200):
+    """The same as a pandas DataFrame (MLflow's columns: run_id, params.*, metrics.*, tags.*),
+    without sweep parents, which summarize runs rather than being runs to compare."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=_filter(parent, False),
+                              max_results=max_results)
+    if "tags.catnet.sweep" in runs:
+        runs = runs[runs["tags.catnet.sweep"] != "parent"]
+    return runs
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every point of a run's metric, in step order."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from catnet.errors import ConfigError, TrainingDiverged
 from pipeline import config
-from pipeline.common import ROOT, Terminated, atomic_write
+from pipeline.common import ROOT, Terminated, atomic_write, told
 from pipeline.tracking import model as tracking_model
 from pipeline.tracking import store
 
@@ -336,7 +336,7 @@ def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
 
     try:
         client, experiment_id = store.open_store(cfg)
-        tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {error}"[:5000],
+        tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
                 **provenance_tags(), **store.process_tags()}
         if os.environ.get(PARENT_ENV):
             tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
@@ -380,7 +380,7 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
             if isinstance(e, TrainingDiverged):
                 run.client.set_tag(run.run_id, "catnet.diverged_epoch", str(e.epoch))
         finally:
-            run.end(status, reason=f"{type(e).__name__}: {e}")
+            run.end(status, reason=f"{type(e).__name__}: {told(e)}")
         raise
     if finish:
         run.end("FINISHED")

@@ -1,7 +1,7 @@
 """catnet: a from-scratch backpropagation network that tells cats from non-cats.
 
-The library is pure NumPy (plus h5py for loading). It knows nothing of Hydra,
-MLflow or DVC: those live in ``pipeline/``.
+The library is pure NumPy (plus h5py for loading). It knows nothing of configuration,
+experiment tracking or data versioning: those live in ``pipeline/``.
 """
 
 from catnet.errors import CatnetError, ConfigError, DataError, TrainingDiverged

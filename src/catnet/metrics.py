@@ -6,25 +6,32 @@ from typing import Callable
 
 import numpy as np
 
+from catnet.errors import DataError
 from catnet.network import Network, example_weights, forward, loss_value
 
 
 def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict:
-    """Accuracy, balanced accuracy (the mean of the recalls of both classes: blind to how many
-    cats a set holds), precision, recall (cat = positive) and the confusion counts."""
-    pred = proba >= threshold
-    truth = y.astype(bool)
+    """Accuracy, balanced accuracy (the mean recall of the classes the set holds: blind to how
+    many cats it has; on a set of one class, that class's recall), precision, recall (cat =
+    positive; 0 when undefined) and the confusion counts.
+
+    Why not scikit-learn's ``balanced_accuracy_score`` and friends: importing ``sklearn.metrics``
+    takes over 2 s here; tests/test_metrics.py checks these against it and against counts
+    worked out by hand."""
+    if len(y) == 0:
+        raise DataError("no images to measure: the set is empty")
+    pred = np.asarray(proba) >= threshold
+    truth = np.asarray(y).astype(bool)
     tp = int(np.sum(pred & truth))
     fp = int(np.sum(pred & ~truth))
     fn = int(np.sum(~pred & truth))
     tn = int(np.sum(~pred & ~truth))
-    tpr = tp / (tp + fn) if tp + fn else 0.0
-    tnr = tn / (tn + fp) if tn + fp else 0.0
+    recalls = [hits / n for hits, n in ((tp, tp + fn), (tn, tn + fp)) if n]  # classes present
     return {
         "accuracy": (tp + tn) / len(y),
-        "balanced_accuracy": (tpr + tnr) / 2,
+        "balanced_accuracy": sum(recalls) / len(recalls),
         "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tpr,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
         "tp": tp, "fp": fp, "fn": fn, "tn": tn,
     }
 
@@ -36,7 +43,7 @@ def evaluate(net: Network, x: np.ndarray, y: np.ndarray, loss: str = "sse",
 
     ``transform``: x holds raw rows (pixels) and ``transform(rows)`` gives the network inputs;
     the forward pass then runs ``block`` rows at a time, so a set whose float copy would not fit
-    in memory is still evaluated (x may be catnet.data.NpyRows, read on demand).
+    in memory is still evaluated (x may be catnet.npy.NpyRows, read on demand).
     ``class_weight``: the loss's (non-cat, cat) example weights, as in training
     (catnet.network.class_weights)."""
     dtype = net.weights[0].dtype

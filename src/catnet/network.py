@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catnet.errors import ConfigError
+from catnet.errors import check_choice
 
 
 # --- activations: f(z) and f'(z) expressed through a = f(z) -------------------------------
@@ -119,11 +119,6 @@ class Network:
         return cls(weights, biases, activation)
 
 
-def check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
-
-
 def init_network(
     layer_sizes: list[int],
     rng: np.random.Generator,
@@ -135,8 +130,8 @@ def init_network(
     """Random normal weights scaled by the fan: xavier sqrt(2/(in+out)), he sqrt(2/in),
     lecun sqrt(1/in). Biases start at zero. Draws in float64, then casts, so float32 and
     float64 networks of one seed start from the same weights (up to rounding)."""
-    check_choice("model.activation", activation, ACTIVATIONS)
-    check_choice("model.init", init, INITS)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("init", init, INITS)
     weights = []
     for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:]):
         std = {"xavier": np.sqrt(2.0 / (n_in + n_out)), "he": np.sqrt(2.0 / n_in),
@@ -214,7 +209,7 @@ def class_weights(y: np.ndarray, scheme: str | None) -> tuple[float, float] | No
     accuracy, not at accuracy on the training set's class mix); None: every example weighs 1."""
     if scheme is None:
         return None
-    check_choice("train.class_weight", scheme, ("balanced",))
+    check_choice("class_weight", scheme, ("balanced",))
     y = np.asarray(y).ravel()
     counts = np.array([np.sum(y == 0), np.sum(y == 1)], dtype=float)
     return tuple(float(len(y) / (2 * c)) if c else 0.0 for c in counts)  # type: ignore[return-value]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catnet.errors import ConfigError
+from catnet.errors import BadValue
 
 METHODS = ("scale", "standardize")
 
@@ -18,7 +18,7 @@ class Normalizer:
     scale: np.ndarray  # (D,) float64, divides every image
 
     def apply(self, x: np.ndarray, dtype: str | np.dtype = np.float32) -> np.ndarray:
-        """(N, D) pixels (an array, or rows read on demand: catnet.data.NpyRows) -> (N, D)
+        """(N, D) pixels (an array, or rows read on demand: catnet.npy.NpyRows) -> (N, D)
         network inputs of ``dtype``, a fresh C-contiguous array."""
         out = np.array(x, dtype=np.float64)  # exact for uint8: float32 and float64 runs see the same inputs
         out -= self.shift
@@ -41,6 +41,8 @@ def fit(x_train: np.ndarray, method: str = "scale", divisor: float = 255.0, eps:
     deviations), so no float copy of the whole set is made."""
     n, d = x_train.shape
     if method == "scale":
+        if not 0 < divisor < np.inf:
+            raise BadValue("divisor", divisor, "must be a finite number > 0")
         return Normalizer(method, np.zeros(d), np.full(d, float(divisor)))
     if method == "standardize":
         blocks = [slice(s, s + block) for s in range(0, n, block)]
@@ -48,4 +50,4 @@ def fit(x_train: np.ndarray, method: str = "scale", divisor: float = 255.0, eps:
         var = sum(np.square(x_train[b] - mean).sum(axis=0) for b in blocks) / n
         std = np.sqrt(var)
         return Normalizer(method, mean, np.where(std > eps, std, 1.0))
-    raise ConfigError(f"normalize.method={method!r}: must be one of {', '.join(METHODS)}")
+    raise BadValue("method", method, f"must be one of {', '.join(METHODS)}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from catnet.errors import ConfigError, TrainingCollapsed, TrainingDiverged
-from catnet.network import LOSSES, Network, backward, check_choice, example_weights, forward, loss_value
+from catnet.errors import BadValue, TrainingCollapsed, TrainingDiverged, check_choice
+from catnet.network import LOSSES, Network, backward, example_weights, forward, loss_value
 
 
 class _DivergenceGuard:
@@ -68,7 +69,7 @@ class _DualFirstLayer:
 def use_dual(solver: str, n: int, d: int, first_width: int, epochs: int) -> bool:
     """``auto``: the dual form when it costs less: fewer images than inputs (N < D), and enough
     epochs to repay the Gram matrix (N^2 D once, against 2 N D n_1 saved per epoch)."""
-    check_choice("train.solver", solver, SOLVERS)
+    check_choice("solver", solver, SOLVERS)
     if solver != "auto":
         return solver == "dual"
     return n < d and 2 * first_width * epochs >= n
@@ -121,11 +122,11 @@ def fit(
     ``class_weight``: (weight of a non-cat, weight of a cat) example in the loss, for the
     training and the validation error alike (catnet.network.class_weights); None: all 1.
     """
-    check_choice("train.loss", loss, LOSSES)
+    check_choice("loss", loss, LOSSES)
     if epochs < 1:
-        raise ConfigError(f"train.epochs={epochs}: must be >= 1")
+        raise BadValue("epochs", epochs, "must be >= 1")
     if not lr > 0:
-        raise ConfigError(f"train.lr={lr}: must be > 0")
+        raise BadValue("lr", lr, "must be > 0")
     dtype = net.weights[0].dtype
     x = np.ascontiguousarray(x, dtype=dtype)
     y = np.asarray(y, dtype=dtype).reshape(-1, 1)  # (N, 1), like the output layer
@@ -178,13 +179,13 @@ def fit_minibatch(
 ) -> dict[str, np.ndarray]:
     """Mini-batch gradient descent: each epoch visits the N images once in a fresh order drawn
     from ``rng``, one update per batch of ``batch_size``. ``take(indices)`` returns the network
-    inputs (len(indices), D) of those images, so they can stream from disk (catnet.data.H5Images)
+    inputs (len(indices), D) of those images, so they can stream from disk (catnet.hdf5.H5Images)
     and only one batch is in memory. The epoch's error is the sum of its batches' errors, each
     measured before that batch's update; with batch_size >= N this is full-batch descent.
     """
-    check_choice("train.loss", loss, LOSSES)
+    check_choice("loss", loss, LOSSES)
     if batch_size < 1:
-        raise ConfigError(f"train.batch_size={batch_size}: must be >= 1")
+        raise BadValue("batch_size", batch_size, "must be >= 1")
     dtype = net.weights[0].dtype
     y = np.asarray(y, dtype=dtype).reshape(-1, 1)
     w = example_weights(y, class_weight, dtype)
@@ -227,3 +228,71 @@ def check_learned(proba: np.ndarray, y: np.ndarray, loss: str = "sse",
     if not error < constant:
         raise TrainingCollapsed(epoch, error, f"its training error is no lower than that of predicting "
                                               f"{share:.4g} for every image ({constant:.6g})")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a network is made and trained: everything but the data and the seed. The one path
+    that both a run and each fold of cross-validation train by (``train_network``)."""
+
+    hidden_sizes: tuple[int, ...] = (20, 7)
+    activation: str = "sigmoid"
+    bias: bool = False
+    init: str = "xavier"
+    dtype: str = "float32"
+    epochs: int = 1000
+    lr: float = 0.005
+    loss: str = "sse"
+    solver: str = "auto"
+    batch_size: int | None = None  # None: full batch
+    class_weight: str | None = None  # None or "balanced" (catnet.network.class_weights)
+    augment: str | None = None  # None or "hflip" (catnet.augment)
+    image_shape: tuple[int, ...] = (64, 64, 3)
+    max_error_ratio: float | None = None
+    patience: int = 20
+    check_learned: bool = True
+
+
+@dataclass
+class Trained:
+    net: Network
+    history: dict[str, np.ndarray]
+    class_weight: tuple[float, float] | None  # the (non-cat, cat) weights the loss used
+    images: int  # how many images it learned from (twice the set with hflip)
+
+
+def train_network(recipe: Recipe, pixels, labels: np.ndarray, normalizer, seed: int, *,
+                  val: tuple[np.ndarray, np.ndarray] | None = None,
+                  on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Trained:
+    """Make the network of ``recipe`` from ``seed`` and train it on (pixels, labels).
+
+    ``pixels``: (N, D) raw rows, an array or rows read on demand (catnet.npy.NpyRows);
+    ``normalizer`` (catnet.preprocess.Normalizer) turns them into network inputs. Full batch
+    normalizes the whole set once; mini-batch (``recipe.batch_size``) normalizes batch by batch,
+    so only a batch is ever in memory as floats. ``val`` (raw validation pixels and labels) is
+    measured every epoch in full-batch mode. With ``recipe.check_learned`` a network that learned
+    nothing raises TrainingCollapsed (check_learned)."""
+    from catnet.augment import augment
+    from catnet.network import class_weights, init_network, predict_proba
+
+    dtype = np.dtype(recipe.dtype)
+    rows, labels = augment(pixels, labels, recipe.augment, recipe.image_shape)
+    net = init_network([pixels.shape[1], *recipe.hidden_sizes, 1], np.random.default_rng(seed),
+                       activation=recipe.activation, bias=recipe.bias, init=recipe.init, dtype=dtype)
+    weights = class_weights(labels, recipe.class_weight)
+    common = dict(epochs=recipe.epochs, lr=recipe.lr, loss=recipe.loss, on_epoch=on_epoch, class_weight=weights,
+                  max_error_ratio=recipe.max_error_ratio, patience=recipe.patience)
+    if recipe.batch_size:
+        take = lambda idx: normalizer.apply(rows[idx], dtype)  # noqa: E731
+        history = fit_minibatch(net, take, labels, batch_size=recipe.batch_size,
+                                rng=np.random.default_rng([seed, 1]), **common)
+        x = None
+    else:
+        x = normalizer.apply(rows, dtype)  # (N, D)
+        val_inputs = (normalizer.apply(val[0], dtype), val[1]) if val is not None else None
+        history = fit(net, x, labels, val=val_inputs, solver=recipe.solver, **common)
+    if recipe.check_learned:  # mini-batch: the outputs by blocks, one block of floats at a time
+        proba = (predict_proba(net, x) if x is not None else np.concatenate(
+            [predict_proba(net, take(np.arange(s, min(s + 256, len(labels))))) for s in range(0, len(labels), 256)]))
+        check_learned(proba, labels, recipe.loss, weights, epoch=len(history["error"]))
+    return Trained(net, history, weights, len(labels))

@@ -1,0 +1,70 @@
+"""A sweep's parent run: opened before any job starts, closed with the job counts and the best
+child (by the one ranking rule, query.rank), or KILLED with its running children."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from omegaconf import DictConfig
+
+from pipeline.tracking import query, run, store
+
+
+def open_parent(config: DictConfig, name: str, params: dict[str, str]) -> tuple[Any, str]:
+    """(client, parent run id): a RUNNING parent in the configured experiment, with ``params``."""
+    from mlflow.entities import Param
+
+    client, experiment_id = store.open_store(config)
+    parent = client.create_run(experiment_id, run_name=name[:250], tags={
+        "catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
+        **run.provenance_tags(), **store.process_tags(),
+    })
+    client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return client, parent.info.run_id
+
+
+def close(client, run_id: str, status: str, reason: str | None) -> None:
+    if reason:
+        client.set_tag(run_id, "catnet.failure", reason[:5000])
+    client.set_terminated(run_id, status)
+
+
+def children(client, parent_id: str, status: str | None = None) -> list:
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    where = f"tags.mlflow.parentRunId = '{parent_id}'" + (f" and attributes.status = '{status}'" if status else "")
+    return client.search_runs([experiment_id], where, max_results=10000)
+
+
+def close_children(client, parent_id: str, status: str, reason: str) -> None:
+    """Every child still RUNNING gets ``status`` and ``reason``."""
+    for child in children(client, parent_id, "RUNNING"):
+        close(client, child.info.run_id, status, reason)
+
+
+def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[str], direction: str) -> dict:
+    """Record on the parent the job counts and the best FINISHED child by ``order``."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    finished = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
+    failed = counts["failed"] + counts["killed"] + counts["running"]
+    metrics = [Metric("sweep/jobs", counts["jobs"], 0, 0), Metric("sweep/finished", counts["finished"], 0, 0),
+               Metric("sweep/failed", failed, 0, 0)]
+    key, ranked = query.rank(finished, lambda r: r.data.metrics, order, direction)
+    summary: dict[str, Any] = {"objective": key}
+    tags = []
+    if ranked:
+        best = ranked[0]
+        summary.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name)
+        tags += [RunTag("catnet.best_run_id", best.info.run_id), RunTag("catnet.best_run_name", best.info.run_name or ""),
+                 RunTag("catnet.best_by", key)]
+        metrics += [Metric(f"best/{k}", v, 0, 0) for k, v in best.data.metrics.items()
+                    if k.split("/")[-1] in ("accuracy", "balanced_accuracy", "final_error", "error")]
+    params = [Param("sweep.objective", f"{key or 'none'} ({direction})")]
+    client.log_batch(parent_id, metrics=metrics, tags=tags, params=params)
+    return summary
+
+
+def attach(client, run_id: str, paths, folder: str) -> None:
+    """Log files (a comparison of the sweep's runs, say) to a run under ``folder``."""
+    for path in paths:
+        client.log_artifact(run_id, str(path), folder)

@@ -1,0 +1,181 @@
+"""The house rules, read from the source itself: who may import MLflow, what the library may
+know, which code each DVC stage depends on, and the guard around the one Hydra patch."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = ("pipeline", "catnet")
+
+
+def module_file(name: str) -> Path | None:
+    """The file of a project module (pipeline.* under pipeline/, catnet.* under src/catnet/)."""
+    parts = name.split(".")
+    if parts[0] not in PROJECT:
+        return None
+    base = ROOT / ("src" if parts[0] == "catnet" else "") / Path(*parts)
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imports_of(path: Path, anywhere: bool = True) -> set[str]:
+    """Project modules ``path`` imports: at module level, or (``anywhere``) also inside functions."""
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if anywhere else iter(tree.body)
+    package = ".".join(path.relative_to(ROOT / ("src" if "src" in path.parts else "")).with_suffix("").parts[:-1])
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the importing module's package
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}")}
+    out = set()
+    for name in found:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            if module_file(".".join(parts[:i])):
+                out.add(".".join(parts[:i]))
+    return out
+
+
+def closure(module: str) -> set[Path]:
+    """Every project file that running ``python -m <module>`` may import."""
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo += sorted(imports_of(path))
+    return seen
+
+
+def all_modules() -> list[Path]:
+    return sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "src/catnet").rglob("*.py")])
+
+
+def test_only_the_tracking_package_imports_mlflow():
+    tracking = ROOT / "pipeline" / "tracking"
+    offenders = []
+    for path in all_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names) and tracking not in path.parents:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_no_import_circle_between_modules():
+    """Module-level imports form no cycle (imports inside functions may point back)."""
+    def own_package(p: Path, q: Path) -> bool:  # a submodule importing its package's __init__: normal
+        return q.name == "__init__.py" and q.parent in p.parents
+
+    graph = {p: {q for q in map(module_file, imports_of(p, anywhere=False)) if q and q != p and not own_package(p, q)}
+             for p in all_modules()}
+    state: dict[Path, int] = {}
+
+    def visit(p: Path, stack: list[Path]) -> None:
+        state[p] = 1
+        for q in graph.get(p, ()):
+            if state.get(q) == 1:
+                raise AssertionError("import circle: " + " -> ".join(str(s.relative_to(ROOT)) for s in [*stack, p, q]))
+            if q not in state:
+                visit(q, [*stack, p])
+        state[p] = 2
+
+    for p in graph:
+        if p not in state:
+            visit(p, [])
+
+
+def test_the_library_knows_nothing_of_the_pipeline():
+    """src/catnet imports no pipeline, Hydra, OmegaConf, MLflow or DVC, and its messages name
+    its own parameters, not config keys (pipeline/config.py KNOBS maps one to the other)."""
+    banned = ("pipeline", "hydra", "omegaconf", "mlflow", "dvc")
+    key = re.compile(r"(?<![\w./])(data|train|model|normalize|tracking|sweep|paths)\.[a-z_]+\b")
+    found = []
+    for path in sorted((ROOT / "src/catnet").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: imports {n}" for n in names if n.split(".")[0] in banned]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found += [f"{path.name}:{node.lineno}: {m.group(0)}" for m in key.finditer(node.value)]
+                if re.search(r"\bdvc\b", node.value, re.I):
+                    found.append(f"{path.name}:{node.lineno}: mentions DVC")
+    assert found == []
+
+
+def test_every_library_parameter_error_maps_to_a_config_key():
+    from catnet.errors import BadValue
+    from pipeline.config import KNOBS
+
+    params = set()
+    for path in sorted((ROOT / "src/catnet").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("BadValue", "check_choice")
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                params.add(node.args[0].value)
+    assert params and params <= set(KNOBS), params - set(KNOBS)
+    assert BadValue("lr", 0, "must be > 0").message(KNOBS) == "train.lr=0: must be > 0"
+
+
+@pytest.mark.parametrize("stage", ["load", "normalize", "train", "evaluate"])
+def test_each_dvc_stage_depends_on_every_module_it_runs(stage):
+    """Editing any module a stage imports (hflip, the folds, the row readers...) makes that
+    stage stale; and a stage lists no module it does not run."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    module = spec["cmd"].split("python -m ", 1)[1].split()[0]
+    code_deps = [ROOT / d for d in spec["deps"] if d.startswith(("pipeline", "src"))]
+    imported = closure(module)
+    assert imported, module
+    uncovered = sorted(str(p.relative_to(ROOT)) for p in imported
+                       if not any(p == d or d in p.parents for d in code_deps))
+    assert uncovered == [], f"dvc.yaml stage {stage} misses deps: {uncovered}"
+    unused = sorted(str(d.relative_to(ROOT)) for d in code_deps
+                    if not any(p == d or d in p.parents for p in imported))
+    assert unused == [], f"dvc.yaml stage {stage} lists code it does not import: {unused}"
+
+
+def test_the_hydra_patch_is_applied_only_to_the_hydra_it_was_written_for(monkeypatch):
+    """A Hydra whose run_and_report takes other arguments, or of another version, keeps its own
+    report: the patch must never turn a config error into a TypeError."""
+    import hydra
+    from hydra._internal import utils as hydra_utils
+
+    from pipeline import common
+
+    assert getattr(hydra_utils.run_and_report, "catnet", False)  # this Hydra: patched at import
+
+    def newer(func, *, extra=None):  # a signature the patch was not written for
+        return func()
+
+    monkeypatch.setattr(hydra_utils, "run_and_report", newer)
+    assert common._report_bad_overrides_on_one_line() is False
+    assert hydra_utils.run_and_report is newer
+
+    def same(func):
+        return func()
+
+    monkeypatch.setattr(hydra_utils, "run_and_report", same)
+    monkeypatch.setattr(hydra, "__version__", "2.0.0")
+    assert common._report_bad_overrides_on_one_line() is False
+    assert hydra_utils.run_and_report is same
+    monkeypatch.setattr(hydra, "__version__", "1.3.9")
+    assert common._report_bad_overrides_on_one_line() is True
+    assert hydra_utils.run_and_report is not same and hydra_utils.run_and_report.catnet
