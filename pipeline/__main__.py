@@ -22,15 +22,31 @@ from pipeline.config import prepare
 from pipeline.tracking.query import metric_order, objective_value
 
 log = logging.getLogger("catnet")
+REUSED = "catnet.reused_from"  # in run_all's result: the run a reused job stands for
 
 
 def run_all(cfg: DictConfig) -> dict:
     """Run every stage; return the evaluate stage's metrics as MLflow names them. The MLflow run
-    opens once the data passed its checks (bad input fails in a second, before MLflow starts)."""
+    opens once the data passed its checks (bad input fails in a second, before MLflow starts).
+
+    In a sweep with ``sweep.reuse``, a job whose identity (pipeline/tracking/reuse.py) matches a
+    FINISHED run trains nothing: it links that run under the sweep's parent and returns its
+    metrics, with the key ``REUSED`` naming it."""
     splits = load.run(cfg)
+    digest = load.digest(splits)
+    key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
+    if key and cfg.sweep.reuse and is_multirun():
+        earlier = tracking.reuse.find(cfg, key)
+        if earlier is not None:
+            link = tracking.reuse.link(cfg, earlier)
+            log.info("reused %s (%s): same config, commit and data; linked as run %s", earlier.info.run_id,
+                     earlier.info.run_name, link)
+            return {**earlier.data.metrics, REUSED: earlier.info.run_id}
     normalizer = normalize.run(cfg, splits.train)
     with tracking.open_run(cfg) as mlrun:
-        mlrun.record_data(load.digest(splits), load.sources(cfg))
+        mlrun.record_data(digest, load.sources(cfg))
+        if key:
+            mlrun.set_tags({tracking.reuse.IDENTITY_TAG: key})
         net, cv = train.run(cfg, splits, normalizer, mlrun)
         return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))}
 
@@ -65,8 +81,9 @@ def _job(raw: DictConfig) -> float:
     with threadpool_limits(limits=_blas_threads()):
         try:
             cfg = prepare(raw, ROOT)
-            value = objective(cfg, run_all(cfg))
-            sweep.job_ended(entry, "FINISHED")
+            metrics = run_all(cfg)
+            value = objective(cfg, metrics)
+            sweep.job_ended(entry, "FINISHED", reused=metrics.get(REUSED))
             return worst if math.isnan(value) else value
         except (KeyboardInterrupt, Terminated) as e:
             sweep.job_ended(entry, "KILLED", type(e).__name__)

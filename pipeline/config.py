@@ -83,6 +83,7 @@ class SweepConfig:
     objective: str = "val/balanced_accuracy"  # the metric a sweep ranks its jobs by (never a test metric)
     direction: str = "maximize"  # maximize | minimize
     fallback: str = "train/balanced_accuracy"  # ranked by when no job logged the objective (val_fraction=0)
+    reuse: bool = True  # a job whose identity matches a FINISHED run links it instead of training again
 
 
 @dataclass

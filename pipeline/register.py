@@ -39,7 +39,7 @@ ConfigStore.instance().store(name="register_schema", node=RegisterConfig)
 
 
 def register(cfg: DictConfig) -> dict:
-    from pipeline.tracking import model, query, store
+    from pipeline.tracking import model, query, reuse, store
 
     order = query.metric_order(cfg.metric, cfg.fallback, knobs=("metric", "fallback"))  # refuses a test/ metric first
     client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
@@ -50,13 +50,14 @@ def register(cfg: DictConfig) -> dict:
                           f"in experiment {cfg.experiment!r}" + (f" under parent {cfg.parent}" if cfg.parent else ""))
     best = ranked[0]
     value = best.data.metrics[metric]
-    version = model.register(client, best.data.tags["catnet.model_uri"], best.info.run_id, cfg.name, cfg.alias,
+    run_id = reuse.origin(best)  # a sweep's link to a reused run: the run that trained and logged the model
+    version = model.register(client, best.data.tags["catnet.model_uri"], run_id, cfg.name, cfg.alias,
                              tags={"selected_by": f"{metric}={value:.4g}"})
-    log.info("register: run %s (%s %s=%.4g) -> models:/%s/%s, alias @%s", best.info.run_id,
+    log.info("register: run %s (%s %s=%.4g) -> models:/%s/%s, alias @%s", run_id,
              best.info.run_name, metric, value, cfg.name, version.version, cfg.alias)
-    print(f"models:/{cfg.name}@{cfg.alias} = version {version.version} = run {best.info.run_id} "
+    print(f"models:/{cfg.name}@{cfg.alias} = version {version.version} = run {run_id} "
           f"(selected by {metric}={value:.4g})")
-    return {"run_id": best.info.run_id, "version": version.version, "metric": metric}
+    return {"run_id": run_id, "version": version.version, "metric": metric}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="register")

@@ -50,9 +50,11 @@ def job_started() -> Path | None:
     return entry
 
 
-def job_ended(entry: Path | None, status: str, reason: str | None = None) -> None:
+def job_ended(entry: Path | None, status: str, reason: str | None = None, reused: str | None = None) -> None:
+    """``reused``: the id of the FINISHED run the job stood for instead of training."""
     if entry is not None and entry.parent.is_dir():
-        common.atomic_write(entry, lambda f: json.dump({"status": status, "reason": reason}, f), mode="w")
+        common.atomic_write(entry, lambda f: json.dump({"status": status, "reason": reason, "reused": reused}, f),
+                            mode="w")
 
 
 # ---- the sweep's side ----------------------------------------------------------------------------
@@ -117,8 +119,9 @@ class MlflowSweep(Callback):
             parent.close(client, parent_id, status, reason)
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
-        log.info("sweep: %d jobs, %d finished, %d failed%s", counts["jobs"], counts["finished"],
-                 counts["failed"] + counts["killed"] + counts["running"], best)
+        log.info("sweep: %d jobs, %d finished, %d failed; %d trained, %d reused%s", counts["jobs"], counts["finished"],
+                 counts["failed"] + counts["killed"] + counts["running"], counts["finished"] - counts["reused"],
+                 counts["reused"], best)
         if status != "FINISHED":
             print(f"catnet: error: sweep: {reason}", flush=True, file=sys.stderr)
             raise SystemExit(1)
@@ -166,7 +169,8 @@ def _clear_env() -> None:
 def _count(outcomes: list[dict]) -> dict[str, int]:
     statuses = [o.get("status") for o in outcomes]
     return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
-            "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING")}
+            "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING"),
+            "reused": sum(1 for o in outcomes if o.get("status") == "FINISHED" and o.get("reused"))}
 
 
 def _order(config: DictConfig) -> list[str]:

@@ -187,8 +187,12 @@ def _stage(cfg: DictConfig) -> None:
     if cfg.tracking.enabled and previous and previous.get("run_id"):
         tracking.run.supersede(cfg, previous)  # its weights are gone: evaluate can never continue it
     splits, normalizer = load.read(cfg), normalize.read(cfg)
+    digest = load.digest(splits)
+    key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
     with tracking.open_run(cfg, finish=False) as mlrun:  # evaluate finishes the run
-        mlrun.record_data(load.digest(splits), load.sources(cfg))
+        mlrun.record_data(digest, load.sources(cfg))
+        if key:  # a later sweep's identical job reuses this run (pipeline/tracking/reuse.py)
+            mlrun.set_tags({tracking.reuse.IDENTITY_TAG: key})
         run(cfg, splits, normalizer, mlrun)
     # the configured tracking.uri, not the resolved one: the project may move
     save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": cfg.tracking.uri})

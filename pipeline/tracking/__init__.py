@@ -5,6 +5,8 @@
 - ``model``: the network as an MLflow model (log, register, load);
 - ``query``: searching runs, and the one ranking rule of sweeps, ``register`` and ``compare``
   (never on test/);
+- ``reuse``: a run's identity (config, clean commit, data) and the look-up that spares a sweep's
+  job from training what a FINISHED run already trained;
 - ``parent``: a sweep's parent run (opened before the jobs, closed with counts and the best child);
 - ``pyfunc``: the MLflow pyfunc model's code (saved with each model; MLflow loads it from there).
 
@@ -16,3 +18,4 @@ from pipeline.tracking.run import (  # noqa: F401 - the stages' interface
     PARENT_ENV, SWEPT_ENV, MlflowRun, NullRun, failed_run, open_run, provenance_tags,
 )
 from pipeline.tracking.store import open_store, store_uri  # noqa: F401
+from pipeline.tracking import reuse  # noqa: F401,E402 - after run and store, which it uses

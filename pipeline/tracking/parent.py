@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from pipeline.tracking import query, run, store
+from pipeline.tracking import query, reuse, run, store
 
 
 def open_parent(config: DictConfig, name: str, params: dict[str, str]) -> tuple[Any, str]:
@@ -48,14 +48,15 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
     finished = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
     failed = counts["failed"] + counts["killed"] + counts["running"]
     metrics = [Metric("sweep/jobs", counts["jobs"], 0, 0), Metric("sweep/finished", counts["finished"], 0, 0),
-               Metric("sweep/failed", failed, 0, 0)]
+               Metric("sweep/failed", failed, 0, 0), Metric("sweep/reused", counts.get("reused", 0), 0, 0),
+               Metric("sweep/trained", counts["finished"] - counts.get("reused", 0), 0, 0)]
     key, ranked = query.rank(finished, lambda r: r.data.metrics, order, direction)
     summary: dict[str, Any] = {"objective": key}
     tags = []
     if ranked:
-        best = ranked[0]
-        summary.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name)
-        tags += [RunTag("catnet.best_run_id", best.info.run_id), RunTag("catnet.best_run_name", best.info.run_name or ""),
+        best = ranked[0]  # a reused job's link stands for the run that trained (and holds the model)
+        summary.update(best_run_id=reuse.origin(best), best_run_name=best.info.run_name)
+        tags += [RunTag("catnet.best_run_id", reuse.origin(best)), RunTag("catnet.best_run_name", best.info.run_name or ""),
                  RunTag("catnet.best_by", key)]
         metrics += [Metric(f"best/{k}", v, 0, 0) for k, v in best.data.metrics.items()
                     if k.split("/")[-1] in ("accuracy", "balanced_accuracy", "final_error", "error")]

@@ -76,13 +76,17 @@ def finished_runs(client, experiment_id: str, parent: str | None = None, with_mo
 
 def finished_runs_frame(experiment_id: str, parent: str | None = None, max_results: int = 200):
     """The same as a pandas DataFrame (MLflow's columns: run_id, params.*, metrics.*, tags.*),
-    without sweep parents, which summarize runs rather than being runs to compare."""
+    without sweep parents, which summarize runs rather than being runs to compare. Across a whole
+    experiment a reused job's link (pipeline/tracking/reuse.py) is left out too: the run it stands
+    for is in the table already."""
     import mlflow
 
     runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=_filter(parent, False),
                               max_results=max_results)
     if "tags.catnet.sweep" in runs:
         runs = runs[runs["tags.catnet.sweep"] != "parent"]
+    if not parent and "tags.catnet.reused_from" in runs:
+        runs = runs[runs["tags.catnet.reused_from"].isna()]
     return runs
 
 

@@ -1,0 +1,91 @@
+"""Job reuse: a sweep's job whose identity matches a FINISHED run is not trained again.
+
+A run's identity is one hash (tag ``catnet.identity``) of what decides its result: the composed
+config without the settings that only say where and how it is recorded (``tracking.*``,
+``paths.*``, ``sweep.*``, ``train.progress``), the code (the git commit, and only when the tree
+is clean: a dirty tree has no identity and is never reused), and the data (the md5 of the
+arrays the run learns from and is judged on). The look-up is one query on that tag.
+
+A matched job links the earlier run under its own sweep's parent: a child run holding the same
+params, the earlier run's final metrics and model URI, and the tag ``catnet.reused_from``; it
+trains nothing and logs no artifacts.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+
+from omegaconf import DictConfig
+
+from pipeline import config
+from pipeline.tracking import run as tracking_run
+from pipeline.tracking import store
+
+IDENTITY_TAG = "catnet.identity"
+REUSED_TAG = "catnet.reused_from"
+NOT_IDENTITY = ("tracking.", "paths.", "sweep.")  # where and how a run is recorded, not what it is
+NOT_IDENTITY_KEYS = {"train.progress"}
+
+log = logging.getLogger("catnet")
+
+
+@functools.lru_cache(maxsize=1)
+def clean_commit() -> str | None:
+    """The commit the code is at, if the tree is clean (the stages' own results aside)."""
+    tags = tracking_run.provenance_tags()
+    if tags.get("catnet.git.dirty") != "False":
+        return None
+    return tags.get("mlflow.source.git.commit")
+
+
+def identity(cfg: DictConfig, data_digest: str) -> str | None:
+    """The run's identity hash, or None when the code has none (a dirty tree, no git)."""
+    commit = clean_commit()
+    if commit is None:
+        return None
+    params = {k: v for k, v in config.flatten(cfg).items()
+              if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY_KEYS}
+    blob = json.dumps({"config": params, "commit": commit, "data": data_digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+def find(cfg: DictConfig, key: str):
+    """The earliest FINISHED run of the experiment that trained with this identity, or None."""
+    client, experiment_id = store.open_store(cfg)
+    runs = client.search_runs([experiment_id], f"tags.`{IDENTITY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+                              max_results=100, order_by=["attributes.start_time ASC"])
+    trained = [r for r in runs if REUSED_TAG not in r.data.tags]
+    return trained[0] if trained else None
+
+
+def link(cfg: DictConfig, original) -> str:
+    """A FINISHED child of this sweep's parent standing for ``original``; returns its id."""
+    from mlflow.entities import Metric, Param
+
+    client, experiment_id = store.open_store(cfg)
+    tags = {"mlflow.source.name": "pipeline", REUSED_TAG: original.info.run_id,
+            IDENTITY_TAG: original.data.tags[IDENTITY_TAG], **store.process_tags()}
+    for key in ("catnet.model_uri", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
+        if key in original.data.tags:
+            tags[key] = original.data.tags[key]
+    if os.environ.get(tracking_run.PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[tracking_run.PARENT_ENV]
+    run = client.create_run(experiment_id, run_name=tracking_run.run_name(cfg), tags=tags)
+    try:
+        params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric(k, v, 0, 0) for k, v in original.data.metrics.items()])
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def origin(run) -> str:
+    """The id of the run that trained: the run itself, or the one a link stands for."""
+    return run.data.tags.get(REUSED_TAG, run.info.run_id)

@@ -1,0 +1,154 @@
+"""Sweeps that resume: a job identical to a FINISHED run (config, clean commit, data) is not
+trained again, and an interrupted Optuna search rerun finishes the same study.
+
+Reuse needs a clean git tree, so each test works in a committed copy of this working tree
+(its own code, not the last commit's) beside a temporary store."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REAL_TRAIN, needs_data, runs_of
+
+from pipeline.common import ROOT
+
+pytestmark = [needs_data, pytest.mark.slow]
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A clean, committed copy of the working tree with the data in place."""
+    work = tmp_path / "project"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / name)
+    shutil.copytree(REAL_TRAIN.parent, work / "data" / "raw")
+    git = ["git", "-c", "user.email=test@catnet", "-c", "user.name=test"]
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run([*git, "commit", "-qm", "snapshot"], cwd=work, check=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs_of(uri)  # the store's tables exist before any process polls them
+    return {"dir": work, "uri": uri, "git": git, "tmp": tmp_path}
+
+
+def sweep(project, *args, popen=False):
+    env = {**os.environ, "PYTHONPATH": f"{project['dir'] / 'src'}{os.pathsep}{project['dir']}"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "pipeline", "-m", *args, f"tracking.uri={project['uri']}",
+           "tracking.experiment=test"]
+    if popen:
+        return subprocess.Popen(cmd, cwd=project["dir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=project["dir"], env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log, time.perf_counter() - start
+
+
+def counts(log: str) -> tuple[int, int]:
+    """(trained, reused) from the sweep's summary line."""
+    m = re.search(r"sweep: \d+ jobs, \d+ finished, \d+ failed; (\d+) trained, (\d+) reused", log)
+    assert m, log[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+def trained_runs(uri: str, runs: list | None = None) -> list:
+    """Runs that trained a network: FINISHED, neither a sweep parent nor a link to a reused run."""
+    runs = runs_of(uri)[1] if runs is None else runs
+    return [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("catnet.sweep") != "parent"
+            and "catnet.reused_from" not in r.data.tags]
+
+
+def test_a_sweep_run_twice_trains_each_job_once(project):
+    jobs = ["seed=0,1,2,3", "train.epochs=300", "train.check_learned=false"]
+    first, first_s = sweep(project, *jobs)
+    assert counts(first) == (4, 0)
+    second, second_s = sweep(project, *jobs)
+    assert counts(second) == (0, 4) and second.count("reused ") >= 4
+    assert second_s < 0.8 * first_s, (first_s, second_s)
+    print(f"4-job sweep: first {first_s:.1f} s, rerun {second_s:.1f} s ({second_s / first_s:.2f}x)")
+    assert len(trained_runs(project["uri"])) == 4
+
+    client, runs = runs_of(project["uri"])
+    parents = sorted((r for r in runs if r.data.tags.get("catnet.sweep") == "parent"), key=lambda r: r.info.start_time)
+    links = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    originals = {r.info.run_id: r for r in trained_runs(project["uri"])}
+    assert len(links) == 4 and {r.data.tags["catnet.reused_from"] for r in links} == set(originals)
+    for link in links:  # a link carries what the run it stands for recorded, and its model
+        original = originals[link.data.tags["catnet.reused_from"]]
+        assert link.data.metrics["train/accuracy"] == original.data.metrics["train/accuracy"]
+        assert link.data.params["seed"] == original.data.params["seed"]
+        assert link.data.tags["catnet.model_uri"] == original.data.tags["catnet.model_uri"]
+    assert parents[1].data.metrics["sweep/reused"] == 4 and parents[1].data.metrics["sweep/trained"] == 0
+    assert parents[1].data.tags["catnet.best_run_id"] in originals  # the run that trained, with the model
+
+    assert counts(sweep(project, "seed=0,1,2,3,4", *jobs[1:])[0]) == (1, 4)  # a fifth value trains one
+    assert counts(sweep(project, "seed=0,1", "train.epochs=301", *jobs[2:])[0]) == (2, 0)  # another config
+    assert counts(sweep(project, "seed=0,1", *jobs[1:], "sweep.reuse=false")[0]) == (2, 0)  # reuse off
+    metrics = project["dir"] / "src/catnet/metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# a change\n")
+    assert counts(sweep(project, "seed=0,1", *jobs[1:])[0]) == (2, 0)  # a dirty tree
+    subprocess.run([*project["git"], "commit", "-qam", "change"], cwd=project["dir"], check=True)
+    assert counts(sweep(project, "seed=0,1", *jobs[1:])[0]) == (2, 0)  # committed: another commit
+    assert counts(sweep(project, "seed=0,1", *jobs[1:])[0]) == (0, 2)  # and now that commit's runs
+
+    # the experiment-wide comparison lists each trained run once, not its links
+    env = {**os.environ, "PYTHONPATH": f"{project['dir'] / 'src'}{os.pathsep}{project['dir']}"}
+    subprocess.run([sys.executable, "-m", "pipeline.compare", "experiment=test", f"tracking.uri={project['uri']}",
+                    f"out_dir={project['tmp'] / 'compare'}"], cwd=project["dir"], env=env, check=True,
+                   capture_output=True)
+    rows = (project["tmp"] / "compare/runs.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == len(trained_runs(project["uri"])) == 4 + 1 + 2 + 2 + 2 + 2
+
+
+def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating_a_trial(project):
+    search = ["+hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=8",
+              "train.check_learned=false", "data.cv_folds=2", "data.cv_repeats=1"]
+    proc = sweep(project, *search, popen=True)
+    deadline = time.time() + 300
+
+    def mid_trial() -> bool:  # 3 trials done and the 4th training (its run open, its identity set)
+        _, runs = runs_of(project["uri"])  # one snapshot of the store
+        return len(trained_runs(project["uri"], runs)) >= 3 and any(
+            r.info.status == "RUNNING" and "catnet.identity" in r.data.tags for r in runs)
+
+    while not mid_trial() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:]
+    done = len(trained_runs(project["uri"]))
+    _, runs = runs_of(project["uri"])
+    killed = [r for r in runs if r.info.status == "KILLED" and "catnet.identity" in r.data.tags]
+    assert 3 <= done < 8 and len(killed) == 1  # a trial stopped mid-way: it must train again
+
+    log, _ = sweep(project, *search)
+    assert counts(log) == (8 - done, done)
+    runs = trained_runs(project["uri"])
+    identities = [r.data.tags["catnet.identity"] for r in runs]
+    assert len(runs) == 8 and len(set(identities)) == 8  # 8 trials in all, none trained twice
+    assert killed[0].data.tags["catnet.identity"] in identities  # the interrupted trial ran again
+    client, everything = runs_of(project["uri"])
+    parents = sorted((r for r in everything if r.data.tags.get("catnet.sweep") == "parent"),
+                     key=lambda r: r.info.start_time)
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
+    children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    # the rerun proposed the same first trials (the sampler is seeded and saw the same values)
+    first = {r.data.params["train.lr"] for r in everything if r.data.tags.get("mlflow.parentRunId")
+             == parents[0].info.run_id and r.info.status == "FINISHED"}
+    assert first <= {c.data.params["train.lr"] for c in children}
