@@ -79,7 +79,7 @@ def compare(cfg: DictConfig):
     atomic_write(csv, lambda f: table.to_csv(f, index=False), mode="w")
     histories = {  # labelled like the table's rows: short run id and objective
         f"{r['run_id'][:8]}" + (f" {objective} {r[f'metrics.{objective}']:.4g}" if objective else ""): pd.DataFrame(
-            query.metric_history(client, r["run_id"], "train/error"),
+            query.metric_history(client, _trained_by(r), "train/error"),
             columns=["epoch", "error"])
         for _, r in runs.loc[table.index[: cfg.max_curves]].iterrows()  # the table keeps runs' row labels
     }
@@ -89,6 +89,12 @@ def compare(cfg: DictConfig):
         parent.attach(client, cfg.parent, (md, csv, png), "compare")
     log.info("compare: %d runs -> %s, %s, %s", len(table), md, csv, png)
     return table
+
+
+def _trained_by(row) -> str:
+    """The run whose curve a row shows: a reused job's link shows the run that trained."""
+    origin = row.get("tags.catnet.reused_from")
+    return origin if isinstance(origin, str) and origin else row["run_id"]
 
 
 def _plot(f, histories) -> None:

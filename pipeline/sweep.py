@@ -30,7 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from catnet.errors import CatnetError, check_choice
+from catnet.errors import CatnetError, ConfigError, check_choice
 from pipeline import common
 from pipeline.tracking import parent
 
@@ -70,6 +70,7 @@ class MlflowSweep(Callback):
         try:  # what every job would refuse is refused once, before any job starts
             _order(config)
             check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
+            refuse_unreachable_store(config)
         except CatnetError as e:  # Hydra turns a callback's exception into a warning: exit here
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -177,6 +178,34 @@ def _order(config: DictConfig) -> list[str]:
     from pipeline.tracking.query import metric_order
 
     return metric_order(config.sweep.objective, config.sweep.fallback, knobs=("sweep.objective", "sweep.fallback"))
+
+
+def remote_ray_address(config: DictConfig) -> str | None:
+    """The Ray cluster address the sweep's launcher connects to, if that cluster lies on another
+    host (neither ``auto``, ``local`` nor a loopback address)."""
+    from pipeline.tracking.store import is_loopback
+
+    launcher = config.hydra.launcher
+    if "ray" not in str(launcher.get("_target_", "")).lower():
+        return None
+    address = str(((launcher.get("ray") or {}).get("init") or {}).get("address") or "")
+    if address in ("", "auto", "local", "None"):
+        return None
+    from urllib.parse import urlparse
+
+    host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
+    return None if is_loopback(host) else address
+
+
+def refuse_unreachable_store(config: DictConfig) -> None:
+    """Jobs on another host cannot write to this machine's SQLite file or loopback server."""
+    from pipeline.tracking.store import only_this_host
+
+    address = remote_ray_address(config)
+    if address and config.tracking.enabled and only_this_host(config):
+        raise ConfigError(f"tracking.uri={config.tracking.uri}: the jobs run on the Ray cluster at {address}, "
+                          "whose nodes cannot reach this machine's local store; set tracking.uri to an MLflow "
+                          "server every node reaches, e.g. http://<server>:5000 (README: Team mode)")
 
 
 def swept_keys(config: DictConfig) -> list[str]:

@@ -20,7 +20,7 @@ from conftest import REAL_TRAIN, needs_data, runs_of
 
 from pipeline.common import ROOT
 
-pytestmark = [needs_data, pytest.mark.slow]
+pytestmark = needs_data
 
 
 @pytest.fixture
@@ -73,6 +73,7 @@ def trained_runs(uri: str, runs: list | None = None) -> list:
             and "catnet.reused_from" not in r.data.tags]
 
 
+@pytest.mark.slow
 def test_a_sweep_run_twice_trains_each_job_once(project):
     jobs = ["seed=0,1,2,3", "train.epochs=300", "train.check_learned=false"]
     first, first_s = sweep(project, *jobs)
@@ -95,6 +96,14 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
         assert link.data.tags["catnet.model_uri"] == original.data.tags["catnet.model_uri"]
     assert parents[1].data.metrics["sweep/reused"] == 4 and parents[1].data.metrics["sweep/trained"] == 0
     assert parents[1].data.tags["catnet.best_run_id"] in originals  # the run that trained, with the model
+    env = {**os.environ, "PYTHONPATH": f"{project['dir'] / 'src'}{os.pathsep}{project['dir']}"}
+    shown = subprocess.run([sys.executable, "-m", "pipeline.compare", "experiment=test", f"parent={parents[1].info.run_id}",
+                            f"tracking.uri={project['uri']}", f"out_dir={project['tmp'] / 'sweep2'}"],
+                           cwd=project["dir"], env=env, check=True, capture_output=True, text=True)
+    assert shown.stdout.count("#") >= 4  # the sweep's comparison lists its 4 jobs
+    for link in links:  # and its curves are those of the runs that trained (300 epochs, not 1 point)
+        origin = client.get_metric_history(link.data.tags["catnet.reused_from"], "train/error")
+        assert len(origin) == 300 and len(client.get_metric_history(link.info.run_id, "train/error")) == 1
 
     assert counts(sweep(project, "seed=0,1,2,3,4", *jobs[1:])[0]) == (1, 4)  # a fifth value trains one
     assert counts(sweep(project, "seed=0,1", "train.epochs=301", *jobs[2:])[0]) == (2, 0)  # another config
@@ -107,7 +116,6 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
     assert counts(sweep(project, "seed=0,1", *jobs[1:])[0]) == (0, 2)  # and now that commit's runs
 
     # the experiment-wide comparison lists each trained run once, not its links
-    env = {**os.environ, "PYTHONPATH": f"{project['dir'] / 'src'}{os.pathsep}{project['dir']}"}
     subprocess.run([sys.executable, "-m", "pipeline.compare", "experiment=test", f"tracking.uri={project['uri']}",
                     f"out_dir={project['tmp'] / 'compare'}"], cwd=project["dir"], env=env, check=True,
                    capture_output=True)
@@ -115,6 +123,7 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
     assert len(rows) == len(trained_runs(project["uri"])) == 4 + 1 + 2 + 2 + 2 + 2
 
 
+@pytest.mark.slow
 def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating_a_trial(project):
     search = ["+hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=8",
               "train.check_learned=false", "data.cv_folds=2", "data.cv_repeats=1"]
@@ -152,3 +161,13 @@ def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating
     first = {r.data.params["train.lr"] for r in everything if r.data.tags.get("mlflow.parentRunId")
              == parents[0].info.run_id and r.info.status == "FINISHED"}
     assert first <= {c.data.params["train.lr"] for c in children}
+
+
+def test_compare_draws_a_reused_jobs_curve_from_the_run_that_trained():
+    import math
+
+    from pipeline.compare import _trained_by
+
+    assert _trained_by({"run_id": "link", "tags.catnet.reused_from": "origin"}) == "origin"
+    assert _trained_by({"run_id": "run", "tags.catnet.reused_from": math.nan}) == "run"
+    assert _trained_by({"run_id": "run"}) == "run"

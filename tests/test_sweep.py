@@ -148,6 +148,19 @@ def test_a_sweep_that_would_rank_on_test_is_refused_before_any_job(tmp_path, kno
     assert not db.exists()
 
 
+@pytest.mark.parametrize("address", ["ray://10.1.2.3:10001", "head.example.org:6379"])
+@pytest.mark.parametrize("uri", ["sqlite:///{tmp}/mlflow.db", "http://127.0.0.1:5999"])
+def test_a_remote_ray_cluster_with_a_store_only_this_host_reaches_is_refused(tmp_path, address, uri):
+    """Refused in one line before any job, not discovered as lost runs on the cluster's nodes."""
+    import_or_skip("ray", reason="the cluster extra is not installed (make setup-cluster)")
+    proc = run_cli("-m", "seed=0,1", "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={address}",
+                   f"tracking.uri={uri.format(tmp=tmp_path)}", f"hydra.sweep.dir={tmp_path / 'multirun'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("catnet: error: tracking.uri=") and address in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_ray_launcher_sweep_lands_as_children(tmp_path):
     import_or_skip("ray", reason="the cluster extra is not installed (make setup-cluster)")

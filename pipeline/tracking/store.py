@@ -67,6 +67,25 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     raise ConfigError(f"tracking.uri={uri}: no MLflow server answers there ({reason})")
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def only_this_host(cfg: DictConfig) -> bool:
+    """Whether the configured store can be reached from this machine only: a SQLite file, or a
+    server at a loopback address (which, on another machine, names that machine)."""
+    from urllib.parse import urlparse
+
+    uri = cfg.tracking.uri or ""
+    if not uri or uri.startswith("sqlite:"):
+        return True
+    return uri.startswith(("http://", "https://")) and is_loopback(urlparse(uri).hostname or "")
+
+
 def client(cfg: DictConfig):
     """An MlflowClient on the configured store (tracking and registry), which must answer."""
     import mlflow
