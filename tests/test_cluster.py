@@ -26,10 +26,13 @@ def ray_head(tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); ray.shutdown()"],
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
+            try:
+                probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); ray.shutdown()"],
+                                       capture_output=True, text=True, timeout=60)
+                if probe.returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:  # a head still starting can keep a client waiting
+                pass
             assert proc.poll() is None, (tmp_path / "ray.log").read_text()[-2000:]
             time.sleep(1)
         else:
@@ -71,3 +74,114 @@ def test_a_sweep_on_an_existing_ray_cluster_keeps_its_structure_and_outputs(ray_
     local = run_cli("-m", "seed=0,1", "hydra/launcher=ray_local", "train.epochs=5", "train.check_learned=false",
                     f"tracking.uri={uri}", "tracking.experiment=local", f"hydra.sweep.dir={tmp_path / 'local'}")
     assert "sweep: 2 jobs, 2 finished, 0 failed" in local.stdout + local.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root (CI), run its tools as the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL cluster of Debian's postgresql package on a loopback port, with a database
+    `mlflow` for user `catnet` (trust auth on loopback), stopped at the end."""
+    import glob
+    import shutil
+    import tempfile
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        if os.environ.get("CI"):
+            raise AssertionError("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bindir = Path(bins[-1]).parent
+    home = Path(tempfile.mkdtemp(prefix="catnet-pg-"))  # not under pytest's root-only tmp: postgres reads it
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres")
+    port = _free_port()
+    data = home / "data"
+    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "catnet"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(home / "log"), "-o",
+                                 f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"]),
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(_as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "catnet",
+                                     "mlflow"]), check=True, capture_output=True)
+        yield f"postgresql://catnet@127.0.0.1:{port}/mlflow"
+    finally:
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 15)  # smart shutdown of the postmaster, by its process id
+        for _ in range(120):
+            if not (data / "postmaster.pid").exists():
+                break
+            time.sleep(0.5)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    """`mlflow server` on PostgreSQL with served artifacts, bound to 127.0.0.1 (README: Team mode)."""
+    import_or_skip("psycopg", reason="the cluster extra is not installed (make setup-cluster)")
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
+                               "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], cwd=tmp_path, start_new_session=True,
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow server did not answer in 120 s")
+        yield uri
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_team_mode_a_sweep_on_the_cluster_recorded_by_a_server_on_postgresql(ray_head, mlflow_server, tmp_path):
+    """The README's Team mode, on real engines: 4 jobs through hydra/launcher=ray_cluster to an
+    mlflow server on PostgreSQL; one parent, 4 FINISHED children with every epoch, weights.npz and
+    a model; register and predict through the server."""
+    uri = mlflow_server
+    proc = run_cli("-m", "seed=0,1,2,3", "hydra/launcher=ray_cluster", "train.epochs=20", "train.check_learned=false",
+                   f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert "sweep: 4 jobs, 4 finished, 0 failed" in proc.stdout + proc.stderr
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 4 and len(runs) == 5
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert len(client.get_metric_history(child.info.run_id, "train/error")) == 20
+        assert "weights.npz" in [a.path for a in client.list_artifacts(child.info.run_id)]
+        assert child.data.tags["catnet.model_uri"].startswith("models:/m-")
+    reg = run_cli(f"tracking.uri={uri}", "experiment=test", module="pipeline.register")
+    best = parent.data.tags["catnet.best_run_id"]
+    assert f"run {best}" in reg.stdout
+    import h5py
+    from conftest import REAL_TEST
+    from PIL import Image
+
+    with h5py.File(REAL_TEST) as f:
+        Image.fromarray(f["test_set_x"][0]).save(tmp_path / "a.png")
+    pred = run_cli("model_uri=models:/catnet@champion", f"images=[{tmp_path / 'a.png'}]", f"tracking.uri={uri}",
+                   module="pipeline.predict")
+    assert pred.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "a.png"))

@@ -294,10 +294,14 @@ class MlflowRun(NullRun):
             shutil.rmtree(self.private, ignore_errors=True)
 
 
+UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
 def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
     """client.log_inputs, retried when a parallel job inserted the same dataset first: MLflow's
     SQL store looks the dataset up, then inserts it, so two first runs on one store can both
-    insert it and one fails on the UNIQUE constraint; on retry it finds the row and links it."""
+    insert it and one fails on the UNIQUE constraint; on retry it finds the row and links it.
+    The message is the database's: SQLite, PostgreSQL (a server on it: README, Team mode), MySQL."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
@@ -305,7 +309,8 @@ def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
             client.log_inputs(run_id, inputs)
             return
         except MlflowException as e:
-            if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
+            duplicate = any(m in str(e) for m in UNIQUE_VIOLATIONS)
+            if not duplicate or attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
 
