@@ -14,6 +14,15 @@ from conftest import import_or_skip, needs_data, run_cli, runs_of
 pytestmark = needs_data
 
 
+def wait_until_up(answers, proc: subprocess.Popen, log: Path, what: str, seconds: float = 120) -> None:
+    """Until ``answers()``; fail with the log's tail if ``proc`` ends or ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while not answers():
+        assert proc.poll() is None, f"{what} ended:\n" + log.read_text()[-3000:]
+        assert time.time() < deadline, f"{what} did not answer in {seconds:.0f} s:\n" + log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on this machine, as a team starts one (`ray start --head`), in the foreground
@@ -24,19 +33,14 @@ def ray_head(tmp_path):
                              "--include-dashboard=false", "--disable-usage-stats"],
                             stdout=open(tmp_path / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
+        def answers() -> bool:
             try:
-                probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); ray.shutdown()"],
-                                       capture_output=True, text=True, timeout=60)
-                if probe.returncode == 0:
-                    break
+                return subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); ray.shutdown()"],
+                                      capture_output=True, timeout=60).returncode == 0
             except subprocess.TimeoutExpired:  # a head still starting can keep a client waiting
-                pass
-            assert proc.poll() is None, (tmp_path / "ray.log").read_text()[-2000:]
-            time.sleep(1)
-        else:
-            raise AssertionError("the Ray head did not answer in 120 s")
+                return False
+
+        wait_until_up(answers, proc, tmp_path / "ray.log", "the Ray head")
         yield proc
     finally:
         proc.terminate()
@@ -140,15 +144,14 @@ def mlflow_server(postgres, tmp_path):
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        def answers() -> bool:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
+                    return True
             except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not answer in 120 s")
+                return False
+
+        wait_until_up(answers, server, tmp_path / "server.log", "mlflow server")
         yield uri
     finally:
         os.killpg(server.pid, 15)
