@@ -81,21 +81,28 @@ def _job(raw: DictConfig) -> float:
     with threadpool_limits(limits=_blas_threads()):
         try:
             cfg = prepare(raw, ROOT)
+            sweep.wait_for_store(cfg)
             metrics = run_all(cfg)
             value = objective(cfg, metrics)
             sweep.job_ended(entry, "FINISHED", reused=metrics.get(REUSED))
             return worst if math.isnan(value) else value
         except (KeyboardInterrupt, Terminated) as e:
-            sweep.job_ended(entry, "KILLED", type(e).__name__)
+            sweep.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
             raise
         except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
+            reason = f"{type(e).__name__}: {told(e)}"
             if isinstance(e, CatnetError):
                 log.error("catnet: error: %s", told(e))
+            elif raw.tracking.enabled and tracking.store.unreachable(e):  # an outage, not a bug: one line
+                reason = f"the tracking server did not answer: {tracking.store.brief(e)}"
+                log.error("catnet: error: %s", reason)
             else:
                 log.exception("catnet: job failed")
+            unrecorded = None
             if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
-                tracking.failed_run(cfg or raw, e)
-            sweep.job_ended(entry, "FAILED", f"{type(e).__name__}: {told(e)}")
+                if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
+                    unrecorded = tracking.run.job_record(cfg or raw)
+            sweep.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded)
             return worst
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import math
 import os
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class TrackingConfig:
     run_name: Optional[str] = None  # None: the command-line overrides, or MLflow's random name
     flush_seconds: float = 10.0  # per-epoch metrics are sent in batches at most this often
     max_epoch_points: Optional[int] = 10000  # longer runs log every k-th epoch to MLflow; None: all
+    retry_seconds: Optional[float] = 60.0  # how long a job waits out a tracking server that does not answer
 
 
 @dataclass
@@ -194,6 +196,9 @@ def validate(cfg: DictConfig) -> None:
     refuse_test_metric("sweep.fallback", cfg.sweep.fallback)
     if not cfg.tracking.flush_seconds >= 0:
         raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds}: must be >= 0")
+    if cfg.tracking.retry_seconds is not None and not 0 <= cfg.tracking.retry_seconds < math.inf:
+        raise ConfigError(f"tracking.retry_seconds={cfg.tracking.retry_seconds}: must be a number of seconds >= 0, "
+                          "or null for MLflow's own retries")
     if cfg.tracking.max_epoch_points is not None and cfg.tracking.max_epoch_points < 1:
         raise ConfigError(f"tracking.max_epoch_points={cfg.tracking.max_epoch_points}: must be >= 1, "
                           "or null for every epoch")

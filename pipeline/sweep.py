@@ -50,11 +50,83 @@ def job_started() -> Path | None:
     return entry
 
 
-def job_ended(entry: Path | None, status: str, reason: str | None = None, reused: str | None = None) -> None:
-    """``reused``: the id of the FINISHED run the job stood for instead of training."""
+def job_ended(entry: Path | None, status: str, reason: str | None = None, reused: str | None = None,
+              unfinished: str | None = None, unrecorded: dict | None = None) -> None:
+    """``reused``: the id of the FINISHED run the job stood for instead of training;
+    ``unfinished``: the id of its run, left RUNNING because the store did not take its status;
+    ``unrecorded``: its name and params, when the store was down and it has no run at all."""
     if entry is not None and entry.parent.is_dir():
-        common.atomic_write(entry, lambda f: json.dump({"status": status, "reason": reason, "reused": reused}, f),
-                            mode="w")
+        outcome = {"status": status, "reason": reason, "reused": reused, "unfinished": unfinished,
+                   "unrecorded": unrecorded}
+        common.atomic_write(entry, lambda f: json.dump(outcome, f), mode="w")
+
+
+class WithOutcome:
+    """A sweep's task function that returns, with its value, the outcome its job entered in a
+    ledger of its own: for launchers whose jobs run where the sweep's ledger folder is not
+    (another node of a Ray cluster). The launcher enters the outcome in the sweep's ledger
+    (``enter``) and hands the value to the sweeper."""
+
+    def __init__(self, task_function):
+        self.task_function = task_function
+
+    def __call__(self, cfg: DictConfig) -> tuple[Any, list[dict]]:
+        folder = Path(tempfile.mkdtemp(prefix="catnet-job-"))
+        previous = os.environ.get(LEDGER_ENV)
+        os.environ[LEDGER_ENV] = str(folder)
+        try:
+            value = self.task_function(cfg)
+            return value, _read(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            if previous is None:
+                os.environ.pop(LEDGER_ENV, None)
+            else:
+                os.environ[LEDGER_ENV] = previous
+
+
+def enter(outcomes: list[dict]) -> None:
+    """Enter, on the sweep's side, outcomes of jobs that ran elsewhere (``WithOutcome``)."""
+    ledger = os.environ.get(LEDGER_ENV)
+    for outcome in outcomes:
+        if ledger and Path(ledger).is_dir():
+            entry = Path(ledger) / f"{uuid.uuid4().hex}.json"
+            common.atomic_write(entry, lambda f, o=outcome: json.dump(o, f), mode="w")
+
+
+def _read(folder: Path) -> list[dict]:
+    outcomes = []
+    for entry in sorted(folder.glob("*.json")):
+        try:
+            outcomes.append(json.loads(entry.read_text()))
+        except (OSError, ValueError):
+            outcomes.append({"status": "RUNNING"})
+    return outcomes
+
+
+UNREACHABLE = "server-unreachable"  # in the ledger: a job gave up waiting for the tracking server
+
+
+def wait_for_store(cfg: DictConfig) -> None:
+    """A job whose tracking server does not answer waits for it up to ``tracking.retry_seconds``
+    (it answered when the sweep started: a restart, a short outage); once a job gave up, the
+    next ones ask only once, so a server gone for good fails the rest of the sweep quickly."""
+    from pipeline.tracking import store
+
+    uri = store.store_uri(cfg)[0] if cfg.tracking.enabled else ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    ledger = os.environ.get(LEDGER_ENV)
+    marker = Path(ledger) / UNREACHABLE if ledger and Path(ledger).is_dir() else None
+    wait = 0.0 if marker is not None and marker.exists() else float(cfg.tracking.retry_seconds or 0)
+    try:
+        store.check_server(uri, wait)
+    except store.ServerUnreachable:
+        if marker is not None:
+            marker.touch()
+        raise
+    if marker is not None:
+        marker.unlink(missing_ok=True)
 
 
 # ---- the sweep's side ----------------------------------------------------------------------------
@@ -109,20 +181,36 @@ class MlflowSweep(Callback):
         if counts["failed"] or counts["killed"] or counts["running"]:
             status = "FAILED"
             reason = f"{counts['failed'] + counts['killed'] + counts['running']} of {counts['jobs']} jobs failed"
+        lost: list[str] = []  # what the store did not take: said, never silent
         if self.parent_id is not None:
+            from pipeline.tracking import store
+
             client, parent_id = self.client, self.parent_id
             self.parent_id = None
             _clear_env()
+            lost = _unsettled(outcomes)
             try:
+                wait_for_store(config)  # a server that went away: wait for it, within tracking.retry_seconds
+                lost = parent.settle(client, parent_id, outcomes)
                 summary = parent.summarize(client, parent_id, counts, _order(config), config.sweep.direction)
             except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
-                status, reason = "FAILED", f"the sweep's summary could not be written: {type(e).__name__}: {e}"
-            parent.close(client, parent_id, status, reason)
+                status = "FAILED"
+                why = store.brief(e) if store.unreachable(e) else f"the sweep's summary could not be written: {store.brief(e)}"
+                reason = "; ".join(filter(None, [reason, why]))
+            try:
+                parent.close(client, parent_id, status, reason)
+            except Exception as e:  # noqa: BLE001
+                why = parent._why(e)
+                lost.insert(0, f"the sweep's parent run {parent_id} left RUNNING{why}")
+                status, reason = "FAILED", reason or "the sweep's parent run could not be closed"
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
         log.info("sweep: %d jobs, %d finished, %d failed; %d trained, %d reused%s", counts["jobs"], counts["finished"],
                  counts["failed"] + counts["killed"] + counts["running"], counts["finished"] - counts["reused"],
                  counts["reused"], best)
+        if lost:
+            reason = (f"{reason}; not in the tracking store: {'; '.join(lost)} (once it answers, a later catnet "
+                      "command on the host of a run's ended process marks that run KILLED)")
         if status != "FINISHED":
             print(f"catnet: error: sweep: {reason}", flush=True, file=sys.stderr)
             raise SystemExit(1)
@@ -148,16 +236,17 @@ class MlflowSweep(Callback):
     def _close_ledger(self) -> list[dict]:
         if self.ledger is None:
             return []
-        outcomes = []
-        for entry in sorted(self.ledger.glob("*.json")):
-            try:
-                outcomes.append(json.loads(entry.read_text()))
-            except (OSError, ValueError):
-                outcomes.append({"status": "RUNNING"})
+        outcomes = _read(self.ledger)
         shutil.rmtree(self.ledger, ignore_errors=True)
         os.environ.pop(LEDGER_ENV, None)
         self.ledger = None
         return outcomes
+
+
+def _unsettled(outcomes: list[dict]) -> list[str]:
+    """What the jobs left for the sweep to record (parent.settle), described."""
+    return ([f"run {o['unfinished']} left RUNNING" for o in outcomes if o.get("unfinished")]
+            + [f"job {o['unrecorded'].get('name')!r} has no run" for o in outcomes if o.get("unrecorded")])
 
 
 def _clear_env() -> None:

@@ -107,3 +107,22 @@ def runs_of(uri: str, experiment: str = "test"):
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_per_test():
+    """Each test starts without the MLflow tracking and registry URIs an earlier test set in this
+    process: store.client sets both, and MLflow keeps them in module globals and in environment
+    variables that the CLI runs of later tests would inherit."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -131,31 +131,62 @@ def postgres():
         shutil.rmtree(home, ignore_errors=True)
 
 
+class MlflowServer:
+    """`mlflow server` on PostgreSQL with served artifacts, bound to 127.0.0.1 (README: Team mode),
+    on one port for its life: ``kill`` stops it (SIGKILL, an outage), ``start`` brings it back."""
+
+    def __init__(self, backend: str, folder: Path):
+        self.backend, self.folder, self.port = backend, folder, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def answers(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        log = self.folder / "server.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+                                      "--artifacts-destination", str(self.folder / "served"), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--workers", "1"], cwd=self.folder,
+                                     start_new_session=True, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+        wait_until_up(self.answers, self.proc, log, "mlflow server")
+
+    def kill(self, signal: int = 9) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal)
+            self.proc.wait(timeout=60)
+
+
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
-    """`mlflow server` on PostgreSQL with served artifacts, bound to 127.0.0.1 (README: Team mode)."""
     import_or_skip("psycopg", reason="the cluster extra is not installed (make setup-cluster)")
-    import urllib.request
-
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-                               "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], cwd=tmp_path, start_new_session=True,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(postgres, tmp_path)
     try:
-        def answers() -> bool:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    return True
-            except OSError:
-                return False
-
-        wait_until_up(answers, server, tmp_path / "server.log", "mlflow server")
-        yield uri
+        server.start()
+        yield server
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        server.kill(15)
+
+
+def _whole_sweep(uri: str, epochs: int):
+    """The store holds one FINISHED parent and its 4 FINISHED children, each with every epoch's
+    train/error, weights.npz and a model; returns the parent."""
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 4 and len(runs) == 5
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert len(client.get_metric_history(child.info.run_id, "train/error")) == epochs
+        assert "weights.npz" in [a.path for a in client.list_artifacts(child.info.run_id)]
+        assert child.data.tags["catnet.model_uri"].startswith("models:/m-")
+    return parent
 
 
 @pytest.mark.slow
@@ -163,19 +194,11 @@ def test_team_mode_a_sweep_on_the_cluster_recorded_by_a_server_on_postgresql(ray
     """The README's Team mode, on real engines: 4 jobs through hydra/launcher=ray_cluster to an
     mlflow server on PostgreSQL; one parent, 4 FINISHED children with every epoch, weights.npz and
     a model; register and predict through the server."""
-    uri = mlflow_server
+    uri = mlflow_server.uri
     proc = run_cli("-m", "seed=0,1,2,3", "hydra/launcher=ray_cluster", "train.epochs=20", "train.check_learned=false",
                    f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert "sweep: 4 jobs, 4 finished, 0 failed" in proc.stdout + proc.stderr
-    client, runs = runs_of(uri)
-    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 4 and len(runs) == 5
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert len(client.get_metric_history(child.info.run_id, "train/error")) == 20
-        assert "weights.npz" in [a.path for a in client.list_artifacts(child.info.run_id)]
-        assert child.data.tags["catnet.model_uri"].startswith("models:/m-")
+    parent = _whole_sweep(uri, epochs=20)
     reg = run_cli(f"tracking.uri={uri}", "experiment=test", module="pipeline.register")
     best = parent.data.tags["catnet.best_run_id"]
     assert f"run {best}" in reg.stdout
@@ -188,3 +211,103 @@ def test_team_mode_a_sweep_on_the_cluster_recorded_by_a_server_on_postgresql(ray
     pred = run_cli("model_uri=models:/catnet@champion", f"images=[{tmp_path / 'a.png'}]", f"tracking.uri={uri}",
                    module="pipeline.predict")
     assert pred.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "a.png"))
+
+
+def _sweep_in_background(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """`python -m pipeline -m <args>` from the project root, its output in a file to watch."""
+    from conftest import ROOT
+
+    out = tmp_path / "sweep.log"
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-m", *args], cwd=ROOT, env=env,
+                            stdout=open(out, "w"), stderr=subprocess.STDOUT, text=True)
+    return proc, out
+
+
+def _when_logged(text: str, proc: subprocess.Popen, out: Path, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while text not in out.read_text():
+        assert proc.poll() is None and time.time() < deadline, f"never logged {text!r}:\n" + out.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+OUTAGE_SWEEP = ("seed=0,1,2,3", "train.epochs=2000", "train.check_learned=false", "tracking.flush_seconds=1",
+                "tracking.experiment=test")
+
+
+@pytest.mark.slow
+def test_a_server_gone_for_good_fails_the_sweep_and_names_what_it_could_not_record(mlflow_server, tmp_path):
+    """The server is killed while job #1 runs and stays down: the sweep exits 1, counts the jobs,
+    and names the runs left RUNNING and the jobs left without a run; once the server is back,
+    the next catnet command closes those runs (their processes ended): nothing stays RUNNING."""
+    server = mlflow_server
+    proc, out = _sweep_in_background(tmp_path, *OUTAGE_SWEEP, f"tracking.uri={server.uri}",
+                                     "tracking.retry_seconds=3", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _when_logged("'#1 seed=1' in experiment", proc, out)
+    server.kill()
+    started = time.time()
+    assert proc.wait(timeout=300) == 1
+    waited = time.time() - started
+    log = out.read_text()
+    assert "sweep: 4 jobs, 1 finished, 3 failed" in log, log[-3000:]
+    error = next(line for line in log.splitlines() if line.startswith("catnet: error: sweep:"))
+    assert "3 of 4 jobs failed; tracking.uri=" in error and "no MLflow server answers there" in error
+    assert "; not in the tracking store: the sweep's parent run " in error
+    assert "job '#2 seed=2' has no run" in error and "job '#3 seed=3' has no run" in error
+    assert waited < 60, f"the sweep took {waited:.0f} s to give up on a server gone for good"
+    server.start()
+    client, runs = runs_of(server.uri)
+    running = {r.info.run_id for r in runs if r.info.status == "RUNNING"}
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    assert parent.info.run_id in running and len(running) == 2  # the parent and job #1's run
+    assert all(f"run {run_id} left RUNNING" in error for run_id in running), error
+    assert [r.info.status for r in runs if r.info.run_name == "#0 seed=0"] == ["FINISHED"]
+    run_cli(f"tracking.uri={server.uri}", "experiment=test", f"out_dir={tmp_path / 'compare'}",
+            module="pipeline.compare")
+    _, runs = runs_of(server.uri)
+    assert {r.info.status for r in runs if r.info.run_id in running} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_a_server_back_before_the_sweep_ends_gets_every_failed_job_as_a_failed_run(mlflow_server, tmp_path):
+    """The server is killed while job #1 runs, and is back only after the last job gave up: the
+    sweep's end waits for it (tracking.retry_seconds) and records what the jobs could not: job
+    #1's run FAILED, a FAILED run for each job that never had one, the parent FAILED; exit 1."""
+    server = mlflow_server
+    proc, out = _sweep_in_background(tmp_path, *OUTAGE_SWEEP, f"tracking.uri={server.uri}",
+                                     "tracking.retry_seconds=30", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _when_logged("'#1 seed=1' in experiment", proc, out)
+    server.kill()
+    _when_logged("#3 : seed=3", proc, out)
+    server.start()
+    assert proc.wait(timeout=300) == 1, out.read_text()[-3000:]
+    log = out.read_text()
+    assert "sweep: 4 jobs, 1 finished, 3 failed" in log
+    assert "not in the tracking store" not in log, log[-3000:]
+    _, runs = runs_of(server.uri)
+    status = {r.info.run_name: r.info.status for r in runs}
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    assert status == {parent.info.run_name: "FAILED", "#0 seed=0": "FINISHED", "#1 seed=1": "FAILED",
+                      "#2 seed=2": "FAILED", "#3 seed=3": "FAILED"}, status
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    for child in (c for c in children if c.info.status == "FAILED"):
+        assert "did not answer" in child.data.tags["catnet.failure"] or "no MLflow server" in child.data.tags["catnet.failure"]
+    late = next(r for r in runs if r.info.run_name == "#3 seed=3")
+    assert late.data.params["seed"] == "3" and "recorded by the sweep" in late.data.tags["catnet.failure"]
+
+
+@pytest.mark.slow
+def test_a_short_outage_loses_nothing(mlflow_server, tmp_path):
+    """The server is killed while job #1 runs and restarted: the jobs wait it out (MLflow's
+    retries, bounded by tracking.retry_seconds), and the sweep ends FINISHED with every run whole."""
+    server = mlflow_server
+    proc, out = _sweep_in_background(tmp_path, *OUTAGE_SWEEP, f"tracking.uri={server.uri}",
+                                     "tracking.retry_seconds=60", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _when_logged("'#1 seed=1' in experiment", proc, out)
+    server.kill()
+    time.sleep(2)
+    server.start()
+    assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
+    assert "sweep: 4 jobs, 4 finished, 0 failed" in out.read_text()
+    _whole_sweep(server.uri, epochs=2000)

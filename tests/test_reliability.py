@@ -147,6 +147,28 @@ def test_a_tracking_server_that_is_not_there_fails_fast(store):
     assert not (store["out"] / "models/weights.npz").exists()
 
 
+@pytest.mark.parametrize("seconds, at_least", [(3, 2.0), (0, 0.0)])
+def test_retry_seconds_bounds_mlflow_s_retries_of_a_request(seconds, at_least):
+    """tracking.retry_seconds bounds each MLflow request to a server that does not answer (its
+    own default, 7 retries with a doubling back-off, takes ~4 minutes); it does retry meanwhile."""
+    code = f"""
+import time
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from pipeline.tracking import store
+store.bound_retries(OmegaConf.create({{"tracking": {{"retry_seconds": {seconds}}}}}))
+start = time.monotonic()
+try:
+    MlflowClient(tracking_uri="http://127.0.0.1:{_free_port()}").get_experiment("0")
+except Exception:
+    print(time.monotonic() - start)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    took = float(proc.stdout.strip().splitlines()[-1])
+    assert at_least <= took <= seconds + 0.5, took
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_same_config_and_seed_give_bit_identical_weights(tmp_path, dtype):
     arrays = []
@@ -194,6 +216,7 @@ def test_malformed_file_through_the_cli(tmp_path, store, case):
     "model.hidden_sizes=abc", "model.activation=swish", "model.bias=perhaps", "model.init=zeros",
     "train.dtype=int8", "train.loss=mae", "seed=-1", "data.val_fraction=1.5", "data.image_shape=[0,64,3]",
     "normalize.divisor=0", "train.divergence_ratio=0.5", "tracking.uri=ftp://x", "tracking.flush_seconds=-1",
+    "tracking.retry_seconds=-1", "tracking.retry_seconds=inf",
 ])
 def test_bad_knob_through_the_cli(store, override):
     proc = run_cli(*store["args"], override, check=False)

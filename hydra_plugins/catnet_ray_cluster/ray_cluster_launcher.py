@@ -7,10 +7,12 @@ the driver's environment (which a cluster's workers do not inherit), and each jo
 sweep folder (``${now:...}``) anew where it runs. This launcher, its subclass, connects to the
 cluster at ``hydra.launcher.ray.init.address`` (``auto``, ``<host>:<port>`` or ``ray://<host>:10001``)
 with nothing but the address and a ``runtime_env`` that carries what each job needs (the parent
-run, the swept keys, the sweep's ledger), and gives every job the sweep folder as the driver
-resolved it, absolute. Each node needs the project's checkout at the same path and its data
-(``dvc pull``); the record goes to ``tracking.uri``, which must be a server every node reaches
-(pipeline/sweep.py refuses a local store for a cluster on another host).
+run, the swept keys), and gives every job the sweep folder as the driver resolved it, absolute.
+Each job's outcome comes back with its value through Ray (the sweep's ledger is a folder on the
+driver's disk) and is entered there, so the sweep counts the jobs of every node. Each node needs
+the project's checkout at the same path and its data (``dvc pull``); the record goes to
+``tracking.uri``, which must be a server every node reaches (pipeline/sweep.py refuses a local
+store for a cluster on another host).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ except ImportError:
     RayLauncher = None
 
 log = logging.getLogger(__name__)
-CARRIED_ENV = ("CATNET_MLFLOW_PARENT_RUN_ID", "CATNET_SWEPT_KEYS", "CATNET_SWEEP_LEDGER")  # set by pipeline/sweep.py
+CARRIED_ENV = ("CATNET_MLFLOW_PARENT_RUN_ID", "CATNET_SWEPT_KEYS")  # set by pipeline/sweep.py
 
 
 class _RayClusterLauncher:
@@ -38,6 +40,8 @@ class _RayClusterLauncher:
         from hydra.core.singleton import Singleton
         from hydra.core.utils import configure_log, filter_overrides, setup_globals
         from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray
+
+        from pipeline import sweep
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -60,8 +64,35 @@ class _RayClusterLauncher:
                 sweep_config.hydra.job.num = idx
                 sweep_config.hydra.sweep.dir = str(sweep_dir)  # resolved here, once, for every node
             runs.append(launch_job_on_ray(self.hydra_context, self.ray_cfg.remote, sweep_config,
-                                          self.task_function, Singleton.get_state()))
-        return [ray.get(run) for run in runs]
+                                          sweep.WithOutcome(self.task_function), Singleton.get_state()))
+        return [self._returned(ray, run, overrides) for run, overrides in zip(runs, job_overrides)]
+
+    def _returned(self, ray, run, overrides: Sequence[str]) -> JobReturn:
+        """The job's return, its outcome entered in the sweep's ledger (the job ran where that
+        folder may not be). A task Ray lost (its worker or node died) is a FAILED job, its
+        objective the worst, and the sweep goes on."""
+        import math
+
+        from hydra.core.utils import JobStatus
+
+        from pipeline import sweep
+
+        try:
+            job = ray.get(run)
+        except Exception as e:  # noqa: BLE001 - ray.exceptions.RayError and what it wraps
+            reason = f"the Ray task was lost: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
+            sweep.enter([{"status": "FAILED", "reason": reason}])
+            job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+            job.return_value = -math.inf if self.config.sweep.direction == "maximize" else math.inf
+            return job
+        if job.status == JobStatus.COMPLETED:
+            value, outcomes = job.return_value
+            sweep.enter(outcomes)
+            job.return_value = value
+        else:
+            sweep.enter([{"status": "FAILED", "reason": repr(job._return_value)[:300]}])
+        return job
 
 
 if RayLauncher is not None:

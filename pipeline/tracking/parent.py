@@ -65,6 +65,38 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
     return summary
 
 
+def settle(client, parent_id: str, outcomes: list[dict]) -> list[str]:
+    """Record what the jobs could not while the store was down: a run left RUNNING is FAILED
+    with its job's reason; a job with no run gets a FAILED child (its name, params, reason).
+    Returns what could still not be recorded, one description each."""
+    from mlflow.entities import Param
+
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    lost = []
+    for outcome in outcomes:
+        reason = f"{outcome.get('reason') or 'its job failed'}; closed by the sweep: the job could not record its end"
+        if outcome.get("unfinished"):
+            try:
+                close(client, outcome["unfinished"], "FAILED", reason)
+            except Exception as e:  # noqa: BLE001
+                lost.append(f"run {outcome['unfinished']} left RUNNING{_why(e)}")
+        job = outcome.get("unrecorded")
+        if job:
+            try:
+                tags = {**job.get("tags", {}), "mlflow.parentRunId": parent_id, "mlflow.source.name": "pipeline",
+                        "catnet.failure": f"{outcome.get('reason')}; recorded by the sweep: the store was down"[:5000]}
+                child = client.create_run(experiment_id, run_name=job.get("name"), tags=tags)
+                client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in job.get("params", {}).items()])
+                client.set_terminated(child.info.run_id, "FAILED")
+            except Exception as e:  # noqa: BLE001
+                lost.append(f"job {job.get('name')!r} has no run{_why(e)}")
+    return lost
+
+
+def _why(error: BaseException) -> str:
+    return "" if store.unreachable(error) else f" ({store.brief(error)})"
+
+
 def attach(client, run_id: str, paths, folder: str) -> None:
     """Log files (a comparison of the sweep's runs, say) to a run under ``folder``."""
     for path in paths:

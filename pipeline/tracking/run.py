@@ -169,7 +169,7 @@ class MlflowRun(NullRun):
             client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         except BaseException as e:
             e._catnet_run_id = self.run_id
-            self.end("FAILED", f"{type(e).__name__}: {e}")
+            _end_after(self, e, "FAILED", f"{type(e).__name__}: {e}")
             raise
         log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, run.info.run_name,
                  cfg.tracking.experiment, client.tracking_uri)
@@ -286,12 +286,31 @@ class MlflowRun(NullRun):
         self.set_tags({"catnet.model_uri": uri})
 
     def end(self, status: str, reason: str | None = None) -> None:
+        """Write the run's final status (MLflow retries within ``tracking.retry_seconds``);
+        RecordLost if the store does not take it."""
         try:
             if reason:
                 self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
             self.client.set_terminated(self.run_id, status)
+        except Exception as e:  # noqa: BLE001 - the server is gone: say which run stays RUNNING
+            raise store.RecordLost(self.run_id, status, e) from e
         finally:
             shutil.rmtree(self.private, ignore_errors=True)
+
+
+def _end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -> None:
+    """End ``run`` because ``error`` stopped it; if the store does not take the status, the
+    error carries the run's id as unfinished (the sweep names it, or closes it later)."""
+    try:
+        run.end(status, reason)
+    except store.RecordLost as lost:
+        log.error("tracking: %s", lost)
+        error._catnet_unfinished = run.run_id
+
+
+def unfinished(error: BaseException) -> str | None:
+    """The id of the run ``error`` left RUNNING because the store did not take its status."""
+    return getattr(error, "_catnet_unfinished", None)
 
 
 UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
@@ -334,6 +353,16 @@ def supersede(cfg: DictConfig, previous: dict) -> None:
         client.set_terminated(run.info.run_id, "KILLED")
 
 
+def job_record(cfg: DictConfig) -> dict:
+    """What a failed run of ``cfg`` records (its name, params as given, process tags), for the
+    sweep to record when this job could not (parent.settle)."""
+    try:
+        params = {k: v[:6000] for k, v in config.flatten(cfg, resolve=False).items()}
+    except Exception:  # noqa: BLE001 - a config that cannot even be flattened: its name is enough
+        params = {}
+    return {"name": run_name(cfg), "params": params, "tags": {**provenance_tags(), **store.process_tags()}}
+
+
 def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
     """Record a job that failed before its run could start (a bad value, say): a FAILED run
     with the reason, its params as given. None when the store cannot be reached."""
@@ -353,7 +382,8 @@ def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
             client.set_terminated(run.info.run_id, "FAILED")
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - the store is down or the config unusable: the log says it
-        log.error("tracking: could not record the failed job (%s)", str(e).splitlines()[0] if str(e) else e)
+        log.error("tracking: could not record the failed job (%s); the sweep records it if the store answers "
+                  "by its end", store.brief(e))
         return None
 
 
@@ -384,8 +414,9 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
             run.flush()
             if isinstance(e, TrainingDiverged):
                 run.client.set_tag(run.run_id, "catnet.diverged_epoch", str(e.epoch))
-        finally:
-            run.end(status, reason=f"{type(e).__name__}: {told(e)}")
+        except Exception as lost:  # noqa: BLE001 - the store is down: the status is what matters now
+            log.error("tracking: run %s: its last points could not be written (%s)", run.run_id, store.brief(lost))
+        _end_after(run, e, status, f"{type(e).__name__}: {told(e)}")
         raise
     if finish:
         run.end("FINISHED")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from catnet.errors import ConfigError
+from catnet.errors import CatnetError, ConfigError
 from pipeline.common import ROOT
 
 log = logging.getLogger("catnet")
@@ -49,22 +50,86 @@ def store_uri(cfg: DictConfig) -> tuple[str, Path | None]:
     )
 
 
-def check_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, before any training, when no MLflow server answers at ``uri``
-    (MLflow's own client retries for minutes)."""
+def server_answer(uri: str, timeout: float = 10.0) -> str | None:
+    """None when the MLflow server at ``uri`` answers its health check, else why not."""
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            if r.status == 200:
-                return
-            reason = f"HTTP {r.status}"
+            return None if r.status == 200 else f"HTTP {r.status}"
     except urllib.error.HTTPError as e:
-        reason = f"HTTP {e.code}"
+        return f"HTTP {e.code}"
     except (urllib.error.URLError, OSError) as e:
-        reason = str(getattr(e, "reason", e))
-    raise ConfigError(f"tracking.uri={uri}: no MLflow server answers there ({reason})")
+        return str(getattr(e, "reason", e))
+
+
+def check_server(uri: str, wait: float = 0.0) -> None:
+    """Fail when no MLflow server answers at ``uri`` (MLflow's own client retries for minutes):
+    at once by default (a wrong URI is told in a second, before any training), or after
+    ``wait`` seconds of asking again every second (a sweep's job, whose server answered when the
+    sweep started, waits out a short outage)."""
+    deadline = time.monotonic() + wait
+    while (reason := server_answer(uri)) is not None and time.monotonic() < deadline:
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    if reason is not None:
+        waited = f" for {wait:g} s" if wait else ""
+        raise ServerUnreachable(f"tracking.uri={uri}: no MLflow server answers there{waited} ({reason})")
+
+
+class ServerUnreachable(CatnetError):
+    """The tracking server does not answer."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` is the tracking server not answering (after MLflow's retries)."""
+    import requests
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (ServerUnreachable, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "Max retries exceeded" in str(error)
+
+
+def brief(error: BaseException) -> str:
+    """An MLflow client error's first line (after its retries, a long message), at most 300 characters."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
+class RecordLost(CatnetError):
+    """A run's final status could not be written: it stays RUNNING in the store until a later
+    catnet command (or the sweep's end) closes it."""
+
+    def __init__(self, run_id: str, status: str, error: BaseException):
+        super().__init__(f"MLflow run {run_id} could not be marked {status} ({brief(error)}); it stays RUNNING")
+        self.run_id = run_id
+        self._catnet_run_id = run_id  # run.recorded(): the run exists, no other is made for this failure
+        self._catnet_unfinished = run_id
+
+
+def retries_within(seconds: float, jitter: float = 1.0) -> int:
+    """The most retries MLflow's HTTP client (urllib3, backoff factor 1) makes within ``seconds``:
+    before retry k >= 2 it sleeps 2**(k-1) s plus up to ``jitter``, so n retries take at most
+    2**n - 2 + (n - 1) * jitter seconds."""
+    n = 0
+    while 2 ** (n + 1) - 2 + n * jitter <= seconds:
+        n += 1
+    return n
+
+
+def bound_retries(cfg: DictConfig) -> None:
+    """Make MLflow's HTTP retries of every request end within ``tracking.retry_seconds`` (its own
+    default, 7 retries with a backoff factor of 2, waits ~4 minutes and then sleeps up to 2
+    minutes between attempts after the server is back). MLflow reads these variables at each
+    request, in this process and the processes it starts."""
+    seconds = cfg.tracking.get("retry_seconds")
+    if seconds is None:
+        return
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries_within(float(seconds)))
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "1.0"
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
@@ -92,6 +157,7 @@ def client(cfg: DictConfig):
 
     uri, _ = store_uri(cfg)
     if uri.startswith(("http://", "https://")):
+        bound_retries(cfg)
         check_server(uri)
     mlflow.set_tracking_uri(uri)  # model logging and loading resolve URIs through the fluent API
     mlflow.set_registry_uri(uri)
