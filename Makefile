@@ -41,7 +41,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.lock
 	touch $@
 
 bench: setup-bench data
-	python -m benchmarks.bench --torch --scale
+	python -m benchmarks.bench --torch --scale --sweeps
 
 data: setup
 	dvc pull data/raw.dvc

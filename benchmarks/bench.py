@@ -156,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torch", action="store_true", help="include the PyTorch peer")
     parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py")
+    parser.add_argument("--sweeps", action="store_true", help="also run benchmarks/sweeps.py (whole commands)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
@@ -203,6 +204,10 @@ def main() -> None:
         from benchmarks.scale import report
 
         report()
+    if args.sweeps:
+        from benchmarks import sweeps
+
+        sweeps.report()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from catnet.metrics import evaluate
 from catnet.network import Network, class_weights
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking, train
-from pipeline.common import CONF_DIR, Outputs, log, run_cli, save_json
+from pipeline.common import CONF_DIR, Outputs, is_multirun, log, run_cli, save_json
 
 
 def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Network,
@@ -35,9 +35,12 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
     out = Outputs.of(cfg)
     save_json(out.metrics, results)
     mlrun.log_metrics(mlflow_metrics(results))
-    example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
-    # the network and normalizer evaluated here, from memory: the model is what these metrics judge
-    mlrun.log_model(train.weight_arrays(net, cfg), normalizer.to_arrays(), example)
+    if is_multirun():  # the model is made where it is used: the sweep's best, a run register picks
+        mlrun.log_arrays("normalizer.npz", normalizer.to_arrays())  # beside weights.npz (model.ensure)
+    else:
+        example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
+        # the network and normalizer evaluated here, from memory: the model is what these metrics judge
+        mlrun.log_model(train.weight_arrays(net, cfg), normalizer.to_arrays(), example)
     log.info("evaluate: %s | test precision %.3f recall %.3f", " | ".join(
         f"{n} accuracy {m['accuracy']:.3f} error {m['loss']:.4g}" for n, m in results.items()),
         results["test"]["precision"], results["test"]["recall"])

@@ -20,7 +20,7 @@ from catnet.errors import DataError
 from catnet.hdf5 import H5Images, Split, check_both_classes
 from catnet.npy import NpyRows, load_array, write_npy_rows
 from catnet.splits import stratified_indices
-from pipeline.common import CONF_DIR, ROOT, Outputs, log, resolve, run_cli
+from pipeline.common import CONF_DIR, ROOT, Outputs, is_multirun, log, resolve, run_cli
 
 BLOCK = 1024  # images read, checked and written at a time
 
@@ -78,7 +78,45 @@ def verify_dvc_tracked(path: Path) -> None:
             return
 
 
+# a sweep's jobs in one process (the basic launcher, a warm joblib worker) read the same files:
+# the first job reads, checks and writes them; the next ones take its splits (and their digest)
+_READ: dict[tuple, Splits] = {}
+_DIGESTS: dict[int, str] = {}
+
+
+def _sweep_key(cfg: DictConfig) -> tuple | None:
+    """What the splits of a sweep's job depend on: the data config and, for each file, its path,
+    size, modification time and inode (a changed or replaced file is read and checked anew)."""
+    from omegaconf import OmegaConf
+
+    if not is_multirun():
+        return None
+    files = []
+    for key in ("train_path", "test_path"):
+        path = resolve(cfg.data[key])
+        try:
+            st = path.stat()
+        except OSError:
+            return None  # the read below says what is wrong
+        files.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    return (OmegaConf.to_yaml(cfg.data, resolve=True), *files)
+
+
 def run(cfg: DictConfig) -> Splits:
+    key = _sweep_key(cfg)
+    if key is not None and key in _READ:
+        splits = _READ[key]
+        log.info("load: the splits an earlier job of this process read and checked (same files and data config)")
+        return splits
+    splits = _read_and_write(cfg)
+    if key is not None:
+        _READ.clear()
+        _DIGESTS.clear()
+        _READ[key] = splits
+    return splits
+
+
+def _read_and_write(cfg: DictConfig) -> Splits:
     for key in ("train_path", "test_path"):
         path = resolve(cfg.data[key])
         if path.exists():
@@ -150,12 +188,16 @@ def digest(splits: Splits) -> str:
     labels as read (the flattened arrays, not the files they came from)."""
     import hashlib
 
+    if id(splits) in _DIGESTS:  # kept splits of a sweep (run): hashed once per process
+        return _DIGESTS[id(splits)]
     h = hashlib.md5()
     for name, split in splits.named():
         h.update(f"{name}:{split.x.shape}:{split.x.dtype}".encode())
         for start in range(0, len(split), BLOCK):
             h.update(np.ascontiguousarray(split.x[start:start + BLOCK]).tobytes())
         h.update(np.ascontiguousarray(split.y).tobytes())
+    if any(kept is splits for kept in _READ.values()):
+        _DIGESTS[id(splits)] = h.hexdigest()
     return h.hexdigest()
 
 

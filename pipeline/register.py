@@ -3,10 +3,11 @@
     python -m pipeline.register                                  # best run of experiment catnet
     python -m pipeline.register experiment=catnet parent=<sweep parent run id> name=catnet alias=champion
 
-Picks, among the FINISHED runs that logged a model, the best by the one ranking rule
+Picks, among the FINISHED runs that trained, the best by the one ranking rule
 (pipeline/tracking/query.py: ``metric``, validation balanced accuracy by default, then the
 cross-validated one, then ``fallback``, the training set's; never a test metric), registers its
-model under ``name`` and points ``alias`` at that version.
+model under ``name`` (made from its weights first if it is a sweep's child that has none: model.ensure)
+and points ``alias`` at that version.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def register(cfg: DictConfig) -> dict:
                           f"in experiment {cfg.experiment!r}" + (f" under parent {cfg.parent}" if cfg.parent else ""))
     best = ranked[0]
     value = best.data.metrics[metric]
-    run_id = reuse.origin(best)  # a sweep's link to a reused run: the run that trained and logged the model
-    version = model.register(client, best.data.tags["catnet.model_uri"], run_id, cfg.name, cfg.alias,
-                             tags={"selected_by": f"{metric}={value:.4g}"})
+    run_id = reuse.origin(best)  # a sweep's link to a reused run: the run that trained
+    model_uri = model.ensure(client, best if run_id == best.info.run_id else client.get_run(run_id))
+    version = model.register(client, model_uri, run_id, cfg.name, cfg.alias, tags={"selected_by": f"{metric}={value:.4g}"})
     log.info("register: run %s (%s %s=%.4g) -> models:/%s/%s, alias @%s", run_id,
              best.info.run_name, metric, value, cfg.name, version.version, cfg.alias)
     print(f"models:/{cfg.name}@{cfg.alias} = version {version.version} = run {run_id} "

@@ -80,7 +80,8 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     # each file is written where only this run writes, logged from there, then put in place
     mlrun.log_output(out.weights, lambda f: np.savez(f, **weight_arrays(net, cfg)))
     mlrun.log_output(out.history, lambda f: _write_history(f, history), mode="w")
-    mlrun.log_output(out.curve, lambda f: _plot_curve(f, history, cfg))
+    if not is_multirun():  # a person looks at one run's curve; a sweep's curves are compared by the parent
+        mlrun.log_output(out.curve, lambda f: _plot_curve(f, history, cfg))
     mlrun.set_tags({"catnet.trained": "true"})
     log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, %d images, error %.4g -> %.4g; first epoch "
              "done %.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),

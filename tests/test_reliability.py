@@ -147,6 +147,26 @@ def test_a_tracking_server_that_is_not_there_fails_fast(store):
     assert not (store["out"] / "models/weights.npz").exists()
 
 
+def test_an_outage_is_told_from_other_store_errors():
+    """What a killed server raises in the client, before or in the middle of an answer, is an
+    outage (the job's reason says the server did not answer); a store's own refusal is not."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.store import unreachable
+
+    def raised(error, cause):
+        error.__cause__ = cause
+        return error
+
+    assert unreachable(raised(MlflowException("API request failed"), requests.exceptions.ConnectionError("refused")))
+    assert unreachable(raised(MlflowException("API request failed"), requests.exceptions.ChunkedEncodingError("x")))
+    assert unreachable(MlflowException("API request to /runs/log-inputs failed with exception ('Connection broken: "
+                                       "IncompleteRead(0 bytes read, 2 more expected)', ...)"))
+    assert not unreachable(MlflowException("Run 'abc' not found"))
+    assert not unreachable(ValueError("Connection string"))
+
+
 @pytest.mark.parametrize("seconds, at_least", [(3, 2.0), (0, 0.0)])
 def test_retry_seconds_bounds_mlflow_s_retries_of_a_request(seconds, at_least):
     """tracking.retry_seconds bounds each MLflow request to a server that does not answer (its

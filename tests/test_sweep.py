@@ -54,6 +54,37 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     assert parent.data.tags["catnet.best_run_id"] == best.info.run_id
     assert parent.data.tags["catnet.best_by"] == "val/balanced_accuracy"
     assert parent.data.params["sweep.objective"] == "val/balanced_accuracy (maximize)"
+    # every child logs its weights and normalizer; the model is made once, for the best child
+    for c in children:
+        assert {"weights.npz", "normalizer.npz"} <= {a.path for a in client.list_artifacts(c.info.run_id)}
+    with_model = [c.info.run_id for c in runs_of(sweep_store["uri"])[1] if "catnet.model_uri" in c.data.tags]
+    assert with_model == [best.info.run_id]
+
+
+def test_register_makes_the_model_of_a_sweep_child_that_has_none(sweep_store, tmp_path):
+    """register may pick a child that is not its sweep's best (another metric, or direction):
+    its model is made then from its weights.npz and normalizer.npz, and predicts like the run."""
+    import h5py
+    from conftest import REAL_TEST
+    from PIL import Image
+
+    uri = sweep_store["uri"]
+    with h5py.File(REAL_TEST) as f:
+        for i in range(4):
+            Image.fromarray(f["test_set_x"][i]).save(tmp_path / f"{i}.png")
+    images = f"images=[{','.join(str(tmp_path / f'{i}.png') for i in range(4))}]"
+    picked = {}
+    for direction in ("minimize", "maximize"):  # one of the two is not the sweep's best
+        reg = run_cli(f"tracking.uri={uri}", "experiment=test", "metric=train/final_error", f"direction={direction}",
+                      "name=by-error", f"alias={direction}", module="pipeline.register")
+        picked[direction] = reg.stdout.split(" = run ")[1].split()[0]
+        pred = run_cli(f"model_uri=models:/by-error@{direction}", images, f"tracking.uri={uri}",
+                       module="pipeline.predict")
+        assert len(pred.stdout.strip().splitlines()) == 4
+    client, runs = runs_of(uri)
+    by_id = {r.info.run_id: r for r in runs}
+    assert picked["minimize"] != picked["maximize"]
+    assert all(by_id[i].data.tags["catnet.model_uri"].startswith("models:/m-") for i in picked.values())
 
 
 def test_compare_report_lists_the_sweep_and_logs_to_its_parent(sweep_store):
@@ -132,6 +163,29 @@ def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     assert parent.info.status == "FAILED" and parent.data.metrics["sweep/finished"] == 1
     assert [r.info.run_name for r in runs if r.info.status == "FINISHED" and r is not parent] == ["#0 lr=0.005"]
     assert [r.info.run_name for r in runs if r.info.status == "FAILED" and r is not parent] == ["#1 lr=-1"]
+
+
+def test_a_sweep_reads_its_data_once_per_process_and_anew_when_the_data_config_changes(tmp_path):
+    """Four jobs in one process, two data configs: the files are read and checked twice, each
+    job records the digest of its own splits (the same as a single run of that config), and no
+    job's folder is left without what its run needs (its weights)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("-m", "data.val_fraction=0.2,0.3", "seed=0,1", "train.epochs=3", "train.check_learned=false",
+                   f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    log = proc.stdout + proc.stderr
+    assert log.count("load: 1") + log.count("load: 2") == 2, log[-3000:]  # "load: 167 train images ..."
+    assert log.count("load: the splits an earlier job of this process read") == 2
+    run_cli("data.val_fraction=0.3", "train.epochs=3", "train.check_learned=false", f"tracking.uri={uri}",
+            "tracking.experiment=single", f"paths.out_dir={tmp_path / 'single'}")
+    _, runs = runs_of(uri)
+    digests = {}
+    for r in runs:
+        if "mlflow.parentRunId" in r.data.tags:
+            digests.setdefault(r.data.params["data.val_fraction"], set()).add(r.data.tags["catnet.data.md5"])
+    _, (single,) = runs_of(uri, "single")
+    assert len(digests["0.2"]) == len(digests["0.3"]) == 1 and digests["0.2"] != digests["0.3"]
+    assert digests["0.3"] == {single.data.tags["catnet.data.md5"]}
+    assert len(list((tmp_path / "multirun").glob("*/models/weights.npz"))) == 4
 
 
 @pytest.mark.parametrize("knob", ["sweep.fallback=test/accuracy", "sweep.objective=test/balanced_accuracy",

@@ -68,6 +68,36 @@ def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: di
     return f"models:/{model.model_id}"
 
 
+def ensure(client, run) -> str:
+    """The model URI of ``run`` (a run that trained): its ``catnet.model_uri``, or, for a sweep's
+    child (which logs weights.npz and normalizer.npz, not a model: a sweep user waits for every
+    job), the model made now from those two artifacts, logged as the run's and tagged."""
+    import tempfile
+
+    uri = run.data.tags.get("catnet.model_uri")
+    if uri:
+        return uri
+    run_id = run.info.run_id
+    with tempfile.TemporaryDirectory(prefix=f"catnet-model-{run_id[:8]}-") as tmp:
+        try:
+            arrays = {name: _npz(client.download_artifacts(run_id, f"{name}.npz", tmp))
+                      for name in ("weights", "normalizer")}
+        except Exception as e:  # noqa: BLE001 - MlflowException, OSError: say which run
+            raise ConfigError(f"run {run_id}: no model, and its weights.npz and normalizer.npz cannot be read "
+                              f"to make one ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        shape = tuple(int(n) for n in arrays["weights"]["image_shape"])
+        example = np.zeros((2, *shape), dtype=np.uint8)  # the signature's example: two black images
+        uri = log_model(client, run_id, run.info.experiment_id, Path(tmp), arrays["weights"], arrays["normalizer"],
+                        example, dict(run.data.params))
+    client.set_tag(run_id, "catnet.model_uri", uri)
+    return uri
+
+
+def _npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def _strip_machine_paths(mlmodel: Path) -> None:
     """MLflow writes where the artifacts and the model's code came from (absolute paths of
     this machine); loading needs only the paths inside the model folder."""
@@ -112,7 +142,9 @@ def load(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
-        raise ConfigError(f"model_uri={model_uri}: cannot load it ({str(e).splitlines()[0]})") from None
+        hint = ("; a sweep's child has a model only once it is its sweep's best or pipeline.register picked it"
+                if model_uri.startswith("runs:/") else "")
+        raise ConfigError(f"model_uri={model_uri}: cannot load it ({str(e).splitlines()[0]}){hint}") from None
 
 
 def quiet_model_warnings() -> None:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from pipeline.tracking import query, reuse, run, store
+from pipeline.tracking import model, query, reuse, run, store
 
 
 def open_parent(config: DictConfig, name: str, params: dict[str, str]) -> tuple[Any, str]:
@@ -62,6 +62,8 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
                     if k.split("/")[-1] in ("accuracy", "balanced_accuracy", "final_error", "error")]
     params = [Param("sweep.objective", f"{key or 'none'} ({direction})")]
     client.log_batch(parent_id, metrics=metrics, tags=tags, params=params)
+    if ranked:  # the children log their weights, not a model: the best one's is made here, once
+        summary["best_model_uri"] = model.ensure(client, client.get_run(summary["best_run_id"]))
     return summary
 
 

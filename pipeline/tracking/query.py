@@ -61,8 +61,8 @@ def _finite(value) -> bool:
 
 def _filter(parent: str | None, with_model: bool) -> str:
     where = ["attributes.status = 'FINISHED'"]
-    if with_model:
-        where.append("tags.`catnet.model_uri` != ''")
+    if with_model:  # trained: weights.npz logged, the model logged too or made from it (model.ensure)
+        where.append("tags.`catnet.trained` = 'true'")
     if parent:
         where.append(f"tags.mlflow.parentRunId = '{parent}'")
     return " and ".join(where)
@@ -70,7 +70,8 @@ def _filter(parent: str | None, with_model: bool) -> str:
 
 def finished_runs(client, experiment_id: str, parent: str | None = None, with_model: bool = False,
                   max_results: int = 50000) -> list:
-    """The FINISHED runs of an experiment (of one sweep parent; only those that logged a model)."""
+    """The FINISHED runs of an experiment (of one sweep parent; ``with_model``: only those that
+    trained, whose model is logged or can be made from their weights: model.ensure)."""
     return client.search_runs([experiment_id], _filter(parent, with_model), max_results=max_results)
 
 

@@ -69,7 +69,7 @@ def link(cfg: DictConfig, original) -> str:
     client, experiment_id = store.open_store(cfg)
     tags = {"mlflow.source.name": "pipeline", REUSED_TAG: original.info.run_id,
             IDENTITY_TAG: original.data.tags[IDENTITY_TAG], **store.process_tags()}
-    for key in ("catnet.model_uri", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
+    for key in ("catnet.model_uri", "catnet.trained", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
         if key in original.data.tags:
             tags[key] = original.data.tags[key]
     if os.environ.get(tracking_run.PARENT_ENV):

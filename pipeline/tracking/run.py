@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from catnet.errors import ConfigError, TrainingDiverged
 from pipeline import config
-from pipeline.common import ROOT, Terminated, atomic_write, told
+from pipeline.common import ROOT, Terminated, atomic_write, is_multirun, told
 from pipeline.tracking import model as tracking_model
 from pipeline.tracking import store
 
@@ -48,6 +48,7 @@ class NullRun:
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_model(self, weights: dict, normalizer: dict, example) -> None: ...
+    def log_arrays(self, name: str, arrays: dict) -> None: ...
     def send(self) -> None: ...
     def flush(self) -> None: ...
     def end(self, status: str, reason: str | None = None) -> None: ...
@@ -65,8 +66,19 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+_PROVENANCE: dict[str, str] = {}  # a sweep's jobs in one process run the code it imported once
+
+
 def provenance_tags() -> dict[str, str]:
-    """What it takes to reproduce a run: the code's commit and the package versions."""
+    """What it takes to reproduce a run: the code's commit and the package versions (asked of
+    git once per process in a sweep, whose jobs all run the code the process imported)."""
+    if not (_PROVENANCE and is_multirun()):
+        _PROVENANCE.clear()
+        _PROVENANCE.update(_provenance())
+    return dict(_PROVENANCE)
+
+
+def _provenance() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "h5py", "hydra-core", "mlflow"))
@@ -284,6 +296,12 @@ class MlflowRun(NullRun):
         uri = tracking_model.log_model(self.client, self.run_id, self.experiment_id, self.private, weights,
                                        normalizer, example, self._params)
         self.set_tags({"catnet.model_uri": uri})
+
+    def log_arrays(self, name: str, arrays: dict) -> None:
+        """Log named arrays as the artifact ``name`` (a .npz file)."""
+        path = self.private / name
+        path.write_bytes(tracking_model.weights_bytes(arrays))
+        self.client.log_artifact(self.run_id, str(path))
 
     def end(self, status: str, reason: str | None = None) -> None:
         """Write the run's final status (MLflow retries within ``tracking.retry_seconds``);

@@ -84,13 +84,16 @@ class ServerUnreachable(CatnetError):
 def unreachable(error: BaseException) -> bool:
     """Whether ``error`` is the tracking server not answering (after MLflow's retries)."""
     import requests
+    import urllib3
 
+    lost = (ServerUnreachable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)  # killed mid-answer
     seen = error
     while seen is not None:
-        if isinstance(seen, (ServerUnreachable, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        if isinstance(seen, lost):
             return True
         seen = seen.__cause__ or seen.__context__
-    return "Max retries exceeded" in str(error)
+    return any(m in str(error) for m in ("Max retries exceeded", "Connection broken", "Connection aborted"))
 
 
 def brief(error: BaseException) -> str:

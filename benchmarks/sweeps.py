@@ -1,0 +1,104 @@
+"""What a sweep user waits for: whole commands, process start to exit, tracked and untracked.
+
+    python -m benchmarks.sweeps                 # the table of issue #13, two rounds
+    python -m benchmarks.sweeps --rounds 1 --jobs 4 --long-epochs 2000   # a quick look
+
+Each figure is the wall time of a real command (``python -m pipeline ...`` in a fresh process,
+into one SQLite store made before the timing, as a user's exists, an experiment per command,
+``sweep.reuse=false`` so that every job trains), the best
+of the rounds; tracked and untracked commands alternate within a round, so that their ratios
+come from the same minutes of the same machine. "Per extra job" is (T(N jobs) - T(1 job)) / (N - 1)
+of a sequential multirun of the default network: what one more job of a sweep costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOALS = {  # issue #13, seconds or ratios on the 2-core development machine
+    "per_job_on": 0.25, "per_job_off": 0.12, "one_on": 2.5, "one_off": 1.0, "sweep_ratio": 1.5, "joblib_ratio": 0.65,
+}
+
+
+STORE = Path(tempfile.mkdtemp(prefix="catnet-bench-")) / "mlflow.db"  # made once (untimed), as a user's is
+COUNT = [0]
+
+
+def wall(*args: str, tracked: bool) -> float:
+    """Seconds of ``python -m pipeline <args>`` from process start to exit (which must be 0),
+    into the benchmark's store, each command in an experiment of its own."""
+    COUNT[0] += 1
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pipeline", *args, f"tracking.enabled={str(tracked).lower()}",
+               f"tracking.uri=sqlite:///{STORE}", f"tracking.experiment=bench-{COUNT[0]}", "sweep.reuse=false"]
+        if "-m" in args:
+            cmd.append(f"hydra.sweep.dir={tmp}/sweep")
+        else:
+            cmd.append(f"paths.out_dir={tmp}/out")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({' '.join(cmd[1:])}):\n{proc.stderr[-2000:]}")
+    return took
+
+
+def measure(rounds: int, jobs: int, long_epochs: int) -> dict[str, float]:
+    seeds = f"seed=range(0,{jobs})"
+    commands = {
+        "one": (),
+        "sweep1": ("-m", "seed=0"),
+        "sweepN": ("-m", seeds),
+    }
+    best: dict[str, float] = {}
+    wall("train.epochs=1", "train.check_learned=false", tracked=True)  # creates the store's tables
+    for _ in range(rounds):
+        for name, args in commands.items():
+            for tracked in (True, False):
+                key = f"{name}_{'on' if tracked else 'off'}"
+                best[key] = min(best.get(key, float("inf")), wall(*args, tracked=tracked))
+        long = ("-m", seeds, f"train.epochs={long_epochs}")
+        best["long_seq"] = min(best.get("long_seq", float("inf")), wall(*long, tracked=True))
+        best["long_joblib"] = min(best.get("long_joblib", float("inf")),
+                                  wall(*long, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", tracked=True))
+    return best
+
+
+def report(rounds: int = 2, jobs: int = 16, long_epochs: int = 20000) -> dict[str, float]:
+    t = measure(rounds, jobs, long_epochs)
+    per = {m: (t[f"sweepN_{m}"] - t[f"sweep1_{m}"]) / (jobs - 1) for m in ("on", "off")}
+    ratio = t["sweepN_on"] / t["sweepN_off"]
+    joblib = t["long_joblib"] / t["long_seq"]
+    rows = [
+        ("per extra job, sequential sweep (s)", per["on"], per["off"], f"<= {GOALS['per_job_on']} / {GOALS['per_job_off']}"),
+        ("one run, python -m pipeline (s)", t["one_on"], t["one_off"], f"<= {GOALS['one_on']} / {GOALS['one_off']}"),
+        (f"{jobs}-job sequential sweep (s)", t["sweepN_on"], t["sweepN_off"], f"tracked/untracked <= {GOALS['sweep_ratio']}"),
+    ]
+    print(f"\nsweeps: whole commands, process start to exit, best of {rounds} round(s); one SQLite store")
+    print(f"{'':40} {'tracked':>8} {'untracked':>9}  goal")
+    for label, on, off, goal in rows:
+        print(f"{label:40} {on:8.2f} {off:9.2f}  {goal}")
+    print(f"{'tracked / untracked, ' + str(jobs) + '-job sweep':40} {ratio:8.2f}")
+    print(f"{jobs} jobs x {long_epochs} epochs, tracked: sequential {t['long_seq']:.1f} s, joblib n_jobs=2 "
+          f"{t['long_joblib']:.1f} s, ratio {joblib:.2f} (goal <= {GOALS['joblib_ratio']})")
+    return {**t, "per_job_on": per["on"], "per_job_off": per["off"], "sweep_ratio": ratio, "joblib_ratio": joblib}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--long-epochs", type=int, default=20000)
+    args = parser.parse_args()
+    report(args.rounds, args.jobs, args.long_epochs)
+
+
+if __name__ == "__main__":
+    main()
