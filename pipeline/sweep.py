@@ -143,6 +143,12 @@ class MlflowSweep(Callback):
             _order(config)
             check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
             refuse_unreachable_store(config)
+            if config.tracking.enabled:  # a server that does not answer now: no job would wait for it
+                from pipeline.tracking import store
+
+                uri = store.store_uri(config)[0]
+                if uri.startswith(("http://", "https://")):
+                    store.check_server(uri)
         except CatnetError as e:  # Hydra turns a callback's exception into a warning: exit here
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None

@@ -202,6 +202,16 @@ def test_a_sweep_that_would_rank_on_test_is_refused_before_any_job(tmp_path, kno
     assert not db.exists()
 
 
+def test_a_sweep_whose_tracking_server_does_not_answer_is_refused_before_any_job(tmp_path):
+    """Not a job waiting tracking.retry_seconds for a server that never answered: exit 2, one line."""
+    uri = f"http://127.0.0.1:{_free_port()}"
+    proc = run_cli("-m", "seed=0,1", "train.epochs=3", f"tracking.uri={uri}",
+                   f"hydra.sweep.dir={tmp_path / 'multirun'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"catnet: error: tracking.uri={uri}: no MLflow server")
+    assert "#0" not in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize("address", ["ray://10.1.2.3:10001", "head.example.org:6379"])
 @pytest.mark.parametrize("uri", ["sqlite:///{tmp}/mlflow.db", "http://127.0.0.1:5999"])
 def test_a_remote_ray_cluster_with_a_store_only_this_host_reaches_is_refused(tmp_path, address, uri):
