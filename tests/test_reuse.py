@@ -125,7 +125,7 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
 
 @pytest.mark.slow
 def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating_a_trial(project):
-    search = ["+hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=8",
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=8",
               "train.check_learned=false", "data.cv_folds=2", "data.cv_repeats=1"]
     proc = sweep(project, *search, popen=True)
     deadline = time.time() + 300

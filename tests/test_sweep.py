@@ -266,7 +266,7 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
 
 def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_cli("-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false", "data.cv_folds=2",
+    run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false", "data.cv_folds=2",
             f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'multirun'}")
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")

@@ -1,0 +1,1 @@
+"""catnet's default Hydra sweeper (hydra/sweeper=catnet): Hydra's basic sweeper, each job's config composed once."""
