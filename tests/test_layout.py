@@ -179,3 +179,23 @@ def test_the_hydra_patch_is_applied_only_to_the_hydra_it_was_written_for(monkeyp
     monkeypatch.setattr(hydra, "__version__", "1.3.9")
     assert common._report_bad_overrides_on_one_line() is True
     assert hydra_utils.run_and_report is not same and hydra_utils.run_and_report.catnet
+
+
+@pytest.mark.parametrize("setting, client", [(None, False), ("false", True)])
+def test_mlflow_usage_telemetry_is_off_unless_the_user_turns_it_on(setting, client):
+    """MLflow's telemetry would fetch its settings from the internet and send events from every
+    process; MLflow itself stays quiet under CI and pytest, so the child runs without their marks."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.common import ROOT
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    if setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = setting
+    code = "import pipeline.tracking, mlflow.telemetry as t; print(t.get_telemetry_client() is not None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(client)

@@ -14,8 +14,15 @@
 checks that no module outside this package imports it.
 """
 
-from pipeline.tracking.run import (  # noqa: F401 - the stages' interface
+import os
+
+# MLflow's usage telemetry fetches its settings from the internet and sends events from a thread of
+# every process that imports mlflow (about 1 s of a 4-job sweep here); catnet turns it off before
+# mlflow is imported. A user's own MLFLOW_DISABLE_TELEMETRY=false turns it back on.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from pipeline.tracking.run import (  # noqa: F401,E402 - the stages' interface
     PARENT_ENV, SWEPT_ENV, MlflowRun, NullRun, failed_run, open_run, provenance_tags,
 )
-from pipeline.tracking.store import open_store, store_uri  # noqa: F401
+from pipeline.tracking.store import open_store, store_uri  # noqa: F401,E402
 from pipeline.tracking import reuse  # noqa: F401,E402 - after run and store, which it uses
