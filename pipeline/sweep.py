@@ -3,7 +3,8 @@
 ``MlflowSweep`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``); it runs in the
 process that launches the sweep. Before any job starts it creates the SQLite store, the
 experiment and the parent run, so parallel jobs never race to create them, and hands the
-parent's id to the jobs through the environment (inherited by joblib and local Ray workers).
+parent's id to the jobs through the environment (inherited by local Ray workers), or, for joblib's
+workers, started while the parent is created, through a file in the ledger named there.
 Every job also leaves its outcome in the sweep's ledger, a folder private to the sweep, so the
 sweep knows how many jobs finished and failed even with tracking off or the store down.
 
@@ -105,6 +106,7 @@ def _read(folder: Path) -> list[dict]:
 
 
 UNREACHABLE = "server-unreachable"  # in the ledger: a job gave up waiting for the tracking server
+PARENT_FILE = "parent-run-id"  # in the ledger: the parent run's id, for workers started before it existed
 
 
 def wait_for_store(cfg: DictConfig) -> None:
@@ -158,6 +160,12 @@ class MlflowSweep(Callback):
         signal.signal(signal.SIGTERM, common.raise_terminated)  # stop the way Ctrl-C stops
         common.ABORT_HOOKS.append(self.abort)
         atexit.register(self._abandoned)  # the sweep stopped another way: on_multirun_end never came
+        if config.tracking.enabled:  # for the jobs: set now, inherited by workers started now
+            from pipeline import tracking
+
+            os.environ[tracking.run.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
+            os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
+        warm_joblib_workers(config)  # they start while the parent is created and the jobs' configs composed
         if config.tracking.enabled:
             self._open_parent(config)
 
@@ -176,7 +184,7 @@ class MlflowSweep(Callback):
                 "sweep.dir": str(hc.sweep.dir),
             })
         os.environ[tracking.PARENT_ENV] = self.parent_id
-        os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
+        common.atomic_write(self.ledger / PARENT_FILE, lambda f: f.write(self.parent_id), mode="w")
         log.info("sweep: MLflow parent run %s", self.parent_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -249,6 +257,56 @@ class MlflowSweep(Callback):
         return outcomes
 
 
+def warm_joblib_workers(config: DictConfig) -> None:
+    """With ``hydra/launcher=joblib``, start its worker processes now, in the background, each
+    importing what a job needs (the pipeline, MLflow and its store): the launcher's own
+    ``joblib.Parallel``, with the same arguments, reuses them (loky's reusable executor) instead
+    of starting them after the parent run is created and every job's config composed. Anything
+    that goes wrong here only leaves the launcher to start its workers itself."""
+    launcher = config.hydra.launcher
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return
+    import threading
+
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel, delayed
+    from omegaconf import OmegaConf
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(launcher, resolve=True).items() if k != "_target_"}
+    kwargs["backend"] = "loky"  # as the launcher does
+    process_joblib_cfg(kwargs)
+    n_jobs = kwargs.get("n_jobs") or 1
+    workers = os.cpu_count() or 1 if n_jobs < 0 else n_jobs
+    tracked = bool(config.tracking.enabled)
+    uri = tracking_store_uri(config) if tracked else None
+
+    def start() -> None:
+        try:
+            Parallel(**kwargs)(delayed(_warm)(uri) for _ in range(workers))
+        except Exception as e:  # noqa: BLE001 - the launcher starts its workers itself
+            log.debug("sweep: joblib workers not warmed up: %s", e)
+
+    threading.Thread(target=start, name="catnet-warm-workers", daemon=True).start()
+
+
+def tracking_store_uri(config: DictConfig) -> str:
+    from pipeline.tracking.store import store_uri
+
+    return store_uri(config)[0]
+
+
+def _warm(uri: str | None) -> int:
+    """In a joblib worker: import what its first job would. The store itself is left alone: the
+    sweep creates it (and a new SQLite file's tables) before any job, and only then."""
+    import pipeline.__main__  # noqa: F401 - the stages, Hydra's task function
+
+    if uri is not None:
+        from pipeline.tracking import store
+
+        store.import_code(uri)
+    return os.getpid()
+
+
 def _unsettled(outcomes: list[dict]) -> list[str]:
     """What the jobs left for the sweep to record (parent.settle), described."""
     return ([f"run {o['unfinished']} left RUNNING" for o in outcomes if o.get("unfinished")]
@@ -259,6 +317,7 @@ def _clear_env() -> None:
     from pipeline import tracking
 
     os.environ.pop(tracking.PARENT_ENV, None)
+    os.environ.pop(tracking.run.PARENT_FILE_ENV, None)
     os.environ.pop(tracking.SWEPT_ENV, None)
 
 

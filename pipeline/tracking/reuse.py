@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 
 from omegaconf import DictConfig
 
@@ -72,8 +71,8 @@ def link(cfg: DictConfig, original) -> str:
     for key in ("catnet.model_uri", "catnet.trained", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
         if key in original.data.tags:
             tags[key] = original.data.tags[key]
-    if os.environ.get(tracking_run.PARENT_ENV):
-        tags["mlflow.parentRunId"] = os.environ[tracking_run.PARENT_ENV]
+    if tracking_run.parent_run_id():
+        tags["mlflow.parentRunId"] = tracking_run.parent_run_id()
     run = client.create_run(experiment_id, run_name=tracking_run.run_name(cfg), tags=tags)
     try:
         params = {k: v[:6000] for k, v in config.flatten(cfg).items()}

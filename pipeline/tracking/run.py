@@ -33,8 +33,21 @@ from pipeline.tracking import store
 log = logging.getLogger("catnet")
 
 PARENT_ENV = "CATNET_MLFLOW_PARENT_RUN_ID"
+PARENT_FILE_ENV = "CATNET_MLFLOW_PARENT_RUN_FILE"  # where the sweep writes it, for workers started before it
 SWEPT_ENV = "CATNET_SWEPT_KEYS"  # the keys the sweep varies: children are named by their values
 SHORT_KEYS = {"hidden_sizes": "hidden"}  # names in run names, where the last part of a key is long
+
+
+def parent_run_id() -> str | None:
+    """The id of the sweep's parent run, for a job's run: ``PARENT_ENV``, or, in a worker started
+    before the parent existed (joblib's, warmed up while the sweep creates it), the file the sweep
+    wrote it in once created (jobs start only after that)."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    path = os.environ.get(PARENT_FILE_ENV)
+    if path and os.path.isfile(path):
+        return Path(path).read_text().strip() or None
+    return None
 
 
 class NullRun:
@@ -136,7 +149,7 @@ def run_name(cfg: DictConfig) -> str:
         swept = [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
         if swept:  # a sweep's child: named by the values it sweeps
             overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
-        if os.environ.get(PARENT_ENV):  # after its job number, which the UI's narrow name column keeps
+        if parent_run_id():  # after its job number, which the UI's narrow name column keeps
             job = f"#{HydraConfig.get().job.num}"
             return f"{job} {short_name(overrides)}".strip()[:250]
     name = " ".join(p for p in (os.environ.get("DVC_EXP_NAME", ""), short_name(overrides)) if p)
@@ -170,7 +183,7 @@ class MlflowRun(NullRun):
             **store.process_tags(),
             **(tags or {}),
         }
-        parent = os.environ.get(PARENT_ENV)
+        parent = parent_run_id()
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
@@ -390,8 +403,8 @@ def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
         client, experiment_id = store.open_store(cfg)
         tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
                 **provenance_tags(), **store.process_tags()}
-        if os.environ.get(PARENT_ENV):
-            tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        if parent_run_id():
+            tags["mlflow.parentRunId"] = parent_run_id()
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         try:
             params = config.flatten(cfg, resolve=False)

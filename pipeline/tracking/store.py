@@ -154,6 +154,15 @@ def only_this_host(cfg: DictConfig) -> bool:
     return uri.startswith(("http://", "https://")) and is_loopback(urlparse(uri).hostname or "")
 
 
+def import_code(uri: str) -> None:
+    """Import MLflow and the code of the store at ``uri`` (SQLAlchemy and Alembic for a database),
+    without opening it: what a process that will write there pays once."""
+    import mlflow  # noqa: F401
+
+    if not uri.startswith(("http://", "https://")):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def client(cfg: DictConfig):
     """An MlflowClient on the configured store (tracking and registry), which must answer."""
     import mlflow
