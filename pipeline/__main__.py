@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from catnet.errors import CatnetError
 from pipeline import evaluate, load, normalize, sweep, tracking, train
-from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, told
+from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, run_main, told
 from pipeline.config import prepare
 from pipeline.tracking.query import metric_order, objective_value
 
@@ -115,4 +115,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

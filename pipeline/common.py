@@ -194,6 +194,20 @@ def _report_bad_overrides_on_one_line() -> bool:
 _report_bad_overrides_on_one_line()
 
 
+def run_main(main: Callable[[], Any]) -> None:
+    """Run an entry point (``python -m pipeline...``) as its process's whole life. However it
+    ends, the objects alive then are frozen out of the garbage collector (``gc.freeze``) before
+    the interpreter exits: MLflow, SQLAlchemy and pandas leave about 270,000 of them, and the
+    exit's collections over them took about 1 s of every tracked command. Everything is written
+    and closed by then; the exit still runs the atexit handlers (logs, temporary folders)."""
+    import gc
+
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool = True) -> Any:
     """Run a stage from its Hydra entry point: check the config's values, then do the work.
 

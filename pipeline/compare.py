@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from catnet.errors import ConfigError
-from pipeline.common import CONF_DIR, atomic_write, log, resolve, run_cli
+from pipeline.common import CONF_DIR, atomic_write, log, resolve, run_cli, run_main
 from pipeline.config import TrackingConfig
 
 KEY_METRICS = ["val/balanced_accuracy", "val/accuracy", "train/accuracy", "test/accuracy", "val/final_error",
@@ -122,4 +122,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,7 @@ from catnet.metrics import evaluate
 from catnet.network import Network, class_weights
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking, train
-from pipeline.common import CONF_DIR, Outputs, is_multirun, log, run_cli, save_json
+from pipeline.common import CONF_DIR, Outputs, is_multirun, log, run_cli, run_main, save_json
 
 
 def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Network,
@@ -81,4 +81,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

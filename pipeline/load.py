@@ -20,7 +20,7 @@ from catnet.errors import DataError
 from catnet.hdf5 import H5Images, Split, check_both_classes
 from catnet.npy import NpyRows, load_array, write_npy_rows
 from catnet.splits import stratified_indices
-from pipeline.common import CONF_DIR, ROOT, Outputs, is_multirun, log, resolve, run_cli
+from pipeline.common import CONF_DIR, ROOT, Outputs, is_multirun, log, resolve, run_cli, run_main
 
 BLOCK = 1024  # images read, checked and written at a time
 
@@ -229,4 +229,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

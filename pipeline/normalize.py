@@ -13,7 +13,7 @@ from catnet import preprocess
 from catnet.hdf5 import Split
 from catnet.preprocess import Normalizer
 from pipeline import load
-from pipeline.common import CONF_DIR, Outputs, load_npz, log, run_cli, save_npz
+from pipeline.common import CONF_DIR, Outputs, load_npz, log, run_cli, run_main, save_npz
 
 
 def run(cfg: DictConfig, train: Split) -> Normalizer:
@@ -34,4 +34,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from catnet.errors import ConfigError
-from pipeline.common import CONF_DIR, atomic_write, run_cli
+from pipeline.common import CONF_DIR, atomic_write, run_cli, run_main
 from pipeline.config import TrackingConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -128,4 +128,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from catnet.errors import ConfigError
-from pipeline.common import CONF_DIR, log, run_cli
+from pipeline.common import CONF_DIR, log, run_cli, run_main
 from pipeline.config import TrackingConfig
 
 
@@ -67,4 +67,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -304,6 +304,9 @@ def _warm(uri: str | None) -> int:
         from pipeline.tracking import store
 
         store.import_code(uri)
+    import gc
+
+    gc.freeze()  # what was imported stays: the jobs' garbage collections (and the worker's exit) skip it
     return os.getpid()
 
 

@@ -20,7 +20,7 @@ from catnet.network import Network
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking
 from pipeline.common import (
-    CONF_DIR, Outputs, is_multirun, load_npz, log, run_cli, save_json,
+    CONF_DIR, Outputs, is_multirun, load_npz, log, run_cli, run_main, save_json,
 )
 
 METRIC = {"error": "train/error", "val_error": "val/error"}  # per-epoch MLflow metric names
@@ -205,4 +205,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
