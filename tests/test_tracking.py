@@ -94,3 +94,22 @@ def test_dataset_insert_race_is_retried_and_other_errors_are_not():
     with pytest.raises(MlflowException, match="UNIQUE"):
         tracking.run._log_inputs(client, "run", [])
     assert client.calls == 5
+
+
+def test_mlflow_is_imported_once_with_the_garbage_collector_paused_then_out_of_its_reach():
+    """MLflow's ~200,000 import-time objects are frozen (gc.freeze), so later collections skip
+    them; the collector runs again afterwards, and nothing is imported or frozen twice."""
+    import subprocess
+    import sys
+
+    from pipeline.common import ROOT
+
+    code = ("import gc, sys; from pipeline.tracking import store\n"
+            "store.import_code('sqlite:///x.db'); frozen = gc.get_freeze_count()\n"
+            "store.import_code('sqlite:///x.db')\n"
+            "print(frozen, gc.get_freeze_count(), gc.isenabled(), 'mlflow.store.tracking.sqlalchemy_store' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    frozen, again, enabled, store_code = out.stdout.split()
+    assert int(frozen) > 100_000 and int(again) == int(frozen)
+    assert enabled == "True" and store_code == "True"

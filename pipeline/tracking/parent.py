@@ -12,9 +12,9 @@ from pipeline.tracking import model, query, reuse, run, store
 
 def open_parent(config: DictConfig, name: str, params: dict[str, str]) -> tuple[Any, str]:
     """(client, parent run id): a RUNNING parent in the configured experiment, with ``params``."""
+    client, experiment_id = store.open_store(config)  # first: it imports MLflow (store.import_code)
     from mlflow.entities import Param
 
-    client, experiment_id = store.open_store(config)
     parent = client.create_run(experiment_id, run_name=name[:250], tags={
         "catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
         **run.provenance_tags(), **store.process_tags(),

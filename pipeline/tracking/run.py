@@ -172,9 +172,9 @@ class MlflowRun(NullRun):
 
     @classmethod
     def create(cls, cfg: DictConfig, tags: dict[str, str] | None = None) -> "MlflowRun":
+        client, experiment_id = store.open_store(cfg)  # first: it imports MLflow (store.import_code)
         from mlflow.entities import Param
 
-        client, experiment_id = store.open_store(cfg)
         tags = {
             "mlflow.source.name": "pipeline",
             "mlflow.source.type": "LOCAL",
