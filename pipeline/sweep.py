@@ -276,23 +276,18 @@ def warm_joblib_workers(config: DictConfig) -> None:
     kwargs["backend"] = "loky"  # as the launcher does
     process_joblib_cfg(kwargs)
     n_jobs = kwargs.get("n_jobs") or 1
-    workers = os.cpu_count() or 1 if n_jobs < 0 else n_jobs
-    tracked = bool(config.tracking.enabled)
-    uri = tracking_store_uri(config) if tracked else None
+    workers = max(1, (os.cpu_count() or 1) + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib's meaning of -1, -2...
 
     def start() -> None:
         try:
+            from pipeline.tracking.store import store_uri
+
+            uri = store_uri(config)[0] if config.tracking.enabled else None
             Parallel(**kwargs)(delayed(_warm)(uri) for _ in range(workers))
         except Exception as e:  # noqa: BLE001 - the launcher starts its workers itself
             log.debug("sweep: joblib workers not warmed up: %s", e)
 
     threading.Thread(target=start, name="catnet-warm-workers", daemon=True).start()
-
-
-def tracking_store_uri(config: DictConfig) -> str:
-    from pipeline.tracking.store import store_uri
-
-    return store_uri(config)[0]
 
 
 def _warm(uri: str | None) -> int:
