@@ -293,14 +293,14 @@ def warm_joblib_workers(config: DictConfig) -> None:
 def _warm(uri: str | None) -> int:
     """In a joblib worker: import what its first job would. The store itself is left alone: the
     sweep creates it (and a new SQLite file's tables) before any job, and only then."""
+    import gc
+
     import pipeline.__main__  # noqa: F401 - the stages, Hydra's task function
 
     if uri is not None:
         from pipeline.tracking import store
 
         store.import_code(uri)
-    import gc
-
     gc.freeze()  # what was imported stays: the jobs' garbage collections (and the worker's exit) skip it
     return os.getpid()
 

@@ -71,8 +71,8 @@ def link(cfg: DictConfig, original) -> str:
     for key in ("catnet.model_uri", "catnet.trained", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
         if key in original.data.tags:
             tags[key] = original.data.tags[key]
-    if tracking_run.parent_run_id():
-        tags["mlflow.parentRunId"] = tracking_run.parent_run_id()
+    if parent := tracking_run.parent_run_id():
+        tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=tracking_run.run_name(cfg), tags=tags)
     try:
         params = {k: v[:6000] for k, v in config.flatten(cfg).items()}

@@ -183,8 +183,7 @@ class MlflowRun(NullRun):
             **store.process_tags(),
             **(tags or {}),
         }
-        parent = parent_run_id()
-        if parent:
+        if parent := parent_run_id():
             tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
@@ -403,8 +402,8 @@ def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
         client, experiment_id = store.open_store(cfg)
         tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
                 **provenance_tags(), **store.process_tags()}
-        if parent_run_id():
-            tags["mlflow.parentRunId"] = parent_run_id()
+        if parent := parent_run_id():
+            tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         try:
             params = config.flatten(cfg, resolve=False)
