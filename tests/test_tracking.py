@@ -113,3 +113,31 @@ def test_mlflow_is_imported_once_with_the_garbage_collector_paused_then_out_of_i
     frozen, again, enabled, store_code = out.stdout.split()
     assert int(frozen) > 100_000 and int(again) == int(frozen)
     assert enabled == "True" and store_code == "True"
+
+
+def test_a_model_is_saved_without_mapping_every_installed_package(cfg, store, monkeypatch, tmp_path):
+    """MLflow checks a model's pip requirements against the installed packages; its map of every
+    installed distribution (importlib.metadata.packages_distributions, ~0.4 s) is not made for
+    it. The requirements are still the imported versions, and MLflow's map is left unmade."""
+    import numpy as np
+    import pandas
+    from mlflow.utils import requirements_utils
+
+    import mlflow
+    from pipeline.tracking import model
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    scans = []
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions",
+                        lambda: scans.append(1) or {})
+    weights = {"W1": np.ones((12288, 1), np.float32), "activation": np.array("sigmoid"),
+               "image_shape": np.array([64, 64, 3])}
+    normalizer = {"scale": np.array(255.0)}
+    with tracking.open_run(cfg) as run:
+        uri = model.log_model(run.client, run.run_id, run.experiment_id, tmp_path, weights, normalizer,
+                              np.zeros((2, 64, 64, 3), np.uint8), {})
+    assert scans == []
+    assert requirements_utils._MODULES_TO_PACKAGES is None and requirements_utils._PACKAGES_TO_MODULES is None
+    requirements = (tmp_path / "model" / "requirements.txt").read_text().split()
+    assert requirements == [f"numpy=={np.__version__}", f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"]
+    assert uri.startswith("models:/")

@@ -8,6 +8,7 @@ keeps no path of the machine that logged it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -48,15 +49,16 @@ def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: di
     model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params,
                                        model_type="catnet")
     local = folder / "model"
-    mlflow.pyfunc.save_model(
-        path=str(local), python_model=str(Path(__file__).with_name("pyfunc.py")),
-        artifacts={"weights": str(src / "weights.npz"), "normalizer": str(src / "normalizer.npz")},
-        code_paths=[str(ROOT / "src" / "catnet")],
-        signature=signature, input_example=example,
-        pip_requirements=[f"numpy=={np.__version__}", f"pandas=={pandas.__version__}",
-                          f"mlflow=={mlflow.__version__}"],
-        mlflow_model=Model(run_id=run_id, model_id=model.model_id, model_uuid=model.model_id),
-    )
+    requirements = {"numpy": np.__version__, "pandas": pandas.__version__, "mlflow": mlflow.__version__}
+    with _known_packages(requirements):
+        mlflow.pyfunc.save_model(
+            path=str(local), python_model=str(Path(__file__).with_name("pyfunc.py")),
+            artifacts={"weights": str(src / "weights.npz"), "normalizer": str(src / "normalizer.npz")},
+            code_paths=[str(ROOT / "src" / "catnet")],
+            signature=signature, input_example=example,
+            pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
+            mlflow_model=Model(run_id=run_id, model_id=model.model_id, model_uuid=model.model_id),
+        )
     _strip_machine_paths(local / "MLmodel")
     for pycache in local.rglob("__pycache__"):
         import shutil
@@ -66,6 +68,28 @@ def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: di
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     return f"models:/{model.model_id}"
+
+
+@contextlib.contextmanager
+def _known_packages(packages):
+    """While a model is saved, MLflow knows the modules of ``packages`` only.
+
+    ``save_model`` checks each pip requirement against the installed version, and first maps
+    every installed distribution to its modules (``importlib.metadata.packages_distributions``:
+    about 0.4 s, once per process). The requirements here are the versions this process
+    imported, and each package is its own module: the map of those packages gives MLflow the
+    same answer. MLflow's own map is left as it was (not yet made) for anything else."""
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None:  # made already, or renamed
+        yield
+        return
+    requirements_utils._MODULES_TO_PACKAGES = {name: [name] for name in packages}
+    try:
+        yield
+    finally:
+        requirements_utils._MODULES_TO_PACKAGES = None
+        requirements_utils._PACKAGES_TO_MODULES = None
 
 
 def ensure(client, run) -> str:
