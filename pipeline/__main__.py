@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from catnet.errors import CatnetError
-from pipeline import evaluate, load, normalize, sweep, tracking, train
+from pipeline import curve, evaluate, load, normalize, sweep, tracking, train
 from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, run_main, told
 from pipeline.config import prepare
 from pipeline.tracking.query import metric_order, objective_value
@@ -43,11 +43,13 @@ def run_all(cfg: DictConfig) -> dict:
                      earlier.info.run_name, link)
             return {**earlier.data.metrics, REUSED: earlier.info.run_id}
     normalizer = normalize.run(cfg, splits.train)
-    with tracking.open_run(cfg) as mlrun:
+    # a single tracked run's learning curve is drawn by a helper process, which imports matplotlib
+    # while MLflow is imported here (pipeline/curve.py); a sweep's jobs draw none
+    with curve.helper(cfg.tracking.enabled and not is_multirun()) as drawer, tracking.open_run(cfg) as mlrun:
         mlrun.record_data(digest, load.sources(cfg))
         if key:
             mlrun.set_tags({tracking.reuse.IDENTITY_TAG: key})
-        net, cv = train.run(cfg, splits, normalizer, mlrun)
+        net, cv = train.run(cfg, splits, normalizer, mlrun, drawer)
         return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))}
 
 

@@ -7,6 +7,7 @@ of the MLflow run, which the evaluate stage continues).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -18,7 +19,7 @@ from catnet import train as catnet_train
 from catnet.hdf5 import Split
 from catnet.network import Network
 from catnet.preprocess import Normalizer
-from pipeline import load, normalize, tracking
+from pipeline import curve, load, normalize, tracking
 from pipeline.common import (
     CONF_DIR, Outputs, is_multirun, load_npz, log, run_cli, run_main, save_json,
 )
@@ -37,9 +38,10 @@ def recipe(cfg: DictConfig) -> catnet_train.Recipe:
         check_learned=cfg.train.check_learned)
 
 
-def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
-        mlrun: tracking.NullRun) -> tuple[Network, dict[str, float]]:
-    """Train; return the network and the cross-validation metrics (empty unless data.cv_folds)."""
+def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tracking.NullRun,
+        drawer: curve.Helper | None = None) -> tuple[Network, dict[str, float]]:
+    """Train; return the network and the cross-validation metrics (empty unless data.cv_folds).
+    ``drawer``: the helper process started to draw the learning curve (pipeline/curve.py)."""
     out = Outputs.of(cfg)
     epochs = cfg.train.epochs
     show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()
@@ -54,7 +56,7 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
 
     def on_epoch(epoch: int, errors: dict[str, float]) -> None:
         if epoch == 1:
-            first_epoch_at.append(time.time())
+            first_epoch_at.append(process_age())
         if epoch % stride == 0 or epoch == epochs:
             mlrun.log_epoch(epoch, {METRIC[k]: v for k, v in errors.items()})
         if bar is not None:
@@ -81,11 +83,13 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer,
     mlrun.log_output(out.weights, lambda f: np.savez(f, **weight_arrays(net, cfg)))
     mlrun.log_output(out.history, lambda f: _write_history(f, history), mode="w")
     if not is_multirun():  # a person looks at one run's curve; a sweep's curves are compared by the parent
-        mlrun.log_output(out.curve, lambda f: _plot_curve(f, history, cfg))
+        mlrun.log_output(out.curve, lambda f: f.write(curve.png(
+            {METRIC[k]: v for k, v in history.items()}, f"training error ({cfg.train.loss})",
+            f"hidden {list(cfg.model.hidden_sizes)}, lr {cfg.train.lr}, seed {cfg.seed}", drawer)))
     mlrun.set_tags({"catnet.trained": "true"})
     log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, %d images, error %.4g -> %.4g; first epoch "
              "done %.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),
-             trained.images, history["error"][0], history["error"][-1], first_epoch_at[0] - _process_start())
+             trained.images, history["error"][0], history["error"][-1], first_epoch_at[0])
     return net, cv
 
 
@@ -102,11 +106,20 @@ def epoch_stride(epochs: int, max_points: int | None) -> int:
     return 1 if max_points is None else max(1, -(-epochs // max_points))
 
 
-def _process_start() -> float:
+def process_age() -> float:
+    """Seconds since this process started. On Linux from the kernel's start tick and the boot
+    clock (10 ms steps); psutil's create_time adds the boot time, which Linux gives in whole
+    seconds, so an age from it is up to 1 s too long. Elsewhere, psutil's."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):
+        pass
     try:
         import psutil
 
-        return psutil.Process().create_time()
+        return time.time() - psutil.Process().create_time()
     except ImportError:  # psutil comes with MLflow; without it, say nothing wrong
         return float("nan")
 
@@ -158,26 +171,6 @@ def _write_history(f, history: dict[str, np.ndarray]) -> None:
     f.writelines(",".join([str(i), *(f"{e:.9g}" for e in row)]) + "\n" for i, row in enumerate(rows, 1))
 
 
-def _plot_curve(f, history: dict[str, np.ndarray], cfg: DictConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, values in history.items():
-        ax.plot(np.arange(1, len(values) + 1), values, label=METRIC[name])
-    ax.legend()
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"training error ({cfg.train.loss})")
-    ax.set_title(f"hidden {list(cfg.model.hidden_sizes)}, lr {cfg.train.lr}, seed {cfg.seed}")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(f, format="png")
-    plt.close(fig)
-
-
 def _stage(cfg: DictConfig) -> None:
     """The train stage alone (dvc repro): the run stays RUNNING for the evaluate stage, which
     finds it in reports/mlflow_run.json, written only once training succeeded."""
@@ -190,11 +183,12 @@ def _stage(cfg: DictConfig) -> None:
     splits, normalizer = load.read(cfg), normalize.read(cfg)
     digest = load.digest(splits)
     key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
-    with tracking.open_run(cfg, finish=False) as mlrun:  # evaluate finishes the run
+    # the curve's helper imports matplotlib while MLflow is imported here (pipeline/curve.py)
+    with curve.helper(cfg.tracking.enabled) as drawer, tracking.open_run(cfg, finish=False) as mlrun:
         mlrun.record_data(digest, load.sources(cfg))
         if key:  # a later sweep's identical job reuses this run (pipeline/tracking/reuse.py)
             mlrun.set_tags({tracking.reuse.IDENTITY_TAG: key})
-        run(cfg, splits, normalizer, mlrun)
+        run(cfg, splits, normalizer, mlrun, drawer)  # the run stays RUNNING: evaluate finishes it
     # the configured tracking.uri, not the resolved one: the project may move
     save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": cfg.tracking.uri})
 

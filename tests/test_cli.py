@@ -208,3 +208,20 @@ def test_an_entry_point_freezes_what_is_alive_before_the_interpreter_exits(endin
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+def test_the_process_age_in_the_train_log_is_measured_from_the_process_start():
+    """train's log says when the first epoch was done after the process started (the benchmark
+    reads it): within 0.1 s of the age a parent measures from just before it started the child."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.common import ROOT
+
+    code = "import time; from pipeline.train import process_age; print(process_age(), time.time())"
+    spawned = time.time()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    age, now = map(float, out.stdout.split())
+    assert 0.0 < age <= now - spawned + 0.02 and age > now - spawned - 0.1

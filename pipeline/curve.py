@@ -1,0 +1,130 @@
+"""The learning-curve PNG of a single run, drawn by a helper process beside it.
+
+Importing matplotlib and drawing takes about 0.8 s, longer than training the default network.
+A tracked single run (``python -m pipeline``, the train stage) starts the helper, ``python -m
+pipeline.curve``, before it opens its MLflow run: matplotlib is imported on another core while
+MLflow is. (Untracked, the run has nothing as long to do meanwhile, and a new process costs
+more than the import it would hide: it draws the curve itself.) When training ends, the helper reads the history on its stdin and answers with the
+PNG on its stdout. A helper that gets no history (the run failed before) ends at the end of its
+input, and is killed if it has not by the time the run ends.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from catnet.errors import CatnetError
+
+TIMEOUT = 120  # seconds: drawing takes well under one
+
+
+def plot(f, history: dict[str, np.ndarray], ylabel: str, title: str) -> None:
+    """Draw each history (one value per epoch, log scale) into ``f`` as a PNG."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, values in history.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=name)
+    ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported with the garbage collector paused: the
+    ~50,000 objects the import makes live as long as the process, and the collector, left on,
+    went over them again and again while they were made."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        if enabled:
+            gc.enable()
+    return plt
+
+
+class Helper:
+    """A started ``python -m pipeline.curve``, waiting for one history to draw."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.curve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def draw(self, history: dict[str, np.ndarray], ylabel: str, title: str) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, ylabel=np.str_(ylabel), title=np.str_(title), names=np.array(list(history), dtype=np.str_),
+                 **{f"history_{i}": np.asarray(v) for i, v in enumerate(history.values())})
+        try:
+            png, err = self.proc.communicate(buf.getvalue(), timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise CatnetError(f"learning curve: its drawing process gave no PNG within {TIMEOUT} s") from None
+        if self.proc.returncode != 0 or not png:
+            last = (err.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise CatnetError(f"learning curve: its drawing process failed (exit {self.proc.returncode}: {last})")
+        return png
+
+    def close(self) -> None:
+        if self.proc.returncode is None:  # it drew nothing: no need to wait for its imports
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@contextmanager
+def helper(enabled: bool = True) -> Iterator[Helper | None]:
+    """A helper for the block (None unless ``enabled``), never left behind it."""
+    started = Helper() if enabled else None
+    try:
+        yield started
+    finally:
+        if started is not None:
+            started.close()
+
+
+def png(history: dict[str, np.ndarray], ylabel: str, title: str, drawer: Helper | None = None) -> bytes:
+    """The PNG: from ``drawer`` if the run started one, else drawn in this process."""
+    if drawer is not None:
+        return drawer.draw(history, ylabel, title)
+    buf = io.BytesIO()
+    plot(buf, history, ylabel, title)
+    return buf.getvalue()
+
+
+def _serve() -> int:
+    import gc
+
+    gc.disable()  # a process that draws one figure and ends
+    pyplot()  # now, while the run goes on
+
+    data = sys.stdin.buffer.read()
+    if not data:  # the run ended without a history to draw
+        return 0
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        history = {str(name): f[f"history_{i}"] for i, name in enumerate(f["names"])}
+        ylabel, title = str(f["ylabel"]), str(f["title"])
+    out = io.BytesIO()
+    plot(out, history, ylabel, title)
+    sys.stdout.buffer.write(out.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())
