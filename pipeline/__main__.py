@@ -45,10 +45,9 @@ def run_all(cfg: DictConfig) -> dict:
     normalizer = normalize.run(cfg, splits.train)
     # a single tracked run's learning curve is drawn by a helper process, which imports matplotlib
     # while MLflow is imported here (pipeline/curve.py); a sweep's jobs draw none
-    with curve.helper(cfg.tracking.enabled and not is_multirun()) as drawer, tracking.open_run(cfg) as mlrun:
+    with (curve.helper(cfg.tracking.enabled and not is_multirun()) as drawer,
+          tracking.open_run(cfg, tags=tracking.reuse.run_tags(digest, key)) as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
-        if key:
-            mlrun.set_tags({tracking.reuse.IDENTITY_TAG: key})
         net, cv = train.run(cfg, splits, normalizer, mlrun, drawer)
         return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))}
 

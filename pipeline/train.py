@@ -183,11 +183,11 @@ def _stage(cfg: DictConfig) -> None:
     splits, normalizer = load.read(cfg), normalize.read(cfg)
     digest = load.digest(splits)
     key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
-    # the curve's helper imports matplotlib while MLflow is imported here (pipeline/curve.py)
-    with curve.helper(cfg.tracking.enabled) as drawer, tracking.open_run(cfg, finish=False) as mlrun:
+    # the curve's helper imports matplotlib while MLflow is imported here (pipeline/curve.py); by
+    # its identity tag, a later sweep's identical job reuses this run (pipeline/tracking/reuse.py)
+    with (curve.helper(cfg.tracking.enabled) as drawer,
+          tracking.open_run(cfg, finish=False, tags=tracking.reuse.run_tags(digest, key)) as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
-        if key:  # a later sweep's identical job reuses this run (pipeline/tracking/reuse.py)
-            mlrun.set_tags({tracking.reuse.IDENTITY_TAG: key})
         run(cfg, splits, normalizer, mlrun, drawer)  # the run stays RUNNING: evaluate finishes it
     # the configured tracking.uri, not the resolved one: the project may move
     save_json(out.run_info, {"run_id": mlrun.run_id, "tracking_uri": cfg.tracking.uri})

@@ -80,7 +80,9 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
     assert counts(first) == (4, 0)
     second, second_s = sweep(project, *jobs)
     assert counts(second) == (0, 4) and second.count("reused ") >= 4
-    assert second_s < 0.8 * first_s, (first_s, second_s)
+    # nothing trained the second time (the time it saves is make bench's to measure: a job of the
+    # default network now trains in a small part of its whole cost, so a wall-time ratio is noise)
+    assert first.count("] - train: 300 epochs") == 4 and "] - train: " not in second
     print(f"4-job sweep: first {first_s:.1f} s, rerun {second_s:.1f} s ({second_s / first_s:.2f}x)")
     assert len(trained_runs(project["uri"])) == 4
 

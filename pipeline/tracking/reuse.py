@@ -52,6 +52,12 @@ def identity(cfg: DictConfig, data_digest: str) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
+def run_tags(data_digest: str, key: str | None) -> dict[str, str]:
+    """The tags a run that trains is created with: the md5 of its data and, when it has one, its
+    identity (what a later identical job finds it by)."""
+    return {"catnet.data.md5": data_digest, **({IDENTITY_TAG: key} if key else {})}
+
+
 def find(cfg: DictConfig, key: str):
     """The earliest FINISHED run of the experiment that trained with this identity, or None."""
     client, experiment_id = store.open_store(cfg)

@@ -232,13 +232,13 @@ class MlflowRun(NullRun):
         return self
 
     def record_data(self, digest: str, sources: dict[str, str]) -> None:
-        """The data this run reads: the md5 of its arrays (tag catnet.data.md5) and, as an MLflow
-        dataset input with that digest, the files they came from (paths relative to the project)."""
+        """The data this run reads, as an MLflow dataset input: the md5 of its arrays as the
+        digest (the run's tag catnet.data.md5 too: ``reuse.run_tags``) and the files they came from
+        (paths relative to the project)."""
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        self.set_tags({"catnet.data.md5": digest})
         dataset = Dataset(name="catvnoncat", digest=digest, source_type="local", source=json.dumps(sources))
         _log_inputs(self.client, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
@@ -418,11 +418,13 @@ def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
 
 
 @contextmanager
-def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True) -> Iterator[NullRun]:
+def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True,
+             tags: dict[str, str] | None = None) -> Iterator[NullRun]:
     """The run the stages inside the block log to.
 
     ``resume``: the run info the train stage wrote ({'run_id', 'tracking_uri'}), to continue
-    that run instead of creating one. On success the run is FINISHED if ``finish``, else left
+    that run instead of creating one. ``tags``: the new run's, written with it (one write less
+    per run than setting them after). On success the run is FINISHED if ``finish``, else left
     RUNNING for the next stage (tag ``catnet.handoff``, so that no later command takes it for
     an orphan). On any exception it is FAILED (KILLED for Ctrl-C / SIGTERM) and the reason is
     tagged ``catnet.failure``; the exception propagates.
@@ -433,7 +435,7 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
     if resume is not None and not resume.get("run_id"):  # training ran with tracking off
         yield NullRun()
         return
-    run = MlflowRun.continue_(cfg, resume) if resume is not None else MlflowRun.create(cfg)
+    run = MlflowRun.continue_(cfg, resume) if resume is not None else MlflowRun.create(cfg, tags)
     try:
         yield run
         run.flush()
