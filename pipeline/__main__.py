@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -43,9 +44,9 @@ def run_all(cfg: DictConfig) -> dict:
                      earlier.info.run_name, link)
             return {**earlier.data.metrics, REUSED: earlier.info.run_id}
     normalizer = normalize.run(cfg, splits.train)
-    # a single tracked run's learning curve is drawn by a helper process, which imports matplotlib
-    # while MLflow is imported here (pipeline/curve.py); a sweep's jobs draw none
-    with (curve.helper(cfg.tracking.enabled and not is_multirun()) as drawer,
+    # a single run's learning curve is drawn by a helper process started first thing
+    # (pipeline/curve.py); a sweep's jobs draw none
+    with (curve.helper(not is_multirun()) as drawer,
           tracking.open_run(cfg, tags=tracking.reuse.run_tags(digest, key)) as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
         net, cv = train.run(cfg, splits, normalizer, mlrun, drawer)
@@ -116,4 +117,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    curve.start_early(sys.argv[1:])
     run_main(main)

@@ -1,12 +1,13 @@
 """The learning-curve PNG of a single run, drawn by a helper process beside it.
 
 Importing matplotlib and drawing takes about 0.8 s, longer than training the default network.
-A tracked single run (``python -m pipeline``, the train stage) starts the helper, ``python -m
-pipeline.curve``, before it opens its MLflow run: matplotlib is imported on another core while
-MLflow is. (Untracked, the run has nothing as long to do meanwhile, and a new process costs
-more than the import it would hide: it draws the curve itself.) When training ends, the helper reads the history on its stdin and answers with the
-PNG on its stdout. A helper that gets no history (the run failed before) ends at the end of its
-input, and is killed if it has not by the time the run ends.
+A single run (``python -m pipeline``, the train stage) starts the helper, ``python -m
+pipeline.curve``, first thing, before Hydra composes its config: matplotlib is imported and a
+first figure drawn on another core while the run composes, reads the data, imports MLflow and
+trains. When training ends, the helper reads the history on its stdin and answers with the PNG
+on its stdout. A helper that gets no history (the command turned out to be no run, or failed
+before training) is killed when the command ends, or ends at the end of its input if the
+command was killed.
 """
 
 from __future__ import annotations
@@ -88,10 +89,37 @@ class Helper:
             self.proc.communicate()
 
 
+NOT_A_RUN = {"-m", "--multirun", "-c", "--cfg", "-p", "--package", "-h", "--help", "--hydra-help", "-i", "--info",
+             "-sc", "--shell-completion", "--version"}  # Hydra's flags for a sweep or for no run at all
+_EARLY: list[Helper] = []  # the helper started first thing, until the run takes it
+
+
+def start_early(argv: list[str]) -> None:
+    """Start the helper now if the command line (Hydra's) asks for a single run."""
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    if flags & NOT_A_RUN or any(a.startswith("hydra.mode=") for a in argv) or _EARLY:
+        return
+    import atexit
+
+    _EARLY.append(Helper())
+    atexit.register(_close_early)
+
+
+def _close_early() -> None:
+    while _EARLY:
+        _EARLY.pop().close()
+
+
 @contextmanager
 def helper(enabled: bool = True) -> Iterator[Helper | None]:
-    """A helper for the block (None unless ``enabled``), never left behind it."""
-    started = Helper() if enabled else None
+    """A helper for the block, never left behind it: the one started early, else a new one
+    (None unless ``enabled``)."""
+    started = _EARLY.pop() if _EARLY else None
+    if started is not None and not enabled:
+        started.close()
+        started = None
+    elif started is None and enabled:
+        started = Helper()
     try:
         yield started
     finally:
@@ -110,10 +138,13 @@ def png(history: dict[str, np.ndarray], ylabel: str, title: str, drawer: Helper 
 
 def _serve() -> int:
     import gc
+    import os
 
     gc.disable()  # a process that draws one figure and ends
-    pyplot()  # now, while the run goes on
-
+    if hasattr(os, "nice"):  # the run's own work (training on every core) goes first
+        os.nice(10)
+    pyplot()  # now, while the run goes on; and a first figure, which loads what every figure needs
+    plot(io.BytesIO(), {"warm-up": np.array([2.0, 1.0])}, "error", "warm-up")
     data = sys.stdin.buffer.read()
     if not data:  # the run ended without a history to draw
         return 0
@@ -123,7 +154,8 @@ def _serve() -> int:
     out = io.BytesIO()
     plot(out, history, ylabel, title)
     sys.stdout.buffer.write(out.getvalue())
-    return 0
+    sys.stdout.buffer.flush()
+    os._exit(0)  # the run waits for this process's end: no tearing down of matplotlib's modules
 
 
 if __name__ == "__main__":

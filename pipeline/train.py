@@ -183,9 +183,9 @@ def _stage(cfg: DictConfig) -> None:
     splits, normalizer = load.read(cfg), normalize.read(cfg)
     digest = load.digest(splits)
     key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
-    # the curve's helper imports matplotlib while MLflow is imported here (pipeline/curve.py); by
-    # its identity tag, a later sweep's identical job reuses this run (pipeline/tracking/reuse.py)
-    with (curve.helper(cfg.tracking.enabled) as drawer,
+    # the curve's helper started first thing (pipeline/curve.py); by its identity tag, a later
+    # sweep's identical job reuses this run (pipeline/tracking/reuse.py)
+    with (curve.helper() as drawer,
           tracking.open_run(cfg, finish=False, tags=tracking.reuse.run_tags(digest, key)) as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
         run(cfg, splits, normalizer, mlrun, drawer)  # the run stays RUNNING: evaluate finishes it
@@ -199,4 +199,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    curve.start_early(sys.argv[1:])
     run_main(main)
