@@ -127,13 +127,14 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
 
 @pytest.mark.slow
 def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating_a_trial(project):
-    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=300",
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=3000",
               "train.check_learned=false", "train.divergence_ratio=null", "data.cv_folds=2", "data.cv_repeats=1"]
     proc = sweep(project, *search, popen=True)
     deadline = time.time() + 300
 
     def mid_trial() -> bool:  # 3 trials done and the 4th training (its run open, its identity set;
-        # 300 epochs keep a trial's run open long enough for these looks at the store to see it)
+        # 3000 epochs keep a trial's run open for about a second: with 300 (a few tenths), the trial
+        # had ended before the signal came, in one CI run)
         _, runs = runs_of(project["uri"])  # one snapshot of the store
         return len(trained_runs(project["uri"], runs)) >= 3 and any(
             r.info.status == "RUNNING" and "catnet.identity" in r.data.tags for r in runs)
