@@ -225,3 +225,13 @@ def test_the_process_age_in_the_train_log_is_measured_from_the_process_start():
     assert out.returncode == 0, out.stderr[-2000:]
     age, now = map(float, out.stdout.split())
     assert 0.0 < age <= now - spawned + 0.02 and age > now - spawned - 0.1
+
+
+def test_the_benchmark_measures_tracking_through_the_current_tracking_package():
+    """make bench times the training loop with and without MLflow logging through the tracking
+    package; it broke unseen once when that package's interface changed."""
+    from benchmarks import bench
+
+    x, y = bench.load_real("float32")
+    times = bench.tracking_overhead(x, y, epochs=5, repeats=1)
+    assert set(times) == {"on", "off", "write"} and all(t > 0 for t in times.values())
