@@ -44,21 +44,12 @@ def plot(f, history: dict[str, np.ndarray], ylabel: str, title: str) -> None:
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend, imported with the garbage collector paused: the
-    ~50,000 objects the import makes live as long as the process, and the collector, left on,
-    went over them again and again while they were made."""
-    import gc
+    """matplotlib.pyplot on the Agg backend."""
+    import matplotlib
 
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    finally:
-        if enabled:
-            gc.enable()
     return plt
 
 
