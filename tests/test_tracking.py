@@ -36,6 +36,49 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_epochs(cfg, store):
     assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 7
 
 
+@pytest.mark.parametrize("signal", ["KeyboardInterrupt", "Terminated"])
+def test_a_run_stopped_while_its_first_records_are_written_is_killed_not_failed(cfg, store, monkeypatch, signal):
+    """Ctrl-C or SIGTERM just after the run was created (a sweep stopped as a job starts: seen in
+    CI, where the run ended FAILED although the job was stopped)."""
+    from mlflow import MlflowClient
+
+    from pipeline.common import Terminated
+
+    error = KeyboardInterrupt() if signal == "KeyboardInterrupt" else Terminated("SIGTERM")
+
+    def stopped(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(MlflowClient, "log_text", stopped)
+    with pytest.raises(type(error)):
+        with tracking.open_run(cfg):
+            pass
+    client, runs = runs_of(store["uri"])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert runs[0].data.tags["catnet.failure"] == f"{signal}: {error}"
+
+
+def test_a_link_to_a_reused_run_stopped_while_written_is_killed_not_failed(cfg, store, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline.common import Terminated
+    from pipeline.tracking import reuse
+
+    with tracking.open_run(cfg, tags={reuse.IDENTITY_TAG: "key"}) as run:
+        original = run.run_id
+    client, _ = runs_of(store["uri"])
+
+    def stopped(*args, **kwargs):
+        raise Terminated("SIGTERM")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", stopped)
+    with pytest.raises(Terminated):
+        reuse.link(cfg, client.get_run(original))
+    _, runs = runs_of(store["uri"])
+    assert sorted((r.info.status, reuse.REUSED_TAG in r.data.tags) for r in runs) == [("FINISHED", False),
+                                                                                      ("KILLED", True)]
+
+
 def test_a_run_continued_by_a_later_stage_finishes_once(cfg, store):
     with tracking.open_run(cfg, finish=False) as run:
         for epoch in range(1, 2501):  # more than one log_batch call can carry

@@ -84,8 +84,8 @@ def link(cfg: DictConfig, original) -> str:
         params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
                          metrics=[Metric(k, v, 0, 0) for k, v in original.data.metrics.items()])
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+    except BaseException as e:  # Ctrl-C / SIGTERM too: KILLED then
+        client.set_terminated(run.info.run_id, tracking_run.status_after(e))
         raise
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id

@@ -191,9 +191,9 @@ class MlflowRun(NullRun):
             self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
             client.log_batch(self.run_id, params=[Param(k, v) for k, v in self._params.items()])
             client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        except BaseException as e:
+        except BaseException as e:  # Ctrl-C / SIGTERM here too: a sweep stopped as this job's run starts
             e._catnet_run_id = self.run_id
-            _end_after(self, e, "FAILED", f"{type(e).__name__}: {e}")
+            _end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
             raise
         log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, run.info.run_name,
                  cfg.tracking.experiment, client.tracking_uri)
@@ -328,6 +328,11 @@ class MlflowRun(NullRun):
             shutil.rmtree(self.private, ignore_errors=True)
 
 
+def status_after(error: BaseException) -> str:
+    """The status of a run that ``error`` stopped: KILLED for Ctrl-C / SIGTERM, else FAILED."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED"
+
+
 def _end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -> None:
     """End ``run`` because ``error`` stopped it; if the store does not take the status, the
     error carries the run's id as unfinished (the sweep names it, or closes it later)."""
@@ -440,7 +445,7 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
         yield run
         run.flush()
     except BaseException as e:
-        status = "KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED"
+        status = status_after(e)
         e._catnet_run_id = run.run_id  # see recorded()
         try:
             run.flush()
