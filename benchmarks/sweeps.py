@@ -8,7 +8,9 @@ into one SQLite store made before the timing, as a user's exists, an experiment 
 ``sweep.reuse=false`` so that every job trains), the best
 of the rounds; tracked and untracked commands alternate within a round, so that their ratios
 come from the same minutes of the same machine. "Per extra job" is (T(N jobs) - T(1 job)) / (N - 1)
-of a sequential multirun of the default network: what one more job of a sweep costs.
+of a sequential multirun of the default network: what one more job of a sweep costs. Each
+command also runs through ``benchmarks/floor.py`` (the same Hydra config, a task that trains and
+records nothing of its own): what Hydra and MLflow cost before catnet does anything.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ GOALS = {  # issue #13, seconds or ratios on the 2-core development machine
 }
 
 
+FLOOR = "benchmarks.floor"  # the same commands with a task that trains and records nothing of its own
 STORE = Path(tempfile.mkdtemp(prefix="catnet-bench-")) / "mlflow.db"  # made once (untimed), as a user's is
 COUNT = [0]
 
 
-def wall(*args: str, tracked: bool) -> float:
-    """Seconds of ``python -m pipeline <args>`` from process start to exit (which must be 0),
+def wall(*args: str, tracked: bool, module: str = "pipeline") -> float:
+    """Seconds of ``python -m <module> <args>`` from process start to exit (which must be 0),
     into the benchmark's store, each command in an experiment of its own."""
     COUNT[0] += 1
+    if module == FLOOR:
+        args = (*args, "~hydra.callbacks.mlflow_sweep")  # no sweep parent run: the floor has none
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pipeline", *args, f"tracking.enabled={str(tracked).lower()}",
+        cmd = [sys.executable, "-m", module, *args, f"tracking.enabled={str(tracked).lower()}",
                f"tracking.uri=sqlite:///{STORE}", f"tracking.experiment=bench-{COUNT[0]}", "sweep.reuse=false"]
         if "-m" in args:
             cmd.append(f"hydra.sweep.dir={tmp}/sweep")
@@ -62,8 +67,9 @@ def measure(rounds: int, jobs: int, long_epochs: int) -> dict[str, float]:
     for _ in range(rounds):
         for name, args in commands.items():
             for tracked in (True, False):
-                key = f"{name}_{'on' if tracked else 'off'}"
-                best[key] = min(best.get(key, float("inf")), wall(*args, tracked=tracked))
+                for module, prefix in (("pipeline", ""), (FLOOR, "floor_")):
+                    key = f"{prefix}{name}_{'on' if tracked else 'off'}"
+                    best[key] = min(best.get(key, float("inf")), wall(*args, tracked=tracked, module=module))
         long = ("-m", seeds, f"train.epochs={long_epochs}")
         best["long_seq"] = min(best.get("long_seq", float("inf")), wall(*long, tracked=True))
         best["long_joblib"] = min(best.get("long_joblib", float("inf")),
@@ -73,22 +79,30 @@ def measure(rounds: int, jobs: int, long_epochs: int) -> dict[str, float]:
 
 def report(rounds: int = 2, jobs: int = 16, long_epochs: int = 20000) -> dict[str, float]:
     t = measure(rounds, jobs, long_epochs)
-    per = {m: (t[f"sweepN_{m}"] - t[f"sweep1_{m}"]) / (jobs - 1) for m in ("on", "off")}
+    per = {f"{p}{m}": (t[f"{p}sweepN_{m}"] - t[f"{p}sweep1_{m}"]) / (jobs - 1)
+           for m in ("on", "off") for p in ("", "floor_")}
     ratio = t["sweepN_on"] / t["sweepN_off"]
     joblib = t["long_joblib"] / t["long_seq"]
     rows = [
-        ("per extra job, sequential sweep (s)", per["on"], per["off"], f"<= {GOALS['per_job_on']} / {GOALS['per_job_off']}"),
-        ("one run, python -m pipeline (s)", t["one_on"], t["one_off"], f"<= {GOALS['one_on']} / {GOALS['one_off']}"),
-        (f"{jobs}-job sequential sweep (s)", t["sweepN_on"], t["sweepN_off"], f"tracked/untracked <= {GOALS['sweep_ratio']}"),
+        ("per extra job, sequential sweep (s)", per["on"], per["off"], per["floor_on"], per["floor_off"],
+         f"<= {GOALS['per_job_on']} / {GOALS['per_job_off']}"),
+        ("one run, python -m pipeline (s)", t["one_on"], t["one_off"], t["floor_one_on"], t["floor_one_off"],
+         f"<= {GOALS['one_on']} / {GOALS['one_off']}"),
+        (f"{jobs}-job sequential sweep (s)", t["sweepN_on"], t["sweepN_off"], t["floor_sweepN_on"],
+         t["floor_sweepN_off"], f"tracked/untracked <= {GOALS['sweep_ratio']}"),
     ]
-    print(f"\nsweeps: whole commands, process start to exit, best of {rounds} round(s); one SQLite store")
-    print(f"{'':40} {'tracked':>8} {'untracked':>9}  goal")
-    for label, on, off, goal in rows:
-        print(f"{label:40} {on:8.2f} {off:9.2f}  {goal}")
-    print(f"{'tracked / untracked, ' + str(jobs) + '-job sweep':40} {ratio:8.2f}")
+    print(f"\nsweeps: whole commands, process start to exit, best of {rounds} round(s); one SQLite store.")
+    print("floor: the same commands through benchmarks/floor.py, a Hydra app over conf/ that trains nothing")
+    print("and makes the least MLflow record (params, one metric's 1000 points, status): the frameworks' cost")
+    print(f"{'':40} {'tracked':>8} {'untracked':>9} {'floor on':>9} {'floor off':>9}  goal")
+    for label, on, off, floor_on, floor_off, goal in rows:
+        print(f"{label:40} {on:8.2f} {off:9.2f} {floor_on:9.2f} {floor_off:9.2f}  {goal}")
+    print(f"{'tracked / untracked, ' + str(jobs) + '-job sweep':40} {ratio:8.2f} {'':9} "
+          f"{t['floor_sweepN_on'] / t['floor_sweepN_off']:9.2f}")
     print(f"{jobs} jobs x {long_epochs} epochs, tracked: sequential {t['long_seq']:.1f} s, joblib n_jobs=2 "
           f"{t['long_joblib']:.1f} s, ratio {joblib:.2f} (goal <= {GOALS['joblib_ratio']})")
-    return {**t, "per_job_on": per["on"], "per_job_off": per["off"], "sweep_ratio": ratio, "joblib_ratio": joblib}
+    return {**t, "per_job_on": per["on"], "per_job_off": per["off"], "floor_per_job_on": per["floor_on"],
+            "floor_per_job_off": per["floor_off"], "sweep_ratio": ratio, "joblib_ratio": joblib}
 
 
 def main() -> None:

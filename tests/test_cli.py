@@ -235,3 +235,33 @@ def test_the_benchmark_measures_tracking_through_the_current_tracking_package():
     x, y = bench.load_real("float32")
     times = bench.tracking_overhead(x, y, epochs=5, repeats=1)
     assert set(times) == {"on", "off", "write"} and all(t > 0 for t in times.values())
+
+
+@pytest.mark.slow
+def test_the_sweep_benchmark_times_catnet_beside_the_frameworks_floor(tmp_path):
+    """make bench's sweep table, on a small scale: every figure measured (no command failed), and
+    the floor's tracked commands leave the least record: a FINISHED run per job, its params and
+    1000 points, no sweep parent."""
+    import re
+    import subprocess
+    import sys
+
+    from pipeline.common import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sweeps", "--rounds", "1", "--jobs", "2",
+                          "--long-epochs", "50"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line[:40].strip(): re.findall(r"\d+\.\d+", line[40:]) for line in out.stdout.splitlines()}
+    for label in ("per extra job, sequential sweep (s)", "one run, python -m pipeline (s)",
+                  "2-job sequential sweep (s)"):
+        assert len(rows[label]) >= 4, out.stdout  # tracked, untracked, floor on, floor off (then goals)
+    assert all(float(v) > 0 for v in rows["one run, python -m pipeline (s)"][:4])
+
+    uri = f"sqlite:///{tmp_path / 'floor.db'}"
+    subprocess.run([sys.executable, "-m", "benchmarks.floor", "-m", "seed=0,1", "~hydra.callbacks.mlflow_sweep",
+                    f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    client, runs = runs_of(uri)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert all(r.data.params["seed"] in ("0", "1") and "mlflow.parentRunId" not in r.data.tags for r in runs)
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 1000
