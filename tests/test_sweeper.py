@@ -49,8 +49,51 @@ def test_the_default_sweeper_runs_every_combination_composing_each_job_once(tmp_
     finally:
         Singleton.set_state(state)
     assert sorted(jobs) == [(0, 0.1, 0), (0, 0.2, 1), (1, 0.1, 2), (1, 0.2, 3)]
-    assert sorted(loader.composed) == [("seed=0", "train.lr=0.1"), ("seed=0", "train.lr=0.2"),
-                                       ("seed=1", "train.lr=0.1"), ("seed=1", "train.lr=0.2")]  # once each
+    # Hydra composed the first job's config, once; the others only change its values
+    assert loader.composed == [("seed=0", "train.lr=0.1")]
+
+
+def _containers(once, loader, master, jobs):
+    from omegaconf import OmegaConf
+
+    for overrides in jobs:
+        fast, composed = once.load_sweep_config(master, overrides), loader.load_sweep_config(master, overrides)
+        yield (OmegaConf.to_container(fast, resolve=False), OmegaConf.is_struct(fast), OmegaConf.is_readonly(fast.hydra)), \
+              (OmegaConf.to_container(composed, resolve=False), OmegaConf.is_struct(composed),
+               OmegaConf.is_readonly(composed.hydra))
+
+
+def test_a_job_that_changes_only_values_gets_the_config_hydra_would_compose(tmp_path, monkeypatch):
+    """The first job's config with another job's values is, to the last Hydra field, the config
+    Hydra composes for that job; a job that changes a config group, adds a key or sets a dict
+    is composed by Hydra."""
+    from hydra_plugins.catnet_sweeper.composed_once import ComposedOnce
+
+    monkeypatch.chdir(tmp_path)
+    loader = CountingLoader()
+    master = loader.load_configuration("config", ["hydra.callbacks={}"], run_mode=RunMode.MULTIRUN)
+    once = ComposedOnce(loader)
+    values = [["seed=0", "train.lr=0.1", "model.hidden_sizes=[64,16]", "tracking.run_name=a", "model=seed"],
+              ["seed=1", "train.lr=0.2", "model.hidden_sizes=[8]", "tracking.run_name='x=${seed}'", "model=seed"],
+              ["seed=2", "train.lr=1e-3", "model.hidden_sizes=[]", "tracking.run_name=null", "model=seed"],
+              ["seed=3", "train.lr=0.1", "model.hidden_sizes=[64,16]", "tracking.run_name='a b,c'", "model=seed"]]
+    for fast, composed in _containers(once, loader, master, values):
+        assert fast == composed
+    assert len(loader.composed) == 1 + len(values)  # the first job by the sweeper, then each by the test
+
+    loader.composed.clear()
+    others = [["seed=0", "model=deep", "model.hidden_sizes=[64,16]", "tracking.run_name=a", "model=seed"],
+              ["seed=0", "train.lr=0.1", "+extra=1", "tracking.run_name=a", "model=seed"],
+              ["seed=0", "train.lr=0.1", "model.hidden_sizes=[64,16]", "tracking.run_name=a", "model=deep"],
+              ["seed=0", "train={lr: 0.5}", "model.hidden_sizes=[64,16]", "tracking.run_name=a", "model=seed"]]
+    for fast, composed in _containers(once, loader, master, others):
+        assert fast == composed
+    assert len(loader.composed) == 2 * len(others)  # Hydra composed each, for the sweeper and the test
+
+    once = ComposedOnce(loader)  # a dict is merged into what is there: the first job's would leak
+    dicts = [["sweep={reuse: false, direction: minimize}"], ["sweep={reuse: true}"]]
+    for fast, composed in _containers(once, loader, master, dicts):
+        assert fast == composed
 
 
 class Composer:
@@ -72,7 +115,7 @@ def test_a_loader_sent_to_another_process_carries_no_composed_config():
     once = ComposedOnce(Composer())
     first = once.load_sweep_config(master, ["seed=5"])
     copy = pickle.loads(pickle.dumps(once))
-    assert copy.kept == {}
+    assert copy.kept == {} and copy.first is None
     assert copy.load_sweep_config(master, ["seed=5"]) == first and copy.loader.composed == 2  # composed anew there
     assert once.load_sweep_config(master, ["seed=5"]) is first and once.kept == {}  # here: handed over once
     assert once.loader.composed == 1

@@ -7,8 +7,16 @@ twice per job. This sweeper keeps the configs its check composed and hands each 
 once, in the same process; a launcher that runs jobs elsewhere (joblib, Ray, submitit) receives
 the loader without them and composes in the job's process, as before. Sweep syntax, batches and
 the check are the basic sweeper's.
+
+Hydra composes the first job's config. A later job whose overrides differ from the first job's
+only in values (``seed=3`` for ``seed=0``: same keys in the same order, each changed one a plain
+``key=value`` of the config, not a config group, not a dict, not a Hydra setting) gets a copy of
+the first job's config with those values set, as Hydra sets command-line values after composing,
+and its ``hydra.overrides.task`` and ``hydra.job.override_dirname``: about 6 ms instead of 150 ms
+here. Any other job (``model=deep``, ``+key=...``) is composed by Hydra.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -29,12 +37,14 @@ ConfigStore.instance().store(group="hydra/sweeper", name="catnet", node=CatnetSw
 
 class ComposedOnce:
     """A config loader that returns the config of a job (master config, overrides) composed
-    already, once; any other call, or a second request, goes to Hydra's loader. Not pickled with
-    what it keeps: a job sent to another process composes its config there."""
+    already, once; any other call, or a second request, goes to Hydra's loader (or, for a job that
+    changes only values, to a copy of the first job's config: module doc). Not pickled with what
+    it keeps: a job sent to another process composes its config there."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
         self.kept: Dict[Any, Any] = {}  # (id of the master config, overrides) -> config
+        self.first: Optional[tuple] = None  # (id of the master config, overrides, config as composed)
         # (no `from __future__ import annotations` here: Hydra's plugin scan imports this module
         # outside sys.modules, where a dataclass cannot resolve string annotations)
 
@@ -42,15 +52,59 @@ class ComposedOnce:
         key = (id(master_config), tuple(sweep_overrides))
         if key in self.kept:
             return self.kept.pop(key)
-        config = self.loader.load_sweep_config(master_config, sweep_overrides)
+        config = self._from_first(master_config, sweep_overrides)
+        if config is None:
+            config = self.loader.load_sweep_config(master_config, sweep_overrides)
+            if self.first is None or self.first[0] != id(master_config):
+                self.first = (id(master_config), list(sweep_overrides), copy.deepcopy(config))
         self.kept[key] = config
         return config
+
+    def _from_first(self, master_config: Any, sweep_overrides: List[str]) -> Any:
+        """The first job's config with this job's values, or None if this job is not only that."""
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import OmegaConf
+
+        if self.first is None or self.first[0] != id(master_config) or len(self.first[1]) != len(sweep_overrides):
+            return None
+        _, first_overrides, first = self.first
+        parser = OverridesParser.create()
+        changed = []
+        for before, after in zip(first_overrides, sweep_overrides):
+            if before != after:
+                was, now = parser.parse_overrides([before, after])
+                if not (was.key_or_group == now.key_or_group and self._a_value(was, first)
+                        and self._a_value(now, first)):
+                    return None
+                changed.append(now)
+        config = copy.deepcopy(first)
+        ConfigLoaderImpl._apply_overrides_to_config(changed, config)
+        task = [o for o in parser.parse_overrides(sweep_overrides) if not o.is_hydra_override()]
+        config.hydra.overrides.task = [o.input_line for o in task]
+        dirname = config.hydra.job.config.override_dirname
+        config.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys)
+        OmegaConf.copy_cache(from_config=master_config, to_config=config)
+        return config
+
+    def _a_value(self, override: Any, first: Any) -> bool:
+        """Whether ``override`` sets a config value (what Hydra applies after composing), not a
+        config group, a dict (merged into what is there), a Hydra setting, an addition or a deletion."""
+        from hydra.core.override_parser.types import OverrideType, ValueType
+
+        repository = getattr(self.loader, "repository", None)
+        key = override.key_or_group
+        return (repository is not None and override.type == OverrideType.CHANGE
+                and override.value_type == ValueType.ELEMENT and override.package is None
+                and not override.is_hydra_override() and not isinstance(override.value(), dict)
+                and key not in first.hydra.runtime.choices and not repository.group_exists(key))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["loader"], name)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"loader": self.loader, "kept": {}}
+        return {"loader": self.loader, "kept": {}, "first": None}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
