@@ -15,7 +15,9 @@ from __future__ import annotations
 import time
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from pipeline.config import flatten
 
 _CLIENT: list = []  # (client, experiment id), made by a sweep's first job
 
@@ -30,21 +32,11 @@ def _record(cfg: DictConfig) -> None:
         _CLIENT.append((client, exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)))
     client, experiment_id = _CLIENT[0]
     run = client.create_run(experiment_id, tags={"mlflow.source.name": "floor"})
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    flat = flatten(cfg, resolve=False)  # catnet's own params, as its runs log them
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()],
                      metrics=[Metric("train/error", 1.0 / e, now, e) for e in range(1, 1001)])
     client.set_terminated(run.info.run_id, "FINISHED")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
