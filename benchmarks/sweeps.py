@@ -10,7 +10,9 @@ of the rounds; tracked and untracked commands alternate within a round, so that 
 come from the same minutes of the same machine. "Per extra job" is (T(N jobs) - T(1 job)) / (N - 1)
 of a sequential multirun of the default network: what one more job of a sweep costs. Each
 command also runs through ``benchmarks/floor.py`` (the same Hydra config, a task that trains and
-records nothing of its own): what Hydra and MLflow cost before catnet does anything.
+records nothing of its own): what Hydra and MLflow cost before catnet does anything. The tracked
+sweeps also run with ``tracking.sweep_writer=thread``: their epochs written by each job's own
+thread instead of the sweep's helper process (pipeline/tracking/writer.py).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def measure(rounds: int, jobs: int, long_epochs: int) -> dict[str, float]:
                 for module, prefix in (("pipeline", ""), (FLOOR, "floor_")):
                     key = f"{prefix}{name}_{'on' if tracked else 'off'}"
                     best[key] = min(best.get(key, float("inf")), wall(*args, tracked=tracked, module=module))
+        for name in ("sweep1", "sweepN"):  # tracked, its epochs written by each job's own thread
+            key = f"{name}_thread"
+            best[key] = min(best.get(key, float("inf")),
+                            wall(*commands[name], "tracking.sweep_writer=thread", tracked=True))
         long = ("-m", seeds, f"train.epochs={long_epochs}")
         best["long_seq"] = min(best.get("long_seq", float("inf")), wall(*long, tracked=True))
         best["long_joblib"] = min(best.get("long_joblib", float("inf")),
@@ -81,6 +87,7 @@ def report(rounds: int = 2, jobs: int = 16, long_epochs: int = 20000) -> dict[st
     t = measure(rounds, jobs, long_epochs)
     per = {f"{p}{m}": (t[f"{p}sweepN_{m}"] - t[f"{p}sweep1_{m}"]) / (jobs - 1)
            for m in ("on", "off") for p in ("", "floor_")}
+    per_thread = (t["sweepN_thread"] - t["sweep1_thread"]) / (jobs - 1)
     ratio = t["sweepN_on"] / t["sweepN_off"]
     joblib = t["long_joblib"] / t["long_seq"]
     rows = [
@@ -99,10 +106,12 @@ def report(rounds: int = 2, jobs: int = 16, long_epochs: int = 20000) -> dict[st
         print(f"{label:40} {on:8.2f} {off:9.2f} {floor_on:9.2f} {floor_off:9.2f}  {goal}")
     print(f"{'tracked / untracked, ' + str(jobs) + '-job sweep':40} {ratio:8.2f} {'':9} "
           f"{t['floor_sweepN_on'] / t['floor_sweepN_off']:9.2f}")
+    print(f"{'per extra job, tracked, epochs by thread':40} {per_thread:8.2f}   (tracking.sweep_writer=thread; "
+          f"{jobs}-job sweep {t['sweepN_thread']:.2f} s, ratio {t['sweepN_thread'] / t['sweepN_off']:.2f})")
     print(f"{jobs} jobs x {long_epochs} epochs, tracked: sequential {t['long_seq']:.1f} s, joblib n_jobs=2 "
           f"{t['long_joblib']:.1f} s, ratio {joblib:.2f} (goal <= {GOALS['joblib_ratio']})")
     return {**t, "per_job_on": per["on"], "per_job_off": per["off"], "floor_per_job_on": per["floor_on"],
-            "floor_per_job_off": per["floor_off"], "sweep_ratio": ratio, "joblib_ratio": joblib}
+            "floor_per_job_off": per["floor_off"], "per_job_thread": per_thread, "sweep_ratio": ratio, "joblib_ratio": joblib}
 
 
 def main() -> None:

@@ -59,13 +59,15 @@ def objective(cfg: DictConfig, metrics: dict) -> float:
 
 
 def _blas_threads() -> int | None:
-    """Cores per job when a launcher runs jobs side by side, so they do not oversubscribe."""
+    """Cores per job when a launcher runs jobs side by side, so they do not oversubscribe; in a
+    sequential sweep whose epochs a helper process writes (pipeline/tracking/writer.py), all
+    cores but one, left to the helper (OpenBLAS's idle threads spin and would take it)."""
     from hydra.core.hydra_config import HydraConfig
 
+    cores = os.cpu_count() or 1
     n_jobs = HydraConfig.get().launcher.get("n_jobs")
     if not n_jobs:
-        return None
-    cores = os.cpu_count() or 1
+        return max(1, cores - 1) if tracking.writer.running() else None
     return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))
 
 

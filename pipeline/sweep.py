@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 from catnet.errors import CatnetError, ConfigError, check_choice
 from pipeline import common
+from pipeline.config import SWEEP_WRITERS
 from pipeline.tracking import parent
 
 LEDGER_ENV = "CATNET_SWEEP_LEDGER"  # the folder where each job writes its outcome
@@ -144,6 +145,7 @@ class MlflowSweep(Callback):
         try:  # what every job would refuse is refused once, before any job starts
             _order(config)
             check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
+            check_choice("tracking.sweep_writer", config.tracking.sweep_writer, SWEEP_WRITERS)
             refuse_unreachable_store(config)
             if config.tracking.enabled:  # a server that does not answer now: no job would wait for it
                 from pipeline.tracking import store
@@ -166,6 +168,7 @@ class MlflowSweep(Callback):
             os.environ[tracking.run.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
             os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
         warm_joblib_workers(config)  # they start while the parent is created and the jobs' configs composed
+        start_writer(config)  # it imports MLflow while this process does the same
         if config.tracking.enabled:
             self._open_parent(config)
 
@@ -188,6 +191,9 @@ class MlflowSweep(Callback):
         log.info("sweep: MLflow parent run %s", self.parent_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline.tracking import writer
+
+        writer.close()  # every job waited for its points: nothing is left to write
         outcomes = self._close_ledger()
         counts = _count(outcomes)
         summary: dict[str, Any] = {}
@@ -255,6 +261,20 @@ class MlflowSweep(Callback):
         os.environ.pop(LEDGER_ENV, None)
         self.ledger = None
         return outcomes
+
+
+def start_writer(config: DictConfig) -> None:
+    """For a sweep whose jobs run one after another in this process (Hydra's basic launcher),
+    start the helper that writes their per-epoch metrics on another core
+    (pipeline/tracking/writer.py; ``tracking.sweep_writer=thread``: none)."""
+    launcher = str(config.hydra.launcher.get("_target_", ""))
+    if not (config.tracking.enabled and config.tracking.sweep_writer == "process"
+            and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1):
+        return
+    from pipeline.tracking import store, writer
+
+    store.bound_retries(config)  # a server's retries end within tracking.retry_seconds, in the helper too
+    writer.start(store.store_uri(config)[0])
 
 
 def warm_joblib_workers(config: DictConfig) -> None:

@@ -25,4 +25,4 @@ from pipeline.tracking.run import (  # noqa: F401,E402 - the stages' interface
     PARENT_ENV, SWEPT_ENV, MlflowRun, NullRun, failed_run, open_run, provenance_tags,
 )
 from pipeline.tracking.store import open_store, store_uri  # noqa: F401,E402
-from pipeline.tracking import reuse  # noqa: F401,E402 - after run and store, which it uses
+from pipeline.tracking import reuse, writer  # noqa: F401,E402 - after run and store, which it uses

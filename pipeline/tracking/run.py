@@ -28,7 +28,7 @@ from catnet.errors import ConfigError, TrainingDiverged
 from pipeline import config
 from pipeline.common import ROOT, Terminated, atomic_write, is_multirun, told
 from pipeline.tracking import model as tracking_model
-from pipeline.tracking import store
+from pipeline.tracking import store, writer
 
 log = logging.getLogger("catnet")
 
@@ -169,6 +169,13 @@ class MlflowRun(NullRun):
         self._writer = None  # the background thread, started by the first send
         self._last_send = time.time()
         self._params: dict[str, str] = {}
+        self._helper = None  # a sweep's metric writer process (pipeline/tracking/writer.py), if it has one
+        self._interval = flush_seconds
+
+    def _use(self, helper) -> None:
+        """Hand the epochs to ``helper`` (a writer.Writer) instead of a thread of this process."""
+        self._helper = helper
+        self._interval = min(self.flush_seconds, writer.SEND_SECONDS)
 
     @classmethod
     def create(cls, cfg: DictConfig, tags: dict[str, str] | None = None) -> "MlflowRun":
@@ -187,6 +194,8 @@ class MlflowRun(NullRun):
             tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
+        if (helper := writer.for_store(store.store_uri(cfg)[0])) is not None:
+            self._use(helper)
         try:
             self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
             client.log_batch(self.run_id, params=[Param(k, v) for k, v in self._params.items()])
@@ -248,13 +257,16 @@ class MlflowRun(NullRun):
         now = time.time()
         for key, value in metrics.items():  # flat tuples of atomic values: the garbage collector
             self._buffer.append((key, value, now, epoch))  # stops tracking them, unlike kept dicts
-        if now - self._last_send >= self.flush_seconds:
+        if now - self._last_send >= self._interval:
             self.send()
 
     def send(self) -> None:
         """Hand the buffered epochs to a background thread that writes them to MLflow (in
         batches of 1000), so the caller goes on training; ``flush`` waits for it."""
-        if self._buffer:
+        if self._buffer and self._helper is not None:
+            self._helper.send(self.run_id, self._buffer)
+            self._buffer = []
+        elif self._buffer:
             if self._writer is None:
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -273,6 +285,9 @@ class MlflowRun(NullRun):
         """Send the buffer and wait until everything sent is written (raises if writing failed);
         the writer thread then ends (a joblib worker runs many jobs, one run each)."""
         self.send()
+        if self._helper is not None:
+            self._helper.sync(self.run_id)
+            return
         pending, self._pending = self._pending, []
         try:
             for future in pending:
