@@ -171,6 +171,7 @@ def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_help
     assert status == {"#0 seed=0": "FINISHED", "#1 seed=1": "FAILED", "#2 seed=2": "FINISHED",
                       "#3 seed=3": "FINISHED"}, out[-3000:]
     assert "metric writer process ended" in children["#1 seed=1"].data.tags["catnet.failure"]
+    assert out.count("write their epochs from their own thread from now on") == 1, out[-3000:]
     client, _ = runs_of(store["uri"])
     for name in ("#0 seed=0", "#2 seed=2", "#3 seed=3"):  # by the helper, then by each job's thread
         history = client.get_metric_history(children[name].info.run_id, "train/error")

@@ -18,6 +18,7 @@ the run it was writing for (WriterLost); the sweep's later jobs write from their
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import select
@@ -30,6 +31,7 @@ from collections import OrderedDict
 
 from catnet.errors import CatnetError
 
+log = logging.getLogger("catnet")
 SEND_SECONDS = 0.1  # a job hands its buffer to the helper at least this often while it trains
 _HEADER = struct.Struct("!I")
 SERVE = "import sys; from pipeline.tracking.writer import serve; sys.exit(serve(sys.argv[1]))"
@@ -50,6 +52,7 @@ class Writer:
         self.proc = subprocess.Popen([sys.executable, "-c", SERVE, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.errors, start_new_session=True)
         self.seq = 0
+        self.reported = False  # whether the log said that it ended
 
     def send(self, run_id: str, points: list[tuple[str, float, float, int]]) -> None:
         self._put(("points", run_id, points))
@@ -117,8 +120,18 @@ def start(uri: str) -> None:
 
 
 def for_store(uri: str) -> Writer | None:
-    """The helper started for ``uri``, if it is still there."""
-    return next((w for w in _STARTED if w.uri == uri and w.alive()), None)
+    """The helper started for ``uri``, if it is still there (if it ended, the log says so once:
+    the jobs write their epochs from their own thread from then on)."""
+    for w in _STARTED:
+        if w.uri != uri:
+            continue
+        if w.alive():
+            return w
+        if not w.reported:
+            w.reported = True
+            log.warning("tracking: %s; the sweep's jobs write their epochs from their own thread from now on",
+                        w._ended())
+    return None
 
 
 def running() -> bool:
