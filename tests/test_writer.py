@@ -194,6 +194,7 @@ def test_the_helper_ends_with_its_sweep_and_thread_writes_without_one(store):
         out = proc.communicate()[0]
         assert proc.returncode == 0, out[-3000:]
         assert len(seen) == (1 if knob == "process" else 0), (knob, seen)
+        assert "best '#" in out and "Downloading artifacts" not in out, out[-3000:]  # the model, without a bar
         assert not any(_alive(pid) for pid in seen)
     client, runs = runs_of(store["uri"])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

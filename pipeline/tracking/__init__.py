@@ -20,6 +20,9 @@ import os
 # every process that imports mlflow (about 1 s of a 4-job sweep here); catnet turns it off before
 # mlflow is imported. A user's own MLFLOW_DISABLE_TELEMETRY=false turns it back on.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# nor does a sweep's log get MLflow's progress bars when the parent fetches its best child's files to
+# make its model (tqdm lines that logs keep as they are); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true: back
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from pipeline.tracking.run import (  # noqa: F401,E402 - the stages' interface
     PARENT_ENV, SWEPT_ENV, MlflowRun, NullRun, failed_run, open_run, provenance_tags,
