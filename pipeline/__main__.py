@@ -24,6 +24,7 @@ from pipeline.tracking.query import metric_order, objective_value
 
 log = logging.getLogger("catnet")
 REUSED = "catnet.reused_from"  # in run_all's result: the run a reused job stands for
+RUN = "catnet.run_id"  # in run_all's result: the job's own run
 
 
 def run_all(cfg: DictConfig) -> dict:
@@ -32,7 +33,7 @@ def run_all(cfg: DictConfig) -> dict:
 
     In a sweep with ``sweep.reuse``, a job whose identity (pipeline/tracking/reuse.py) matches a
     FINISHED run trains nothing: it links that run under the sweep's parent and returns its
-    metrics, with the key ``REUSED`` naming it."""
+    metrics, with the key ``REUSED`` naming it; otherwise the key ``RUN`` names the job's run."""
     splits = load.run(cfg)
     digest = load.digest(splits)
     key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
@@ -50,7 +51,7 @@ def run_all(cfg: DictConfig) -> dict:
           tracking.open_run(cfg, tags=tracking.reuse.run_tags(digest, key)) as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
         net, cv = train.run(cfg, splits, normalizer, mlrun, drawer)
-        return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun))}
+        return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun)), RUN: mlrun.run_id}
 
 
 def objective(cfg: DictConfig, metrics: dict) -> float:
@@ -88,7 +89,7 @@ def _job(raw: DictConfig) -> float:
             sweep.wait_for_store(cfg)
             metrics = run_all(cfg)
             value = objective(cfg, metrics)
-            sweep.job_ended(entry, "FINISHED", reused=metrics.get(REUSED))
+            sweep.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
             return worst if math.isnan(value) else value
         except (KeyboardInterrupt, Terminated) as e:
             sweep.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))

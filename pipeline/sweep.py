@@ -53,13 +53,14 @@ def job_started() -> Path | None:
 
 
 def job_ended(entry: Path | None, status: str, reason: str | None = None, reused: str | None = None,
-              unfinished: str | None = None, unrecorded: dict | None = None) -> None:
+              unfinished: str | None = None, unrecorded: dict | None = None, run: str | None = None) -> None:
     """``reused``: the id of the FINISHED run the job stood for instead of training;
     ``unfinished``: the id of its run, left RUNNING because the store did not take its status;
-    ``unrecorded``: its name and params, when the store was down and it has no run at all."""
+    ``unrecorded``: its name and params, when the store was down and it has no run at all;
+    ``run``: the id of its own run (whose status in the store has the last word: parent.reconcile)."""
     if entry is not None and entry.parent.is_dir():
         outcome = {"status": status, "reason": reason, "reused": reused, "unfinished": unfinished,
-                   "unrecorded": unrecorded}
+                   "unrecorded": unrecorded, "run": run}
         common.atomic_write(entry, lambda f: json.dump(outcome, f), mode="w")
 
 
@@ -193,8 +194,15 @@ class MlflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.tracking import writer
 
-        writer.close()  # every job waited for its points: nothing is left to write
+        writer.close()  # it writes what the last jobs handed over, and ends their runs
         outcomes = self._close_ledger()
+        unchecked = None  # why the jobs' runs could not be compared with what the jobs said
+        if self.parent_id is not None:
+            try:
+                wait_for_store(config)  # a server that went away: wait for it, within tracking.retry_seconds
+                outcomes = parent.reconcile(self.client, self.parent_id, outcomes)
+            except Exception as e:  # noqa: BLE001 - said below, with the parent's other troubles
+                unchecked = e
         counts = _count(outcomes)
         summary: dict[str, Any] = {}
         status, reason = "FINISHED", None
@@ -210,7 +218,8 @@ class MlflowSweep(Callback):
             _clear_env()
             lost = _unsettled(outcomes)
             try:
-                wait_for_store(config)  # a server that went away: wait for it, within tracking.retry_seconds
+                if unchecked is not None:
+                    raise unchecked
                 lost = parent.settle(client, parent_id, outcomes)
                 summary = parent.summarize(client, parent_id, counts, _order(config), config.sweep.direction)
             except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
@@ -237,7 +246,11 @@ class MlflowSweep(Callback):
 
     def abort(self, status: str, reason: str) -> None:
         """Ctrl-C / SIGTERM in the launching process: the parent and every child still running
-        are KILLED (a child's own process marks its run too, if it gets the chance)."""
+        are KILLED (a child's own process marks its run too, if it gets the chance), once the
+        metric writer process wrote what the jobs handed it (a finished job's run stays FINISHED)."""
+        from pipeline.tracking import writer
+
+        writer.close()
         self._close_ledger()
         if self.parent_id is None:
             return

@@ -49,7 +49,7 @@ def test_a_run_stopped_while_its_first_records_are_written_is_killed_not_failed(
     def stopped(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(MlflowClient, "log_text", stopped)
+    monkeypatch.setattr(MlflowClient, "log_artifact", stopped)  # config.yaml
     with pytest.raises(type(error)):
         with tracking.open_run(cfg):
             pass

@@ -34,28 +34,60 @@ def _points(first: int, last: int, key: str = "train/error") -> list[tuple[str, 
     return [(key, 1.0 / e, 1_700_000_000.0 + e, e) for e in range(first, last + 1)]
 
 
-def test_every_point_handed_over_is_written_across_batches_and_runs(helper):
+def test_every_point_handed_over_is_written_across_batches_and_runs_then_the_run_ended(helper):
     client, w = helper
     a, b = _run(client), _run(client)
     for first in range(1, 2501, 250):  # 2,500 points in ten hand-overs: more than one of MLflow's batches
         w.send(a, _points(first, first + 249))
     w.send(b, _points(1, 3, "val/error"))
-    w.sync(a)
-    w.sync(b)
+    w.end(a, "FINISHED", None)
+    w.end(b, "KILLED", "KeyboardInterrupt: ")
+    w.close()
     history = client.get_metric_history(a, "train/error")
     assert sorted(m.step for m in history) == list(range(1, 2501))
     assert all(m.value == pytest.approx(1.0 / m.step) for m in history)
     assert [m.step for m in client.get_metric_history(b, "val/error")] == [1, 2, 3]
+    assert client.get_run(a).info.status == "FINISHED" and "catnet.failure" not in client.get_run(a).data.tags
+    assert client.get_run(b).info.status == "KILLED"
+    assert client.get_run(b).data.tags["catnet.failure"] == "KeyboardInterrupt: "
 
 
-def test_a_run_whose_points_cannot_be_written_is_told_and_others_are_not(helper):
+def test_what_a_run_hands_over_is_written_in_order_and_its_end_comes_last(helper, tmp_path):
+    from mlflow.entities import Param, RunTag
+
     client, w = helper
-    good = _run(client)
-    w.send("no-such-run", _points(1, 5))
+    run = _run(client)
+    folder = tmp_path / "private"
+    folder.mkdir()
+    (folder / "weights.npz").write_bytes(b"weights")
+    w.call(run, "log_batch", params=[Param("seed", "3")])
+    w.send(run, _points(1, 10))
+    w.call(run, "log_artifact", str(folder / "weights.npz"))
+    w.call(run, "log_batch", tags=[RunTag("catnet.model_uri", "none")])
+    w.end(run, "FINISHED", None, str(folder))
+    w.close()
+    record = client.get_run(run)
+    assert record.info.status == "FINISHED"
+    assert record.data.params == {"seed": "3"} and record.data.tags["catnet.model_uri"] == "none"
+    assert [a.path for a in client.list_artifacts(run)] == ["weights.npz"]
+    assert len(client.get_metric_history(run, "train/error")) == 10
+    assert not folder.exists()  # the run's private files go once logged
+
+
+def test_a_run_whose_record_cannot_be_written_is_failed_with_the_reason_and_others_are_not(helper):
+    client, w = helper
+    bad, good = _run(client), _run(client)
+    w.send(bad, _points(1, 5))
+    w.send(bad, _points(6, 6, "bad/../name"))  # MLflow refuses this metric name
     w.send(good, _points(1, 5))
-    with pytest.raises(writer.WriterLost, match="no-such-run"):
-        w.sync("no-such-run")
-    w.sync(good)  # the helper goes on for the other runs
+    w.call(bad, "log_batch")  # after the failure: dropped, not written
+    w.end(bad, "FINISHED", None)
+    w.end(good, "FINISHED", None)
+    w.close()
+    record = client.get_run(bad)
+    assert record.info.status == "FAILED"
+    assert "its record could not be written whole: MlflowException" in record.data.tags["catnet.failure"]
+    assert client.get_run(good).info.status == "FINISHED"  # the helper goes on for the other runs
     assert len(client.get_metric_history(good, "train/error")) == 5
 
 
@@ -63,14 +95,20 @@ def test_ctrl_c_at_the_helper_does_not_stop_it(helper):
     client, w = helper
     run = _run(client)
     w.send(run, _points(1, 10))
-    w.sync(run)  # it serves
+    deadline = time.monotonic() + 60
+    while len(client.get_metric_history(run, "train/error")) < 10:  # it serves
+        assert time.monotonic() < deadline and w.alive()
+        time.sleep(0.05)
     assert os.getpgid(w.proc.pid) != os.getpgid(0)  # a terminal's Ctrl-C goes to the sweep's group only
     os.kill(w.proc.pid, signal.SIGINT)  # and sent to it, it does not stop it either
     os.kill(w.proc.pid, signal.SIGTERM)
     time.sleep(0.5)
+    assert w.alive()
     w.send(run, _points(11, 20))
-    w.sync(run)
-    assert w.alive() and len(client.get_metric_history(run, "train/error")) == 20
+    w.end(run, "FINISHED", None)
+    w.close()
+    assert w.proc.returncode == 0
+    assert client.get_run(run).info.status == "FINISHED" and len(client.get_metric_history(run, "train/error")) == 20
 
 
 def test_a_dead_helper_is_an_error_naming_its_exit_not_a_hang(helper):
@@ -79,17 +117,23 @@ def test_a_dead_helper_is_an_error_naming_its_exit_not_a_hang(helper):
     w.proc.kill()
     w.proc.wait()
     with pytest.raises(writer.WriterLost, match=r"process ended \(exit -9"):
-        w.send(run, _points(1, 10))
-        w.sync(run)
+        for first in range(1, 10001, 1000):  # until the pipe to it breaks
+            w.send(run, _points(first, first + 999))
+        w.end(run, "FINISHED", None)
 
 
-def test_the_helper_writes_what_it_was_handed_before_its_input_ends(helper):
+def test_the_helper_writes_what_it_was_handed_before_its_input_ends_and_ends_only_runs_it_was_told_to(helper):
     client, w = helper
-    run = _run(client)
-    w.send(run, _points(1, 1000))
-    w.close()  # no sync: the sweep's process ended
+    ended, left = _run(client), _run(client)
+    w.send(ended, _points(1, 1000))
+    w.end(ended, "FINISHED", None)
+    w.send(left, _points(1, 10))  # its job's process died before handing over its end
+    w.close()  # the sweep's process ended
     assert w.proc.returncode == 0
-    assert len(client.get_metric_history(run, "train/error")) == 1000
+    assert len(client.get_metric_history(ended, "train/error")) == 1000
+    assert client.get_run(ended).info.status == "FINISHED"
+    assert client.get_run(left).info.status == "RUNNING"  # for the sweep to close (parent.reconcile)
+    assert len(client.get_metric_history(left, "train/error")) == 10
 
 
 @pytest.fixture
@@ -105,29 +149,35 @@ def started(compose_cfg, store):
 
 
 @needs_data
-def test_a_run_ends_only_once_the_helper_wrote_its_epochs(started, store):
+def test_a_run_hands_its_whole_record_to_the_helper_which_ends_it_last(started, store):
     from pipeline import tracking
 
     with tracking.open_run(started) as run:
         assert run._helper is writer.for_store(tracking.store_uri(started)[0]) is not None
         for epoch in range(1, 1501):
             run.log_epoch(epoch, {"train/error": 1.0 / epoch})
+        run.log_metrics({"train/accuracy": 0.5})
+    private = run.private
+    writer.close()  # the sweep's end: what was handed over is written
     client, runs = runs_of(store["uri"])
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 1500
+    assert runs[0].data.metrics["train/accuracy"] == 0.5 and runs[0].data.params["seed"] == str(started.seed)
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id)] == ["config.yaml"]
+    assert not private.exists()
 
 
 @needs_data
 def test_a_run_whose_epochs_the_helper_could_not_write_is_failed_with_the_reason(started, store):
     from pipeline import tracking
 
-    with pytest.raises(writer.WriterLost):
-        with tracking.open_run(started) as run:
-            run.log_epoch(1, {"train/error": 0.5})
-            run.log_epoch(2, {"bad/../name": 0.5})  # MLflow refuses this metric name
+    with tracking.open_run(started) as run:  # the job does not wait for the helper: it ends
+        run.log_epoch(1, {"train/error": 0.5})
+        run.log_epoch(2, {"bad/../name": 0.5})  # MLflow refuses this metric name
+    writer.close()
     _, runs = runs_of(store["uri"])
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert "metric writer could not write run" in runs[0].data.tags["catnet.failure"]
+    assert "its record could not be written whole" in runs[0].data.tags["catnet.failure"]
 
 
 # ---- in a sweep -----------------------------------------------------------------------------------
@@ -145,38 +195,85 @@ def _helpers_of(pid: int) -> list:
     return found
 
 
-@needs_data
-def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_helper_fails_its_job(store):
-    """The helper writes every job's epochs; killed while a job trains, that job is FAILED with the
-    reason, the sweep goes on with the next jobs (written by their own thread) and exits 1."""
+def _sweep(store, *args: str, epochs: int | str = 4000, seeds: str = "0,1,2,3") -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "pipeline", "-m", "seed=0,1,2,3", "train.epochs=4000", "sweep.reuse=false",
-           f"hydra.sweep.dir={store['out']}", *store["args"]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, killed = [], None
+    cmd = [sys.executable, "-m", "pipeline", "-m", f"seed={seeds}", f"train.epochs={epochs}", "sweep.reuse=false",
+           f"hydra.sweep.dir={store['out']}", *store["args"], *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _children(store) -> dict:
+    _, runs = runs_of(store["uri"])
+    return {r.data.tags["mlflow.runName"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+
+
+def _said_counts(out: str) -> tuple[int, int]:
+    import re
+
+    said = re.search(r"sweep: 4 jobs, (\d+) finished, (\d+) failed", out)
+    assert said, out[-3000:]
+    return int(said[1]), int(said[2])
+
+
+@needs_data
+def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_helper_fails_its_job(store):
+    """The helper writes every job's record; killed while a job trains, that job is FAILED with the
+    reason, the sweep goes on with the next jobs (written by themselves) and exits 1; what the
+    sweep says of each job is what the store holds of its run."""
+    proc = _sweep(store)
+    lines, killed, training = [], None, None
     for line in proc.stdout:
         lines.append(line)
         if killed is None and sum("tracking: MLflow run " in seen for seen in lines) == 2:
-            helpers = _helpers_of(proc.pid)  # the second job trains (4000 epochs: about a second)
+            helpers = _helpers_of(proc.pid)  # the second job trains (4000 epochs)
             assert len(helpers) == 1, "".join(lines)[-2000:]
-            killed = helpers[0]
+            killed, training = helpers[0], line.split("'")[1]
             killed.kill()
     out = "".join(lines) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 1, out[-3000:]
-    assert "sweep: 4 jobs, 3 finished, 1 failed" in out, out[-3000:]
-    _, runs = runs_of(store["uri"])
-    children = {r.data.tags["mlflow.runName"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    children = _children(store)
     status = {name: r.info.status for name, r in children.items()}
+    assert training == "#1 seed=1" and status["#1 seed=1"] == "FAILED", out[-3000:]
+    assert "metric writer process ended" in children["#1 seed=1"].data.tags["catnet.failure"]
+    assert status["#2 seed=2"] == status["#3 seed=3"] == "FINISHED", out[-3000:]  # by themselves
+    finished = sum(s == "FINISHED" for s in status.values())
+    assert _said_counts(out) == (finished, 4 - finished), out[-3000:]  # #0: whatever the helper got to write
+    assert out.count("write their records themselves from now on") == 1, out[-3000:]
+    client, _ = runs_of(store["uri"])
+    for name, r in children.items():
+        if r.info.status == "FINISHED":  # whole, or FAILED with why: never a FINISHED run with a hole
+            history = client.get_metric_history(r.info.run_id, "train/error")
+            assert sorted(m.step for m in history) == list(range(1, 4001)), name
+        else:
+            assert r.data.tags.get("catnet.failure"), name
+    assert not killed.is_running() or killed.status() == "zombie"
+
+
+@needs_data
+@pytest.mark.parametrize("knob", ["process", "thread"])
+def test_a_job_whose_points_the_store_refuses_is_failed_though_it_trained_whoever_writes_them(store, knob):
+    """The store refuses seed=1's points (a trigger of its own database): with the helper, after the
+    job ended well; with the thread, before. Either way that job counts as failed, its run is
+    FAILED with the store's words, the other three are FINISHED and the sweep exits 1."""
+    import sqlite3
+
+    runs_of(store["uri"])  # the store's tables
+    db = sqlite3.connect(store["uri"][len("sqlite:///"):])
+    db.execute("CREATE TRIGGER refuse_seed_1 BEFORE INSERT ON metrics WHEN NEW.run_uuid IN "
+               "(SELECT run_uuid FROM params WHERE key = 'seed' AND value = '1') "
+               "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    db.commit()
+    db.close()
+    proc = _sweep(store, f"tracking.sweep_writer={knob}", epochs=300)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert _said_counts(out) == (3, 1), out[-3000:]
+    status = {name: r.info.status for name, r in _children(store).items()}
     assert status == {"#0 seed=0": "FINISHED", "#1 seed=1": "FAILED", "#2 seed=2": "FINISHED",
                       "#3 seed=3": "FINISHED"}, out[-3000:]
-    assert "metric writer process ended" in children["#1 seed=1"].data.tags["catnet.failure"]
-    assert out.count("write their epochs from their own thread from now on") == 1, out[-3000:]
-    client, _ = runs_of(store["uri"])
-    for name in ("#0 seed=0", "#2 seed=2", "#3 seed=3"):  # by the helper, then by each job's thread
-        history = client.get_metric_history(children[name].info.run_id, "train/error")
-        assert sorted(m.step for m in history) == list(range(1, 4001)), name
-    assert not killed.is_running() or killed.status() == "zombie"
+    assert "refused by the test" in _children(store)["#1 seed=1"].data.tags["catnet.failure"]
+    assert "catnet: error: sweep: 1 of 4 jobs failed" in out, out[-3000:]
 
 
 @needs_data
@@ -218,3 +315,68 @@ def test_a_bad_sweep_writer_is_refused_on_one_line(store):
     assert proc.returncode == 2
     assert "catnet: error: tracking.sweep_writer='fork': must be one of process, thread" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@needs_data
+def test_a_sweep_stopped_after_a_job_ended_keeps_that_job_finished_and_kills_the_next(store):
+    """SIGTERM as the second job starts, while the helper still writes the first job's record (the
+    store takes a few ms a point, by a trigger of its own database): that record is written whole
+    and its run stays FINISHED; the second is KILLED, as is the sweep."""
+    import sqlite3
+
+    runs_of(store["uri"])  # the store's tables
+    db = sqlite3.connect(store["uri"][len("sqlite:///"):])
+    db.execute("CREATE TABLE pad (x)")
+    db.executemany("INSERT INTO pad VALUES (?)", [(i,) for i in range(500)])
+    db.execute("CREATE TRIGGER slow_metrics BEFORE INSERT ON metrics WHEN (SELECT count(*) FROM pad a, pad b) < 0 "
+               "BEGIN SELECT RAISE(ABORT, 'never'); END")
+    db.commit()
+    db.close()
+    proc = _sweep(store, epochs="300,3000000", seeds="0")  # job #1 trains until stopped
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "#1 : " in line:  # Hydra launches the second job
+            proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out[-3000:]
+    client, runs = runs_of(store["uri"])
+    status = {r.data.tags["mlflow.runName"]: (r.info.status, r.data.tags.get("catnet.failure")) for r in runs}
+    first = status.pop("#0 epochs=300")
+    assert first == ("FINISHED", None), (first, out[-3000:])
+    assert {s for s, _ in status.values()} == {"KILLED"}, status  # the sweep (and the second job, if it began)
+    finished = next(r for r in runs if r.data.tags["mlflow.runName"] == "#0 epochs=300")
+    assert len(client.get_metric_history(finished.info.run_id, "train/error")) == 300
+
+
+def test_the_store_has_the_last_word_on_a_job_the_helper_recorded_after_it_ended(store):
+    """parent.reconcile: a job that said FINISHED counts as FAILED when its run is not FINISHED, and
+    a run the helper never ended is closed FAILED by the sweep (parent.settle); other jobs as said."""
+    from mlflow.entities import RunTag
+
+    from pipeline.tracking import parent
+
+    client, _ = runs_of(store["uri"])
+    exp = client.create_experiment("test")
+    top = client.create_run(exp).info.run_id
+
+    def child(status: str | None, reason: str | None = None) -> str:
+        run = client.create_run(exp, tags={"mlflow.parentRunId": top}).info.run_id
+        if reason:
+            client.log_batch(run, tags=[RunTag("catnet.failure", reason)])
+        if status:
+            client.set_terminated(run, status)
+        return run
+
+    whole, refused, unended, failed = child("FINISHED"), child("FAILED", "refused"), child(None), child("FAILED", "x")
+    said = [{"status": "FINISHED", "run": whole}, {"status": "FINISHED", "run": refused},
+            {"status": "FINISHED", "run": unended}, {"status": "FAILED", "reason": "bad value", "run": failed},
+            {"status": "FINISHED", "reused": "some run"}, {"status": "KILLED"}]
+    checked = parent.reconcile(client, top, said)
+    assert [o["status"] for o in checked] == ["FINISHED", "FAILED", "FAILED", "FAILED", "FINISHED", "KILLED"]
+    assert checked[1]["reason"] == "refused" and checked[3]["reason"] == "bad value"
+    assert checked[2]["unfinished"] == unended and "did not end its run" in checked[2]["reason"]
+    assert parent.settle(client, top, checked) == []
+    assert client.get_run(unended).info.status == "FAILED"
+    assert "did not end its run" in client.get_run(unended).data.tags["catnet.failure"]
+    assert client.get_run(whole).info.status == "FINISHED"

@@ -67,6 +67,32 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
     return summary
 
 
+def reconcile(client, parent_id: str, outcomes: list[dict]) -> list[dict]:
+    """The jobs' outcomes, each FINISHED job's checked against its run in the store, which has
+    the last word: a sweep's metric writer process (pipeline/tracking/writer.py) writes a run's
+    record, and ends it, after its job ended. A job whose run is not FINISHED counts as FAILED
+    with the run's reason; one whose run is still RUNNING (the writer did not end it), also as
+    ``unfinished``, for ``settle`` to close it FAILED."""
+    ids = {o["run"] for o in outcomes if o.get("status") == "FINISHED" and o.get("run")}
+    if not ids:
+        return outcomes
+    runs = {r.info.run_id: r for r in children(client, parent_id) if r.info.run_id in ids}
+    checked = []
+    for outcome in outcomes:
+        run = runs.get(outcome.get("run") or "")
+        if outcome.get("status") != "FINISHED" or not outcome.get("run") or (run and run.info.status == "FINISHED"):
+            checked.append(outcome)
+        elif run is None:
+            checked.append({**outcome, "status": "FAILED", "reason": f"its run {outcome['run']} is not in the store"})
+        elif run.info.status == "RUNNING":
+            checked.append({**outcome, "status": "FAILED", "unfinished": outcome["run"],
+                            "reason": "its record was not written whole: the metric writer process did not end its run"})
+        else:
+            checked.append({**outcome, "status": "FAILED",
+                            "reason": run.data.tags.get("catnet.failure") or f"its run is {run.info.status}"})
+    return checked
+
+
 def settle(client, parent_id: str, outcomes: list[dict]) -> list[str]:
     """Record what the jobs could not while the store was down: a run left RUNNING is FAILED
     with its job's reason; a job with no run gets a FAILED child (its name, params, reason).

@@ -5,8 +5,10 @@ train stage handed over (evaluate stage, when ``dvc repro`` runs the stages as s
 processes), and sets its status honestly: FINISHED only when the last stage succeeded, FAILED
 (or KILLED on Ctrl-C / SIGTERM) with the reason as a tag when a stage raised. Per-epoch metrics
 are buffered and sent in batches by a background thread; a run ends only after they are
-written. Every file a run logs is first written into a folder private to that run, so what it
-uploads is its own, whatever else runs beside it.
+written. In a sequential sweep with a metric writer process (pipeline/tracking/writer.py),
+everything a run records after its creation is handed to that process instead, which writes it
+in order and ends the run last. Every file a run logs is first written into a folder private to
+that run, so what it uploads is its own, whatever else runs beside it.
 """
 
 from __future__ import annotations
@@ -172,11 +174,6 @@ class MlflowRun(NullRun):
         self._helper = None  # a sweep's metric writer process (pipeline/tracking/writer.py), if it has one
         self._interval = flush_seconds
 
-    def _use(self, helper) -> None:
-        """Hand the epochs to ``helper`` (a writer.Writer) instead of a thread of this process."""
-        self._helper = helper
-        self._interval = min(self.flush_seconds, writer.SEND_SECONDS)
-
     @classmethod
     def create(cls, cfg: DictConfig, tags: dict[str, str] | None = None) -> "MlflowRun":
         client, experiment_id = store.open_store(cfg)  # first: it imports MLflow (store.import_code)
@@ -194,12 +191,15 @@ class MlflowRun(NullRun):
             tags["mlflow.parentRunId"] = parent
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
-        if (helper := writer.for_store(store.store_uri(cfg)[0])) is not None:
-            self._use(helper)
+        self._helper = writer.for_store(store.store_uri(cfg)[0])
+        if self._helper is not None:
+            self._interval = min(self.flush_seconds, writer.SEND_SECONDS)
         try:
             self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in self._params.items()])
-            client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            self._record("log_batch", params=[Param(k, v) for k, v in self._params.items()])
+            composed = self.private / "config.yaml"
+            composed.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            self._record("log_artifact", str(composed))
         except BaseException as e:  # Ctrl-C / SIGTERM here too: a sweep stopped as this job's run starts
             e._catnet_run_id = self.run_id
             _end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
@@ -249,11 +249,22 @@ class MlflowRun(NullRun):
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         dataset = Dataset(name="catvnoncat", digest=digest, source_type="local", source=json.dumps(sources))
-        _log_inputs(self.client, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        self._record("log_inputs", [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def _record(self, method: str, *args, **kwargs) -> None:
+        """``MlflowClient.<method>(run_id, *args, **kwargs)`` (``log_inputs``: with its retries);
+        by the sweep's metric writer process, after what this run handed it before, if it has one."""
+        if self._helper is not None:
+            self._helper.call(self.run_id, method, *args, **kwargs)
+        elif method == "log_inputs":
+            _log_inputs(self.client, self.run_id, *args, **kwargs)
+        else:
+            getattr(self.client, method)(self.run_id, *args, **kwargs)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
-        every ``flush_seconds`` the buffer goes to MLflow in the background (``send``)."""
+        every ``flush_seconds`` (``writer.SEND_SECONDS`` with a sweep's metric writer process)
+        the buffer goes to MLflow in the background (``send``)."""
         now = time.time()
         for key, value in metrics.items():  # flat tuples of atomic values: the garbage collector
             self._buffer.append((key, value, now, epoch))  # stops tracking them, unlike kept dicts
@@ -261,8 +272,8 @@ class MlflowRun(NullRun):
             self.send()
 
     def send(self) -> None:
-        """Hand the buffered epochs to a background thread that writes them to MLflow (in
-        batches of 1000), so the caller goes on training; ``flush`` waits for it."""
+        """Hand the buffered epochs to the sweep's metric writer process, or else to a background
+        thread that writes them to MLflow (in batches of 1000), so the caller goes on training."""
         if self._buffer and self._helper is not None:
             self._helper.send(self.run_id, self._buffer)
             self._buffer = []
@@ -271,11 +282,11 @@ class MlflowRun(NullRun):
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catnet-mlflow")
-            self._pending.append(self._writer.submit(self._write, self._buffer))
+            self._pending.append(self._writer.submit(self._write_points, self._buffer))
             self._buffer = []
         self._last_send = time.time()
 
-    def _write(self, points: list[tuple[str, float, float, int]]) -> None:
+    def _write_points(self, points: list[tuple[str, float, float, int]]) -> None:
         from mlflow.entities import Metric
 
         metrics = [Metric(key, float(value), int(t * 1000), epoch) for key, value, t, epoch in points]
@@ -283,10 +294,10 @@ class MlflowRun(NullRun):
 
     def flush(self) -> None:
         """Send the buffer and wait until everything sent is written (raises if writing failed);
-        the writer thread then ends (a joblib worker runs many jobs, one run each)."""
+        the writer thread then ends (a joblib worker runs many jobs, one run each). A sweep's
+        metric writer process is not waited for: it writes the run's end after its points."""
         self.send()
         if self._helper is not None:
-            self._helper.sync(self.run_id)
             return
         pending, self._pending = self._pending, []
         try:
@@ -301,12 +312,12 @@ class MlflowRun(NullRun):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self._record("log_batch", metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._record("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
         """Write the file into this run's private folder, log it from there, then publish it as
@@ -314,7 +325,7 @@ class MlflowRun(NullRun):
         private = self.private / path.name
         with open(private, mode) as f:
             write(f)
-        self.client.log_artifact(self.run_id, str(private))
+        self._record("log_artifact", str(private))
         atomic_write(path, lambda f: f.write(private.read_bytes()), mode="wb")
 
     def log_model(self, weights: dict, normalizer: dict, example) -> None:
@@ -328,11 +339,25 @@ class MlflowRun(NullRun):
         """Log named arrays as the artifact ``name`` (a .npz file)."""
         path = self.private / name
         path.write_bytes(tracking_model.weights_bytes(arrays))
-        self.client.log_artifact(self.run_id, str(path))
+        self._record("log_artifact", str(path))
 
     def end(self, status: str, reason: str | None = None) -> None:
         """Write the run's final status (MLflow retries within ``tracking.retry_seconds``);
-        RecordLost if the store does not take it."""
+        RecordLost if the store does not take it. With a sweep's metric writer process, hand it
+        over (the process removes the private folder); if the process has ended, what it was
+        handed may be lost: the run is FAILED here, and WriterLost raised if it had succeeded."""
+        lost = None
+        if self._helper is not None:
+            try:
+                self._helper.end(self.run_id, status, reason, str(self.private))
+                return
+            except writer.WriterLost as e:
+                self._helper, lost = None, e
+                reason = "; ".join(filter(None, [reason, told(e)]))
+                if status == "FINISHED":
+                    status = "FAILED"
+                else:
+                    lost = None  # the run fails anyway, with both reasons
         try:
             if reason:
                 self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
@@ -341,6 +366,9 @@ class MlflowRun(NullRun):
             raise store.RecordLost(self.run_id, status, e) from e
         finally:
             shutil.rmtree(self.private, ignore_errors=True)
+        if lost is not None:
+            lost._catnet_run_id = self.run_id  # ended FAILED: see recorded()
+            raise lost
 
 
 def status_after(error: BaseException) -> str:
@@ -465,7 +493,7 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
         try:
             run.flush()
             if isinstance(e, TrainingDiverged):
-                run.client.set_tag(run.run_id, "catnet.diverged_epoch", str(e.epoch))
+                run.set_tags({"catnet.diverged_epoch": str(e.epoch)})
         except Exception as lost:  # noqa: BLE001 - the store is down: the status is what matters now
             log.error("tracking: run %s: its last points could not be written (%s)", run.run_id, store.brief(lost))
         _end_after(run, e, status, f"{type(e).__name__}: {told(e)}")

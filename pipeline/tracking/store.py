@@ -97,8 +97,10 @@ def unreachable(error: BaseException) -> bool:
 
 
 def brief(error: BaseException) -> str:
-    """An MLflow client error's first line (after its retries, a long message), at most 300 characters."""
-    return (str(error).splitlines() or [type(error).__name__])[0][:300]
+    """An MLflow client error's first line (after its retries, a long message), at most 300 characters;
+    SQLAlchemy's note that a flush raised it is not that line (the database's words follow it)."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith("(raised as a result of")]
+    return (lines or [type(error).__name__])[0][:300]
 
 
 class RecordLost(CatnetError):
@@ -198,9 +200,21 @@ def client(cfg: DictConfig):
 def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = True):
     """(client, experiment id) of ``experiment`` (default ``tracking.experiment``), created
     with its description if ``create`` and new; runs of this host orphaned by a dead process are
-    closed on the way. Without ``create`` a missing experiment is a ConfigError."""
-    c = client(cfg)
+    closed on the way. Without ``create`` a missing experiment is a ConfigError.
+
+    A sweep's jobs that run in one process (Hydra's basic launcher) open it once: the later ones
+    take the same client and experiment, and leave runs of dead processes to the next command."""
+    from pipeline.common import is_multirun
+
     name = experiment or cfg.tracking.experiment
+    key = (store_uri(cfg)[0], name)
+    if create and key in _OPENED and is_multirun():
+        import mlflow
+
+        mlflow.set_tracking_uri(key[0])  # as ``client`` does: another job may have set another
+        mlflow.set_registry_uri(key[0])
+        return _OPENED[key]
+    c = client(cfg)
     if create:
         experiment_id = _experiment_id(c, name, store_uri(cfg)[1])
     else:
@@ -209,7 +223,12 @@ def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = Tr
             raise ConfigError(f"experiment={name!r}: no such MLflow experiment in {c.tracking_uri}")
         experiment_id = exp.experiment_id
     close_orphans(c, experiment_id)
+    if create:
+        _OPENED[key] = (c, experiment_id)
     return c, experiment_id
+
+
+_OPENED: dict[tuple[str, str], tuple] = {}  # (store URI, experiment) -> (client, experiment id), for a sweep
 
 
 def _experiment_id(client, name: str, artifact_root: Path | None) -> str:

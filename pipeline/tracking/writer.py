@@ -4,16 +4,20 @@ Writing a run's 1,000 epoch points costs MLflow's SQL store about as long as tra
 default network (its ORM, in Python). A thread of the job's process cannot overlap the two: both
 need the interpreter's lock. So a sweep whose jobs run one after another in its own process
 (Hydra's basic launcher) starts this helper when it starts (``start``), while it imports MLflow
-and creates the parent run itself. Each job's run (pipeline/tracking/run.py) hands its buffered
-points to the helper every ``SEND_SECONDS`` while it trains, and its BLAS leaves the helper a
-core (pipeline/__main__.py); the helper writes them as they come, and ``sync`` waits until
-everything the run handed over is written, or raises what went wrong. The run ends (its status)
-only after that, from the job's process, as with the thread.
+and creates the parent run itself. Each job's run (pipeline/tracking/run.py) creates itself, then
+hands the helper everything else it records, in order: its buffered points every ``SEND_SECONDS``
+while it trains (its BLAS leaves the helper a core: pipeline/__main__.py), its params, files,
+final metrics and tags (``call``), and last its end (``end``). The job does not wait: the next one
+starts while the helper writes. The helper sets a run's status only after everything handed over
+for it is written; what it could not write makes the run FAILED with the reason (tag
+catnet.failure). The sweep, once it closed the helper (``close``), takes each run's status in the
+store as the final word on its job (pipeline/tracking/parent.py: reconcile), so a job whose
+record failed after it ended is counted failed, and a run the helper never ended is closed FAILED.
 
-The helper runs in a session of its own and ignores Ctrl-C and SIGTERM: the job decides, and waits
-for the points already handed over (a stopped job's run is KILLED with them). It ends when its
-input ends: the sweep closes it (``close``), or the sweep's process died. A helper that dies fails
-the run it was writing for (WriterLost); the sweep's later jobs write from their own thread.
+The helper runs in a session of its own and ignores Ctrl-C and SIGTERM: the job decides, and what
+it handed over is still written (a stopped job's run is KILLED with it). It ends when its input
+ends: the sweep closes it, or the sweep's process died. A helper that dies fails the run it was
+writing for (WriterLost); the sweep's later jobs write from their own thread.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import pickle
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -33,12 +38,13 @@ from catnet.errors import CatnetError
 
 log = logging.getLogger("catnet")
 SEND_SECONDS = 0.1  # a job hands its buffer to the helper at least this often while it trains
+CLOSE_SECONDS = 300  # what the sweep's end waits for the helper to write the last jobs' records
 _HEADER = struct.Struct("!I")
 SERVE = "import sys; from pipeline.tracking.writer import serve; sys.exit(serve(sys.argv[1]))"
 
 
 class WriterLost(CatnetError):
-    """The helper could not write a run's points, or ended: the run fails with this reason."""
+    """The helper ended while a job was handing it its record: that run fails with this reason."""
 
 
 class Writer:
@@ -47,26 +53,25 @@ class Writer:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.errors = tempfile.TemporaryFile()  # its stderr, for the reason it ended
-        # in a session of its own: a terminal's Ctrl-C, sent to the sweep's process group, reaches
-        # the job, which then waits for this helper to write what it was handed
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        # in a session of its own: a terminal's Ctrl-C, sent to the sweep's process group, stops
+        # the job, not this helper, which writes what it was handed (the stopped run KILLED last)
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, uri], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=self.errors, start_new_session=True)
-        self.seq = 0
         self.reported = False  # whether the log said that it ended
 
     def send(self, run_id: str, points: list[tuple[str, float, float, int]]) -> None:
         self._put(("points", run_id, points))
 
-    def sync(self, run_id: str) -> None:
-        """Wait until every point handed over for ``run_id`` is written; raise what failed."""
-        self.seq += 1
-        self._put(("sync", run_id, self.seq))
-        while True:  # an earlier sync stopped by Ctrl-C left its answer unread: skip it
-            seq, error = self._get()
-            if seq == self.seq:
-                break
-        if error is not None:
-            raise WriterLost(f"the metric writer could not write run {run_id}'s epochs: {error}")
+    def call(self, run_id: str, method: str, *args, **kwargs) -> None:
+        """Have the helper call ``MlflowClient.<method>(run_id, *args, **kwargs)`` (MLflow's
+        entities pickle) after what was handed over before it."""
+        self._put(("call", run_id, method, args, kwargs))
+
+    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None) -> None:
+        """Hand over the run's end: once everything handed over for it is written, the helper
+        sets ``status`` (FAILED, with why, if something could not be written) and removes
+        ``folder`` (the run's private files, which it logged)."""
+        self._put(("end", run_id, status, reason, folder))
 
     def _put(self, message: tuple) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -75,12 +80,6 @@ class Writer:
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             raise WriterLost(self._ended()) from None
-
-    def _get(self) -> tuple:
-        header = self.proc.stdout.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            raise WriterLost(self._ended())
-        return pickle.loads(self.proc.stdout.read(_HEADER.unpack(header)[0]))
 
     def _ended(self) -> str:
         code = self.proc.wait()
@@ -91,16 +90,19 @@ class Writer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def close(self) -> None:
-        """End its input; it writes what it has, then exits."""
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """End its input; it writes what it has, then exits (killed if that takes over
+        ``timeout`` seconds: the runs it did not end are then RUNNING, which the sweep closes)."""
         if self.proc.stdin and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.close()
             except OSError:
                 pass
         try:
-            self.proc.wait(timeout=60)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            log.error("tracking: the metric writer process had not written what it was handed after %.0f s; "
+                      "stopped (the runs it did not end are closed FAILED)", timeout)
             self.proc.kill()
             self.proc.wait()
         self.errors.close()
@@ -121,7 +123,7 @@ def start(uri: str) -> None:
 
 def for_store(uri: str) -> Writer | None:
     """The helper started for ``uri``, if it is still there (if it ended, the log says so once:
-    the jobs write their epochs from their own thread from then on)."""
+    the jobs write their records themselves from then on)."""
     for w in _STARTED:
         if w.uri != uri:
             continue
@@ -129,7 +131,7 @@ def for_store(uri: str) -> Writer | None:
             return w
         if not w.reported:
             w.reported = True
-            log.warning("tracking: %s; the sweep's jobs write their epochs from their own thread from now on",
+            log.warning("tracking: %s; the sweep's jobs write their records themselves from now on",
                         w._ended())
     return None
 
@@ -174,7 +176,7 @@ class _Frames:
 
 
 def serve(uri: str) -> int:
-    """The helper's life: read points, write them, answer syncs, until its input ends."""
+    """The helper's life: read what the jobs hand over, write it in order, until its input ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides; its input's end ends this
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from pipeline.tracking import store
@@ -183,24 +185,51 @@ def serve(uri: str) -> int:
     import mlflow
     from mlflow.entities import Metric
 
+    from pipeline.tracking.run import _log_inputs
+
+    special = {"log_inputs": _log_inputs}  # with their own retries: client.<name> otherwise
+
     client = None  # made at the first write: opening a new SQLite store creates its tables, which
     # the sweep does, before any job's run exists
-    frames, out = _Frames(sys.stdin.fileno()), sys.stdout.buffer
+    frames = _Frames(sys.stdin.fileno())
     pending: OrderedDict[str, list] = OrderedDict()  # run id -> points not yet written
     errors: dict[str, str] = {}  # run id -> why its points could not be written
 
-    def write_pending() -> None:
+    def store_client():
         nonlocal client
+        if client is None:
+            client = mlflow.MlflowClient(tracking_uri=uri)
+        return client
+
+    def attempt(run_id: str, write) -> None:
+        if run_id in errors:  # the run fails anyway: what it handed over later is dropped
+            return
+        try:
+            write(store_client())
+        except Exception as e:  # noqa: BLE001 - said in the run, at its end
+            errors[run_id] = f"{type(e).__name__}: {store.brief(e)}"
+
+    def write_pending() -> None:
         while pending:
             run_id, points = pending.popitem(last=False)
-            if run_id in errors:  # the run fails anyway: its later points are dropped
-                continue
-            try:
-                if client is None:
-                    client = mlflow.MlflowClient(tracking_uri=uri)
-                client.log_batch(run_id, metrics=[Metric(k, float(v), int(t * 1000), e) for k, v, t, e in points])
-            except Exception as e:  # noqa: BLE001 - said to the job at its sync
-                errors[run_id] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:1000]
+            attempt(run_id, lambda c: c.log_batch(
+                run_id, metrics=[Metric(k, float(v), int(t * 1000), e) for k, v, t, e in points]))
+
+    def end(run_id: str, status: str, reason: str | None, folder: str | None) -> None:
+        error = errors.pop(run_id, None)
+        if error is not None:
+            reason = "; ".join(filter(None, [reason, f"its record could not be written whole: {error}"]))
+            status = "FAILED" if status == "FINISHED" else status
+        try:
+            c = store_client()
+            if reason:
+                c.set_tag(run_id, "catnet.failure", reason[:5000])
+            c.set_terminated(run_id, status)
+        except Exception:  # noqa: BLE001 - left RUNNING: the sweep finds it so, counts its job failed
+            pass  # and closes it (pipeline/tracking/parent.py: reconcile, settle)
+        finally:
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
     while True:
         try:
@@ -212,9 +241,12 @@ def serve(uri: str) -> int:
             write_pending()
         elif message[0] == "points":
             pending.setdefault(message[1], []).extend(message[2])
-        elif message[0] == "sync":
+        elif message[0] == "call":
+            _, run_id, method, args, kwargs = message
+            write_pending()  # in the order the job handed them over
+            attempt(run_id, lambda c: special[method](c, run_id, *args, **kwargs) if method in special
+                    else getattr(c, method)(run_id, *args, **kwargs))
+        elif message[0] == "end":
             write_pending()
-            data = pickle.dumps((message[2], errors.pop(message[1], None)))
-            out.write(_HEADER.pack(len(data)) + data)
-            out.flush()
+            end(*message[1:])
 
