@@ -194,7 +194,7 @@ class MlflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.tracking import writer
 
-        writer.close()  # it writes what the last jobs handed over, and ends their runs
+        helped = writer.close()  # it writes what the last jobs handed over, and ends their runs
         outcomes = self._close_ledger()
         unchecked = None  # why the jobs' runs could not be compared with what the jobs said
         if self.parent_id is not None:
@@ -203,6 +203,9 @@ class MlflowSweep(Callback):
                 outcomes = parent.reconcile(self.client, self.parent_id, outcomes)
             except Exception as e:  # noqa: BLE001 - said below, with the parent's other troubles
                 unchecked = e
+                if helped:  # what the helper wrote after a job ended is unknown: not counted a success
+                    outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
+                                if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
         counts = _count(outcomes)
         summary: dict[str, Any] = {}
         status, reason = "FINISHED", None
@@ -277,16 +280,18 @@ class MlflowSweep(Callback):
 
 
 def start_writer(config: DictConfig) -> None:
-    """For a sweep whose jobs run one after another in this process (Hydra's basic launcher),
-    start the helper that writes their per-epoch metrics on another core
-    (pipeline/tracking/writer.py; ``tracking.sweep_writer=thread``: none)."""
-    launcher = str(config.hydra.launcher.get("_target_", ""))
-    if not (config.tracking.enabled and config.tracking.sweep_writer == "process"
-            and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1):
-        return
+    """For a sweep whose jobs run one after another in this process (Hydra's basic launcher)
+    into a SQLite store, start the helper that writes their records on another core
+    (pipeline/tracking/writer.py; ``tracking.sweep_writer=thread``: none). A server or database
+    server does that work in its own process already, and can go away: there each job writes its
+    own record before the next starts, so an outage never reaches a job that already ended."""
     from pipeline.tracking import store, writer
 
-    store.bound_retries(config)  # a server's retries end within tracking.retry_seconds, in the helper too
+    launcher = str(config.hydra.launcher.get("_target_", ""))
+    if not (config.tracking.enabled and config.tracking.sweep_writer == "process"
+            and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1
+            and store.store_uri(config)[0].startswith("sqlite:")):
+        return
     writer.start(store.store_uri(config)[0])
 
 

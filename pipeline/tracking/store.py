@@ -202,13 +202,14 @@ def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = Tr
     with its description if ``create`` and new; runs of this host orphaned by a dead process are
     closed on the way. Without ``create`` a missing experiment is a ConfigError.
 
-    A sweep's jobs that run in one process (Hydra's basic launcher) open it once: the later ones
-    take the same client and experiment, and leave runs of dead processes to the next command."""
+    A sweep's jobs that run in one process (Hydra's basic launcher) open a database store once:
+    the later ones take the same client and experiment, and leave runs of dead processes to the
+    next command. A server is asked each time: one that went away fails a job at once."""
     from pipeline.common import is_multirun
 
     name = experiment or cfg.tracking.experiment
     key = (store_uri(cfg)[0], name)
-    if create and key in _OPENED and is_multirun():
+    if create and key in _OPENED and is_multirun() and not key[0].startswith(("http://", "https://")):
         import mlflow
 
         mlflow.set_tracking_uri(key[0])  # as ``client`` does: another job may have set another

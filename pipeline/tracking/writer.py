@@ -141,9 +141,12 @@ def running() -> bool:
     return any(w.alive() for w in _STARTED)
 
 
-def close() -> None:
+def close() -> bool:
+    """Close this process's helper, once it wrote what it was handed; whether there was one."""
+    had = bool(_STARTED)
     while _STARTED:
         _STARTED.pop().close()
+    return had
 
 
 # ---- the helper's side -----------------------------------------------------------------------------
