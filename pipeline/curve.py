@@ -5,7 +5,8 @@ A single run (``python -m pipeline``, the train stage) starts the helper, ``pyth
 pipeline.curve``, first thing, before Hydra composes its config: matplotlib is imported and a
 first figure drawn on another core while the run composes, reads the data, imports MLflow and
 trains. When training ends, the helper reads the history on its stdin and answers with the PNG
-on its stdout. A helper that gets no history (the command turned out to be no run, or failed
+on its stdout, while the run goes on (evaluates, logs its model): the run writes the PNG last
+(``NullRun.log_output_later``). A helper that gets no history (the command turned out to be no run, or failed
 before training) is killed when the command ends, or ends at the end of its input if the
 command was killed.
 """
@@ -16,7 +17,7 @@ import io
 import subprocess
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -60,12 +61,22 @@ class Helper:
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.curve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def draw(self, history: dict[str, np.ndarray], ylabel: str, title: str) -> bytes:
+    def request(self, history: dict[str, np.ndarray], ylabel: str, title: str) -> None:
+        """Hand it the history to draw; ``result`` gives the PNG."""
         buf = io.BytesIO()
         np.savez(buf, ylabel=np.str_(ylabel), title=np.str_(title), names=np.array(list(history), dtype=np.str_),
                  **{f"history_{i}": np.asarray(v) for i, v in enumerate(history.values())})
+        stdin, self.proc.stdin = self.proc.stdin, None  # closed here: communicate() must not touch it
         try:
-            png, err = self.proc.communicate(buf.getvalue(), timeout=TIMEOUT)
+            stdin.write(buf.getvalue())
+            stdin.close()
+        except (BrokenPipeError, OSError):  # it ended: result() says how
+            pass
+
+    def result(self) -> bytes:
+        """The PNG of the history handed over (waits for it)."""
+        try:
+            png, err = self.proc.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             self.close()
             raise CatnetError(f"learning curve: its drawing process gave no PNG within {TIMEOUT} s") from None
@@ -118,13 +129,19 @@ def helper(enabled: bool = True) -> Iterator[Helper | None]:
             started.close()
 
 
-def png(history: dict[str, np.ndarray], ylabel: str, title: str, drawer: Helper | None = None) -> bytes:
-    """The PNG: from ``drawer`` if the run started one, else drawn in this process."""
+def png(history: dict[str, np.ndarray], ylabel: str, title: str, drawer: Helper | None = None) -> Callable[[], bytes]:
+    """What gives the PNG: ``drawer``, if the run started one, draws it from now on while the run
+    goes on; else it is drawn in this process when asked for."""
     if drawer is not None:
-        return drawer.draw(history, ylabel, title)
-    buf = io.BytesIO()
-    plot(buf, history, ylabel, title)
-    return buf.getvalue()
+        drawer.request(history, ylabel, title)
+        return drawer.result
+
+    def draw() -> bytes:
+        buf = io.BytesIO()
+        plot(buf, history, ylabel, title)
+        return buf.getvalue()
+
+    return draw
 
 
 def _serve() -> int:

@@ -83,9 +83,9 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
     mlrun.log_output(out.weights, lambda f: np.savez(f, **weight_arrays(net, cfg)))
     mlrun.log_output(out.history, lambda f: _write_history(f, history), mode="w")
     if not is_multirun():  # a person looks at one run's curve; a sweep's curves are compared by the parent
-        mlrun.log_output(out.curve, lambda f: f.write(curve.png(
+        mlrun.log_output_later(out.curve, curve.png(  # drawn while the run goes on; written at its end
             {METRIC[k]: v for k, v in history.items()}, f"training error ({cfg.train.loss})",
-            f"hidden {list(cfg.model.hidden_sizes)}, lr {cfg.train.lr}, seed {cfg.seed}", drawer)))
+            f"hidden {list(cfg.model.hidden_sizes)}, lr {cfg.train.lr}, seed {cfg.seed}", drawer))
     mlrun.set_tags({"catnet.trained": "true"})
     log.info("train: %d epochs in %.2f s (%.2f ms/epoch), %s, %d images, error %.4g -> %.4g; first epoch "
              "done %.2f s after the process started", epochs, seconds, 1000 * seconds / epochs, _describe(net, cfg),

@@ -15,10 +15,10 @@ HISTORY = {"train/error": np.geomspace(20.0, 0.5, 300), "val/error": np.geomspac
 
 def test_the_helper_draws_the_same_png_as_the_run_would():
     with curve.helper() as drawer:
-        png = drawer.draw(HISTORY, "training error (sse)", "hidden [20, 7], lr 0.005, seed 0")
+        png = curve.png(HISTORY, "training error (sse)", "hidden [20, 7], lr 0.005, seed 0", drawer)()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert png == curve.png(HISTORY, "training error (sse)", "hidden [20, 7], lr 0.005, seed 0")
-    assert png != curve.png(HISTORY, "training error (sse)", "hidden [20, 7], lr 0.005, seed 1")
+    assert png == curve.png(HISTORY, "training error (sse)", "hidden [20, 7], lr 0.005, seed 0")()
+    assert png != curve.png(HISTORY, "training error (sse)", "hidden [20, 7], lr 0.005, seed 1")()
 
 
 def test_a_helper_that_drew_nothing_is_gone_after_its_block_and_one_that_died_is_an_error():
@@ -28,7 +28,7 @@ def test_a_helper_that_drew_nothing_is_gone_after_its_block_and_one_that_died_is
     with curve.helper() as drawer:
         drawer.proc.kill()
         with pytest.raises(CatnetError, match=r"^learning curve: its drawing process failed \(exit -9: "):
-            drawer.draw(HISTORY, "error", "title")
+            curve.png(HISTORY, "error", "title", drawer)()
 
 
 def test_a_helper_whose_run_is_gone_ends_at_the_end_of_its_input():

@@ -184,3 +184,31 @@ def test_a_model_is_saved_without_mapping_every_installed_package(cfg, store, mo
     requirements = (tmp_path / "model" / "requirements.txt").read_text().split()
     assert requirements == [f"numpy=={np.__version__}", f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"]
     assert uri.startswith("models:/")
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+def test_an_output_made_later_is_published_as_the_run_s_block_ends_and_never_after_a_failure(
+        compose_cfg, store, tmp_path, tracked):
+    """log_output_later (the learning curve, drawn by another process while the run goes on): its
+    bytes are asked for once the stages are done, written and logged before the run ends; a block
+    that failed publishes nothing of it."""
+    cfg = compose_cfg(f"tracking.uri={store['uri']}", "tracking.experiment=test", f"tracking.enabled={tracked}")
+    asked = []
+    with tracking.open_run(cfg) as run:
+        run.log_output_later(tmp_path / "curve.png", lambda: asked.append(1) or b"\x89PNG made later")
+        assert asked == [] and not (tmp_path / "curve.png").exists()
+    assert (tmp_path / "curve.png").read_bytes() == b"\x89PNG made later" and asked == [1]
+    with pytest.raises(DataError):
+        with tracking.open_run(cfg) as run:
+            run.log_output_later(tmp_path / "failed.png", lambda: asked.append(2) or b"never")
+            raise DataError("evaluate failed")
+    assert not (tmp_path / "failed.png").exists() and asked == [1]
+    client, runs = runs_of(store["uri"])
+    if tracked:
+        assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+        done = next(r for r in runs if r.info.status == "FINISHED")
+        failed = next(r for r in runs if r.info.status == "FAILED")
+        assert [a.path for a in client.list_artifacts(done.info.run_id)] == ["config.yaml", "curve.png"]
+        assert [a.path for a in client.list_artifacts(failed.info.run_id)] == ["config.yaml"]
+    else:
+        assert runs == []

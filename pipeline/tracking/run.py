@@ -58,6 +58,9 @@ class NullRun:
     run_id: str | None = None
     tracking_uri: str | None = None
 
+    def __init__(self) -> None:
+        self._later: list[tuple[Path, Callable[[], bytes]]] = []
+
     def record_data(self, digest: str, sources: dict[str, str]) -> None: ...
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
@@ -71,6 +74,18 @@ class NullRun:
     def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
         """Write a stage output (whole or not at all) and, when tracked, log it as an artifact."""
         atomic_write(path, write, mode)
+
+    def log_output_later(self, path: Path, make: Callable[[], bytes]) -> None:
+        """An output whose bytes are still being made (the learning curve, drawn by another
+        process): written and logged by ``complete``, when the stages inside the run's block are
+        done, before the run ends; never if they failed."""
+        self._later.append((path, make))
+
+    def complete(self) -> None:
+        while self._later:
+            path, make = self._later.pop(0)
+            data = make()
+            self.log_output(path, lambda f: f.write(data))
 
 
 def _git(*args: str) -> str | None:
@@ -160,6 +175,7 @@ def run_name(cfg: DictConfig) -> str:
 
 class MlflowRun(NullRun):
     def __init__(self, client, run_id: str, experiment_id: str, flush_seconds: float):
+        super().__init__()
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
@@ -477,15 +493,15 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
     an orphan). On any exception it is FAILED (KILLED for Ctrl-C / SIGTERM) and the reason is
     tagged ``catnet.failure``; the exception propagates.
     """
-    if not cfg.tracking.enabled:
-        yield NullRun()
-        return
-    if resume is not None and not resume.get("run_id"):  # training ran with tracking off
-        yield NullRun()
+    if not cfg.tracking.enabled or (resume is not None and not resume.get("run_id")):  # or training ran untracked
+        untracked = NullRun()
+        yield untracked
+        untracked.complete()
         return
     run = MlflowRun.continue_(cfg, resume) if resume is not None else MlflowRun.create(cfg, tags)
     try:
         yield run
+        run.complete()
         run.flush()
     except BaseException as e:
         status = status_after(e)
