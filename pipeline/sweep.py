@@ -288,11 +288,11 @@ def start_writer(config: DictConfig) -> None:
     from pipeline.tracking import store, writer
 
     launcher = str(config.hydra.launcher.get("_target_", ""))
-    if not (config.tracking.enabled and config.tracking.sweep_writer == "process"
-            and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1
-            and store.store_uri(config)[0].startswith("sqlite:")):
+    uri = store.store_uri(config)[0] if config.tracking.enabled else ""
+    if not (uri.startswith("sqlite:") and config.tracking.sweep_writer == "process"
+            and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1):
         return
-    writer.start(store.store_uri(config)[0])
+    writer.start(uri)
 
 
 def warm_joblib_workers(config: DictConfig) -> None:

@@ -272,10 +272,8 @@ class MlflowRun(NullRun):
         by the sweep's metric writer process, after what this run handed it before, if it has one."""
         if self._helper is not None:
             self._helper.call(self.run_id, method, *args, **kwargs)
-        elif method == "log_inputs":
-            _log_inputs(self.client, self.run_id, *args, **kwargs)
         else:
-            getattr(self.client, method)(self.run_id, *args, **kwargs)
+            write_to(self.client, self.run_id, method, *args, **kwargs)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
@@ -408,6 +406,15 @@ def unfinished(error: BaseException) -> str | None:
 
 
 UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def write_to(client, run_id: str, method: str, *args, **kwargs) -> None:
+    """``client.<method>(run_id, *args, **kwargs)``; ``log_inputs`` with its retries (``_log_inputs``).
+    What a run records, in this process or in a sweep's metric writer process."""
+    if method == "log_inputs":
+        _log_inputs(client, run_id, *args, **kwargs)
+    else:
+        getattr(client, method)(run_id, *args, **kwargs)
 
 
 def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:

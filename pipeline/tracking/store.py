@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from catnet.errors import CatnetError, ConfigError
-from pipeline.common import ROOT
+from pipeline.common import ROOT, is_multirun
 
 log = logging.getLogger("catnet")
 
@@ -205,8 +205,6 @@ def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = Tr
     A sweep's jobs that run in one process (Hydra's basic launcher) open a database store once:
     the later ones take the same client and experiment, and leave runs of dead processes to the
     next command. A server is asked each time: one that went away fails a job at once."""
-    from pipeline.common import is_multirun
-
     name = experiment or cfg.tracking.experiment
     key = (store_uri(cfg)[0], name)
     if create and key in _OPENED and is_multirun() and not key[0].startswith(("http://", "https://")):

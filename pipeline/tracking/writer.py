@@ -3,7 +3,7 @@
 Writing a run's 1,000 epoch points costs MLflow's SQL store about as long as training the
 default network (its ORM, in Python). A thread of the job's process cannot overlap the two: both
 need the interpreter's lock. So a sweep whose jobs run one after another in its own process
-(Hydra's basic launcher) starts this helper when it starts (``start``), while it imports MLflow
+(Hydra's basic launcher) into a SQLite store starts this helper when it starts (``start``), while it imports MLflow
 and creates the parent run itself. Each job's run (pipeline/tracking/run.py) creates itself, then
 hands the helper everything else it records, in order: its buffered points every ``SEND_SECONDS``
 while it trains (its BLAS leaves the helper a core: pipeline/__main__.py), its params, files,
@@ -188,15 +188,14 @@ def serve(uri: str) -> int:
     import mlflow
     from mlflow.entities import Metric
 
-    from pipeline.tracking.run import _log_inputs
-
-    special = {"log_inputs": _log_inputs}  # with their own retries: client.<name> otherwise
+    from pipeline.tracking.parent import close as end_run
+    from pipeline.tracking.run import write_to
 
     client = None  # made at the first write: opening a new SQLite store creates its tables, which
     # the sweep does, before any job's run exists
     frames = _Frames(sys.stdin.fileno())
     pending: OrderedDict[str, list] = OrderedDict()  # run id -> points not yet written
-    errors: dict[str, str] = {}  # run id -> why its points could not be written
+    errors: dict[str, str] = {}  # run id -> why its record could not be written
 
     def store_client():
         nonlocal client
@@ -224,10 +223,7 @@ def serve(uri: str) -> int:
             reason = "; ".join(filter(None, [reason, f"its record could not be written whole: {error}"]))
             status = "FAILED" if status == "FINISHED" else status
         try:
-            c = store_client()
-            if reason:
-                c.set_tag(run_id, "catnet.failure", reason[:5000])
-            c.set_terminated(run_id, status)
+            end_run(store_client(), run_id, status, reason)
         except Exception:  # noqa: BLE001 - left RUNNING: the sweep finds it so, counts its job failed
             pass  # and closes it (pipeline/tracking/parent.py: reconcile, settle)
         finally:
@@ -247,8 +243,7 @@ def serve(uri: str) -> int:
         elif message[0] == "call":
             _, run_id, method, args, kwargs = message
             write_pending()  # in the order the job handed them over
-            attempt(run_id, lambda c: special[method](c, run_id, *args, **kwargs) if method in special
-                    else getattr(c, method)(run_id, *args, **kwargs))
+            attempt(run_id, lambda c: write_to(c, run_id, method, *args, **kwargs))
         elif message[0] == "end":
             write_pending()
             end(*message[1:])
