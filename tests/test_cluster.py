@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import import_or_skip, needs_data, run_cli, runs_of
+from conftest import free_port, import_or_skip, needs_data, run_cli, runs_of
 
 pytestmark = needs_data
 
@@ -80,63 +80,12 @@ def test_a_sweep_on_an_existing_ray_cluster_keeps_its_structure_and_outputs(ray_
     assert "sweep: 2 jobs, 2 finished, 0 failed" in local.stdout + local.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: as root (CI), run its tools as the postgres user."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-@pytest.fixture
-def postgres():
-    """A PostgreSQL cluster of Debian's postgresql package on a loopback port, with a database
-    `mlflow` for user `catnet` (trust auth on loopback), stopped at the end."""
-    import glob
-    import shutil
-    import tempfile
-
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
-        if os.environ.get("CI"):
-            raise AssertionError("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    bindir = Path(bins[-1]).parent
-    home = Path(tempfile.mkdtemp(prefix="catnet-pg-"))  # not under pytest's root-only tmp: postgres reads it
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres")
-    port = _free_port()
-    data = home / "data"
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "catnet"]),
-                   check=True, capture_output=True)
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(home / "log"), "-o",
-                                 f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"]),
-                   check=True, capture_output=True)
-    try:
-        subprocess.run(_as_postgres([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "catnet",
-                                     "mlflow"]), check=True, capture_output=True)
-        yield f"postgresql://catnet@127.0.0.1:{port}/mlflow"
-    finally:
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, 15)  # smart shutdown of the postmaster, by its process id
-        for _ in range(120):
-            if not (data / "postmaster.pid").exists():
-                break
-            time.sleep(0.5)
-        shutil.rmtree(home, ignore_errors=True)
-
-
 class MlflowServer:
     """`mlflow server` on PostgreSQL with served artifacts, bound to 127.0.0.1 (README: Team mode),
     on one port for its life: ``kill`` stops it (SIGKILL, an outage), ``start`` brings it back."""
 
     def __init__(self, backend: str, folder: Path):
-        self.backend, self.folder, self.port = backend, folder, _free_port()
+        self.backend, self.folder, self.port = backend, folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

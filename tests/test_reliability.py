@@ -13,9 +13,8 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import REAL_TEST, REAL_TRAIN, needs_data, run_cli, runs_of
+from conftest import REAL_TEST, REAL_TRAIN, free_port, needs_data, run_cli, runs_of
 from test_data import EXPECTED, _bad_files
-from test_sweep import _free_port
 
 from catnet.errors import DataError
 from pipeline.common import ROOT
@@ -89,7 +88,7 @@ def test_parallel_sweeps_on_one_sqlite_store_lose_nothing(tmp_path):
 
 
 def test_remote_tracking_server_records_the_same_run(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "served"), "--host", "127.0.0.1", "--port", str(port),
@@ -139,7 +138,7 @@ def urllib_ok(url: str) -> None:
 
 def test_a_tracking_server_that_is_not_there_fails_fast(store):
     start = time.monotonic()
-    proc = run_cli("train.epochs=5", "train.check_learned=false", f"tracking.uri=http://127.0.0.1:{_free_port()}",
+    proc = run_cli("train.epochs=5", "train.check_learned=false", f"tracking.uri=http://127.0.0.1:{free_port()}",
                    f"paths.out_dir={store['out']}", check=False)
     assert time.monotonic() - start < 30
     assert proc.returncode == 2 and "no MLflow server answers there" in proc.stderr
@@ -179,7 +178,7 @@ from pipeline.tracking import store
 store.bound_retries(OmegaConf.create({{"tracking": {{"retry_seconds": {seconds}}}}}))
 start = time.monotonic()
 try:
-    MlflowClient(tracking_uri="http://127.0.0.1:{_free_port()}").get_experiment("0")
+    MlflowClient(tracking_uri="http://127.0.0.1:{free_port()}").get_experiment("0")
 except Exception:
     print(time.monotonic() - start)
 """

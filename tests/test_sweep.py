@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import import_or_skip, needs_data, run_cli, runs_of
+from conftest import free_port, import_or_skip, needs_data, run_cli, runs_of
 
 from pipeline.common import ROOT
 
@@ -111,12 +110,6 @@ def test_compare_report_lists_the_sweep_and_logs_to_its_parent(sweep_store):
         "compare/runs.md", "compare/runs.csv", "compare/error_curves.png"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, body: dict | None = None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -125,7 +118,7 @@ def _get(url: str, body: dict | None = None):
 
 
 def test_mlflow_server_serves_the_sweep_over_rest(sweep_store):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_store["uri"],
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -208,7 +201,7 @@ def test_a_sweep_that_would_rank_on_test_is_refused_before_any_job(tmp_path, kno
 
 def test_a_sweep_whose_tracking_server_does_not_answer_is_refused_before_any_job(tmp_path):
     """Not a job waiting tracking.retry_seconds for a server that never answered: exit 2, one line."""
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     proc = run_cli("-m", "seed=0,1", "train.epochs=3", f"tracking.uri={uri}",
                    f"hydra.sweep.dir={tmp_path / 'multirun'}", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]

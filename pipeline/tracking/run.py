@@ -30,7 +30,7 @@ from catnet.errors import ConfigError, TrainingDiverged
 from pipeline import config
 from pipeline.common import ROOT, Terminated, atomic_write, is_multirun, told
 from pipeline.tracking import model as tracking_model
-from pipeline.tracking import store, writer
+from pipeline.tracking import points, store, writer
 
 log = logging.getLogger("catnet")
 
@@ -287,7 +287,7 @@ class MlflowRun(NullRun):
 
     def send(self) -> None:
         """Hand the buffered epochs to the sweep's metric writer process, or else to a background
-        thread that writes them to MLflow (in batches of 1000), so the caller goes on training."""
+        thread that writes them to MLflow (``points.write``), so the caller goes on training."""
         if self._buffer and self._helper is not None:
             self._helper.send(self.run_id, self._buffer)
             self._buffer = []
@@ -296,15 +296,9 @@ class MlflowRun(NullRun):
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catnet-mlflow")
-            self._pending.append(self._writer.submit(self._write_points, self._buffer))
+            self._pending.append(self._writer.submit(points.write, self.client, self.run_id, self._buffer))
             self._buffer = []
         self._last_send = time.time()
-
-    def _write_points(self, points: list[tuple[str, float, float, int]]) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(key, float(value), int(t * 1000), epoch) for key, value, t, epoch in points]
-        self.client.log_batch(self.run_id, metrics=metrics)
 
     def flush(self) -> None:
         """Send the buffer and wait until everything sent is written (raises if writing failed);

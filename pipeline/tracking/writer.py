@@ -186,9 +186,8 @@ def serve(uri: str) -> int:
 
     store.import_code(uri)
     import mlflow
-    from mlflow.entities import Metric
-
     from pipeline.tracking.parent import close as end_run
+    from pipeline.tracking.points import write as write_points
     from pipeline.tracking.run import write_to
 
     client = None  # made at the first write: opening a new SQLite store creates its tables, which
@@ -214,8 +213,7 @@ def serve(uri: str) -> int:
     def write_pending() -> None:
         while pending:
             run_id, points = pending.popitem(last=False)
-            attempt(run_id, lambda c: c.log_batch(
-                run_id, metrics=[Metric(k, float(v), int(t * 1000), e) for k, v, t, e in points]))
+            attempt(run_id, lambda c: write_points(c, run_id, points))
 
     def end(run_id: str, status: str, reason: str | None, folder: str | None) -> None:
         error = errors.pop(run_id, None)
