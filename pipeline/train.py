@@ -166,9 +166,11 @@ def _describe(net: Network, cfg: DictConfig) -> str:
 
 
 def _write_history(f, history: dict[str, np.ndarray]) -> None:
+    """epoch, then each metric to 9 significant digits: a row per epoch, one format call a row."""
     f.write(",".join(["epoch", *history]) + "\n")
-    rows = zip(*history.values())
-    f.writelines(",".join([str(i), *(f"{e:.9g}" for e in row)]) + "\n" for i, row in enumerate(rows, 1))
+    columns = [np.asarray(v).tolist() for v in history.values()]
+    row = "%d" + ",%.9g" * len(columns) + "\n"
+    f.write("".join([row % values for values in zip(range(1, len(columns[0]) + 1), *columns)]))
 
 
 def _stage(cfg: DictConfig) -> None:

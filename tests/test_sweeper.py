@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
@@ -96,26 +94,55 @@ def test_a_job_that_changes_only_values_gets_the_config_hydra_would_compose(tmp_
         assert fast == composed
 
 
-class Composer:
-    """Stands for Hydra's loader where it must be pickled (Hydra's own, once its plugin scan has
-    imported its modules anew, no longer pickles in one pytest process): a new dict per job."""
+WORKER = """
+import json, pickle, sys
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
+from hydra.core.plugins import Plugins
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from pipeline.common import CONF_DIR
 
-    def __init__(self) -> None:
-        self.composed = 0
-
+class Counting(ConfigLoaderImpl):
+    def __init__(self):
+        super().__init__(config_search_path=create_config_search_path(CONF_DIR))
+        self.composed = []
     def load_sweep_config(self, master_config, sweep_overrides):
-        self.composed += 1
-        return {"overrides": list(sweep_overrides)}
+        self.composed.append(list(sweep_overrides))
+        return super().load_sweep_config(master_config, sweep_overrides)
+
+Plugins.instance()  # its scan imports the plugin modules anew: take the sweeper's class after it
+from hydra_plugins.catnet_sweeper.composed_once import ComposedOnce
+loader = Counting()
+master = loader.load_configuration("config", ["hydra.callbacks={}"], run_mode=RunMode.MULTIRUN)
+once = ComposedOnce(loader)
+once.load_sweep_config(master, ["seed=0", "train.lr=0.1"])  # the sweeper's check, in the sweep's process
+job = ["seed=3", "train.lr=0.2"]
+expected = OmegaConf.to_container(Counting().load_sweep_config(master, job), resolve=False)
+out = {}
+for name, payload in (("with_master", (master, once)), ("alone", (pickle.loads(pickle.dumps(master)), once))):
+    worker_master, worker_once = pickle.loads(pickle.dumps(payload))  # what a launcher's job carries
+    worker_once.loader.composed.clear()
+    got = worker_once.load_sweep_config(worker_master, job)
+    out[name] = {"same": OmegaConf.to_container(got, resolve=False) == expected,
+                 "composed": worker_once.loader.composed}
+print(json.dumps(out))
+"""
 
 
-def test_a_loader_sent_to_another_process_carries_no_composed_config():
-    from hydra_plugins.catnet_sweeper.composed_once import ComposedOnce
+def test_a_job_in_another_process_gets_its_config_from_the_first_jobs_when_it_changes_only_values():
+    """A launcher's job (joblib) pickles the loader with its master config: there, a job that
+    changes only values gets the config Hydra would compose without composing it; a loader that
+    arrives without that master config composes the job's config anew, as Hydra does. In a
+    process of its own: Hydra's loader no longer pickles once pytest's plugin scan has run."""
+    import json
+    import subprocess
+    import sys
 
-    master = {}
-    once = ComposedOnce(Composer())
-    first = once.load_sweep_config(master, ["seed=5"])
-    copy = pickle.loads(pickle.dumps(once))
-    assert copy.kept == {} and copy.first is None
-    assert copy.load_sweep_config(master, ["seed=5"]) == first and copy.loader.composed == 2  # composed anew there
-    assert once.load_sweep_config(master, ["seed=5"]) is first and once.kept == {}  # here: handed over once
-    assert once.loader.composed == 1
+    from pipeline.common import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["with_master"] == {"same": True, "composed": []}
+    assert out["alone"] == {"same": True, "composed": [["seed=3", "train.lr=0.2"]]}

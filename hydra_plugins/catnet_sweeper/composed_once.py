@@ -5,15 +5,17 @@ override before any job runs, and the basic launcher then composes it again for 
 composition reads and merges every file of ``conf/`` (about 0.1 s here), so a sweep paid that
 twice per job. This sweeper keeps the configs its check composed and hands each to the launcher
 once, in the same process; a launcher that runs jobs elsewhere (joblib, Ray, submitit) receives
-the loader without them and composes in the job's process, as before. Sweep syntax, batches and
-the check are the basic sweeper's.
+the loader without them, but with the first job's config (below), and the job's process composes
+only what that does not give. Sweep syntax, batches and the check are the basic sweeper's.
 
 Hydra composes the first job's config. A later job whose overrides differ from the first job's
 only in values (``seed=3`` for ``seed=0``: same keys in the same order, each changed one a plain
 ``key=value`` of the config, not a config group, not a dict, not a Hydra setting) gets a copy of
 the first job's config with those values set, as Hydra sets command-line values after composing,
 and its ``hydra.overrides.task`` and ``hydra.job.override_dirname``: about 6 ms instead of 150 ms
-here. Any other job (``model=deep``, ``+key=...``) is composed by Hydra.
+here. Any other job (``model=deep``, ``+key=...``) is composed by Hydra. A launcher's job pickles the
+loader with the master config it gets (one payload, so one object again when unpickled): a joblib
+worker's job then gets its config this way too, instead of composing it (0.18 s a job there).
 """
 
 import copy
@@ -39,12 +41,13 @@ class ComposedOnce:
     """A config loader that returns the config of a job (master config, overrides) composed
     already, once; any other call, or a second request, goes to Hydra's loader (or, for a job that
     changes only values, to a copy of the first job's config: module doc). Not pickled with what
-    it keeps: a job sent to another process composes its config there."""
+    it keeps but the first job's config: a job sent to another process gets its config from that
+    if it changes only values (its master config pickled with this loader), else composes it there."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
         self.kept: Dict[Any, Any] = {}  # (id of the master config, overrides) -> config
-        self.first: Optional[tuple] = None  # (id of the master config, overrides, config as composed)
+        self.first: Optional[tuple] = None  # (the master config, overrides, config as composed)
         # (no `from __future__ import annotations` here: Hydra's plugin scan imports this module
         # outside sys.modules, where a dataclass cannot resolve string annotations)
 
@@ -55,8 +58,8 @@ class ComposedOnce:
         config = self._from_first(master_config, sweep_overrides)
         if config is None:
             config = self.loader.load_sweep_config(master_config, sweep_overrides)
-            if self.first is None or self.first[0] != id(master_config):
-                self.first = (id(master_config), list(sweep_overrides), copy.deepcopy(config))
+            if self.first is None or self.first[0] is not master_config:
+                self.first = (master_config, list(sweep_overrides), copy.deepcopy(config))
         self.kept[key] = config
         return config
 
@@ -66,7 +69,7 @@ class ComposedOnce:
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from omegaconf import OmegaConf
 
-        if self.first is None or self.first[0] != id(master_config) or len(self.first[1]) != len(sweep_overrides):
+        if self.first is None or self.first[0] is not master_config or len(self.first[1]) != len(sweep_overrides):
             return None
         _, first_overrides, first = self.first
         parser = OverridesParser.create()
@@ -104,7 +107,7 @@ class ComposedOnce:
         return getattr(self.__dict__["loader"], name)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"loader": self.loader, "kept": {}, "first": None}
+        return {"loader": self.loader, "kept": {}, "first": self.first}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
