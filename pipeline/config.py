@@ -10,6 +10,7 @@ here rather than from the defaults list so that any Hydra composition of ``conf/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Optional
 
 import math
@@ -124,12 +125,19 @@ def prepare(cfg: DictConfig, root: Path | None = None) -> DictConfig:
     if root is not None and os.environ.get("DVC_EXP_BASELINE_REV") and (root / "params.yaml").exists():
         cfg = OmegaConf.load(root / "params.yaml")
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        typed = OmegaConf.merge(_schema(), cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
     validate(typed)
     return typed
+
+
+@lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The typed schema, built once per process (6 ms, each job of a sweep paid it): merge copies
+    its first argument and never changes it."""
+    return OmegaConf.structured(Config)
 
 
 def refuse_test_metric(knob: str, metric: str) -> None:

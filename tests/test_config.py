@@ -50,6 +50,17 @@ def test_public_overrides_reach_the_config(compose_cfg):
     assert flat["seed"] == "3" and flat["model.bias"] == "True" and flat["tracking.enabled"] == "False"
 
 
+def test_configs_prepared_in_one_process_share_nothing(compose_cfg):
+    """prepare's schema is built once per process (a sweep's jobs): what one job's config
+    holds or is changed to reaches no other job's."""
+    first = prepare(compose_cfg("seed=3", "model.hidden_sizes=[64,16,4]"))
+    first.model.hidden_sizes.append(9)
+    first.train.lr = 0.5
+    second = prepare(compose_cfg())
+    assert list(second.model.hidden_sizes) == [20, 7] and second.seed == 0 and second.train.lr == 0.005
+    assert list(first.model.hidden_sizes) == [64, 16, 4, 9]
+
+
 @pytest.mark.parametrize("override, knob", [
     ("train.lr=-0.1", "train.lr"), ("train.lr=0", "train.lr"), ("train.lr=nan", "train.lr"),
     ("train.lr=inf", "train.lr"), ("train.epochs=0", "train.epochs"),
