@@ -168,6 +168,27 @@ def test_a_run_hands_its_whole_record_to_the_helper_which_ends_it_last(started, 
 
 
 @needs_data
+def test_a_runs_end_time_is_when_its_job_ended_not_when_the_helper_wrote_it(started, store):
+    """The helper is stopped (SIGSTOP) while the job ends and for 0.5 s after: the run's MLflow
+    end time is still the job's end, which the UI's duration and the sweep's order show."""
+    import psutil
+
+    from pipeline import tracking
+
+    helper = psutil.Process(writer.for_store(tracking.store_uri(started)[0]).proc.pid)
+    with tracking.open_run(started) as run:
+        run.log_epoch(1, {"train/error": 0.5})
+        helper.suspend()
+    ended = int(time.time() * 1000)
+    time.sleep(0.5)
+    helper.resume()
+    writer.close()
+    _, runs = runs_of(store["uri"])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].info.start_time <= runs[0].info.end_time <= ended
+
+
+@needs_data
 def test_a_run_whose_epochs_the_helper_could_not_write_is_failed_with_the_reason(started, store):
     from pipeline import tracking
 

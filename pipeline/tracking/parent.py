@@ -23,10 +23,12 @@ def open_parent(config: DictConfig, name: str, params: dict[str, str]) -> tuple[
     return client, parent.info.run_id
 
 
-def close(client, run_id: str, status: str, reason: str | None) -> None:
+def close(client, run_id: str, status: str, reason: str | None, end_time: int | None = None) -> None:
+    """End run ``run_id`` with ``status``, ``reason`` (tag catnet.failure) and ``end_time`` (ms;
+    None: now)."""
     if reason:
         client.set_tag(run_id, "catnet.failure", reason[:5000])
-    client.set_terminated(run_id, status)
+    client.set_terminated(run_id, status, end_time=end_time)
 
 
 def children(client, parent_id: str, status: str | None = None) -> list:

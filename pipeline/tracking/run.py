@@ -356,8 +356,8 @@ class MlflowRun(NullRun):
         handed may be lost: the run is FAILED here, and WriterLost raised if it had succeeded."""
         lost = None
         if self._helper is not None:
-            try:
-                self._helper.end(self.run_id, status, reason, str(self.private))
+            try:  # the run ends now, though its record is written later
+                self._helper.end(self.run_id, status, reason, str(self.private), int(time.time() * 1000))
                 return
             except writer.WriterLost as e:
                 self._helper, lost = None, e

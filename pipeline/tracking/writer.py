@@ -67,11 +67,13 @@ class Writer:
         entities pickle) after what was handed over before it."""
         self._put(("call", run_id, method, args, kwargs))
 
-    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None) -> None:
+    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None,
+            end_time: int | None = None) -> None:
         """Hand over the run's end: once everything handed over for it is written, the helper
-        sets ``status`` (FAILED, with why, if something could not be written) and removes
-        ``folder`` (the run's private files, which it logged)."""
-        self._put(("end", run_id, status, reason, folder))
+        sets ``status`` (FAILED, with why, if something could not be written) with the run's
+        ``end_time`` (ms; when the job ended, not when its record was written: None, then) and
+        removes ``folder`` (the run's private files, which it logged)."""
+        self._put(("end", run_id, status, reason, folder, end_time))
 
     def _put(self, message: tuple) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -215,13 +217,13 @@ def serve(uri: str) -> int:
             run_id, points = pending.popitem(last=False)
             attempt(run_id, lambda c: write_points(c, run_id, points))
 
-    def end(run_id: str, status: str, reason: str | None, folder: str | None) -> None:
+    def end(run_id: str, status: str, reason: str | None, folder: str | None, end_time: int | None) -> None:
         error = errors.pop(run_id, None)
         if error is not None:
             reason = "; ".join(filter(None, [reason, f"its record could not be written whole: {error}"]))
             status = "FAILED" if status == "FINISHED" else status
         try:
-            end_run(store_client(), run_id, status, reason)
+            end_run(store_client(), run_id, status, reason, end_time)
         except Exception:  # noqa: BLE001 - left RUNNING: the sweep finds it so, counts its job failed
             pass  # and closes it (pipeline/tracking/parent.py: reconcile, settle)
         finally:
