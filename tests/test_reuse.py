@@ -125,6 +125,29 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
     assert len(rows) == len(trained_runs(project["uri"])) == 4 + 1 + 2 + 2 + 2 + 2
 
 
+def test_a_job_identical_to_the_one_before_it_is_reused_while_the_helper_still_writes_that_record(project):
+    """seed=0,0,0: the second and third jobs find the first's run RUNNING, its record still being
+    written by the sweep's helper (slowed to a few ms a point by a trigger of the store), wait
+    for it to end FINISHED, and reuse it instead of training again."""
+    import sqlite3
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: no helper, each job writes its own record before the next starts")
+    db = sqlite3.connect(project["uri"][len("sqlite:///"):])
+    db.execute("CREATE TABLE pad (x)")
+    db.executemany("INSERT INTO pad VALUES (?)", [(i,) for i in range(300)])
+    db.execute("CREATE TRIGGER slow_metrics BEFORE INSERT ON metrics WHEN (SELECT count(*) FROM pad a, pad b) < 0 "
+               "BEGIN SELECT RAISE(ABORT, 'never'); END")
+    db.commit()
+    db.close()
+    log, _ = sweep(project, "seed=0,0,0", "train.epochs=200", "train.check_learned=false")
+    assert counts(log) == (1, 2), log[-3000:]
+    assert log.count("] - train: 200 epochs") == 1
+    trained = trained_runs(project["uri"])
+    assert len(trained) == 1 and len(runs_of(project["uri"])[0].get_metric_history(trained[0].info.run_id,
+                                                                                    "train/error")) == 200
+
+
 @pytest.mark.slow
 def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating_a_trial(project):
     search = ["hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=3000",

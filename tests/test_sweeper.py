@@ -51,6 +51,31 @@ def test_the_default_sweeper_runs_every_combination_composing_each_job_once(tmp_
     assert loader.composed == [("seed=0", "train.lr=0.1")]
 
 
+def test_a_sweep_that_repeats_a_job_gives_each_job_its_own_config(tmp_path, monkeypatch):
+    """seed=0,0,1: the check keeps one config per job and the launcher takes each once (the
+    same config twice was read-only at its second job: Hydra's launcher could not number it)."""
+    monkeypatch.chdir(tmp_path)
+    state = Singleton.get_state()
+    try:
+        loader = CountingLoader()
+        cfg = loader.load_configuration("config", [f"hydra.sweep.dir={tmp_path}", "hydra.callbacks={}",
+                                                   "hydra.job.chdir=false"], run_mode=RunMode.MULTIRUN)
+        HydraConfig.instance().set_config(cfg)
+        from hydra_plugins.catnet_sweeper.composed_once import CatnetSweeper
+
+        jobs, seen = [], []
+        sweeper = CatnetSweeper(max_batch_size=None)
+        sweeper.setup(hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(cfg)),
+                      task_function=lambda c: (jobs.append((c.seed, HydraConfig.get().job.num)), seen.append(c)),
+                      config=cfg)
+        sweeper.sweep(["seed=0,0,1"])
+    finally:
+        Singleton.set_state(state)
+    assert jobs == [(0, 0), (0, 1), (1, 2)] and len({id(c) for c in seen}) == 3  # held: ids are not reused
+    assert loader.composed == [("seed=0",)]  # Hydra composed the first; the others are copies
+    assert sweeper.hydra_context.config_loader.kept == {(id(cfg), ("seed=0",)): [], (id(cfg), ("seed=1",)): []}
+
+
 def _containers(once, loader, master, jobs):
     from omegaconf import OmegaConf
 

@@ -38,29 +38,33 @@ ConfigStore.instance().store(group="hydra/sweeper", name="catnet", node=CatnetSw
 
 
 class ComposedOnce:
-    """A config loader that returns the config of a job (master config, overrides) composed
-    already, once; any other call, or a second request, goes to Hydra's loader (or, for a job that
-    changes only values, to a copy of the first job's config: module doc). Not pickled with what
-    it keeps but the first job's config: a job sent to another process gets its config from that
-    if it changes only values (its master config pickled with this loader), else composes it there."""
+    """A config loader that keeps each config the sweeper's check composes (``checking``) and
+    hands it to the launcher's request for the same job (master config, overrides), once each,
+    in order (``seed=0,0``: two jobs, two configs); any other request goes to Hydra's loader (or,
+    for a job that changes only values, to a copy of the first job's config: module doc). Not
+    pickled with what it keeps but the first job's config: a job sent to another process gets its
+    config from that if it changes only values (its master config pickled with this loader), else
+    composes it there."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
-        self.kept: Dict[Any, Any] = {}  # (id of the master config, overrides) -> config
+        self.kept: Dict[Any, List[Any]] = {}  # (id of the master config, overrides) -> configs, in order
         self.first: Optional[tuple] = None  # (the master config, overrides, config as composed)
+        self.checking = False  # the sweeper's check composes: keep what it composes for the launcher
         # (no `from __future__ import annotations` here: Hydra's plugin scan imports this module
         # outside sys.modules, where a dataclass cannot resolve string annotations)
 
     def load_sweep_config(self, master_config: Any, sweep_overrides: List[str]) -> Any:
         key = (id(master_config), tuple(sweep_overrides))
-        if key in self.kept:
-            return self.kept.pop(key)
+        if not self.checking and self.kept.get(key):
+            return self.kept[key].pop(0)
         config = self._from_first(master_config, sweep_overrides)
         if config is None:
             config = self.loader.load_sweep_config(master_config, sweep_overrides)
             if self.first is None or self.first[0] is not master_config:
                 self.first = (master_config, list(sweep_overrides), copy.deepcopy(config))
-        self.kept[key] = config
+        if self.checking:
+            self.kept.setdefault(key, []).append(config)
         return config
 
     def _from_first(self, master_config: Any, sweep_overrides: List[str]) -> Any:
@@ -107,7 +111,7 @@ class ComposedOnce:
         return getattr(self.__dict__["loader"], name)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"loader": self.loader, "kept": {}, "first": self.first}
+        return {"loader": self.loader, "kept": {}, "first": self.first, "checking": False}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -117,3 +121,12 @@ class CatnetSweeper(BasicSweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: Any, config: Any) -> None:
         context = HydraContext(config_loader=ComposedOnce(hydra_context.config_loader), callbacks=hydra_context.callbacks)
         super().setup(hydra_context=context, task_function=task_function, config=config)
+
+    def validate_batch_is_legal(self, batch: Any) -> None:
+        """Hydra's check that every job of the batch composes; the loader keeps what it composes."""
+        loader = self.hydra_context.config_loader
+        loader.checking = True
+        try:
+            super().validate_batch_is_legal(batch)
+        finally:
+            loader.checking = False

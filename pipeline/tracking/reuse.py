@@ -4,7 +4,8 @@ A run's identity is one hash (tag ``catnet.identity``) of what decides its resul
 config without the settings that only say where and how it is recorded (``tracking.*``,
 ``paths.*``, ``sweep.*``, ``train.progress``), the code (the git commit, and only when the tree
 is clean: a dirty tree has no identity and is never reused), and the data (the md5 of the
-arrays the run learns from and is judged on). The look-up is one query on that tag.
+arrays the run learns from and is judged on). The look-up is one query on that tag, after an
+identical run of this process that the sweep's helper still writes has ended.
 
 A matched job links the earlier run under its own sweep's parent: a child run holding the same
 params, the earlier run's final metrics and model URI, and the tag ``catnet.reused_from``; it
@@ -17,12 +18,13 @@ import functools
 import hashlib
 import json
 import logging
+import time
 
 from omegaconf import DictConfig
 
 from pipeline import config
 from pipeline.tracking import run as tracking_run
-from pipeline.tracking import store
+from pipeline.tracking import store, writer
 
 IDENTITY_TAG = "catnet.identity"
 REUSED_TAG = "catnet.reused_from"
@@ -61,10 +63,26 @@ def run_tags(data_digest: str, key: str | None) -> dict[str, str]:
 def find(cfg: DictConfig, key: str):
     """The earliest FINISHED run of the experiment that trained with this identity, or None."""
     client, experiment_id = store.open_store(cfg)
+    _await_own_records(client, experiment_id, key)
     runs = client.search_runs([experiment_id], f"tags.`{IDENTITY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
                               max_results=100, order_by=["attributes.start_time ASC"])
     trained = [r for r in runs if REUSED_TAG not in r.data.tags]
     return trained[0] if trained else None
+
+
+def _await_own_records(client, experiment_id: str, key: str, seconds: float = writer.CLOSE_SECONDS) -> None:
+    """An identical job earlier in this process (``seed=0,0``, a trial Optuna suggests again) may
+    have ended while the sweep's helper still writes its record (pipeline/tracking/writer.py):
+    its run stays RUNNING until the helper ends it. Wait for that, while the helper lives, so
+    that this job reuses the run instead of training again."""
+    if not writer.running():
+        return
+    own = " and ".join(f"tags.`{k}` = '{v}'" for k, v in store.process_tags().items())
+    where = f"tags.`{IDENTITY_TAG}` = '{key}' and attributes.status = 'RUNNING' and {own}"
+    deadline = time.monotonic() + seconds
+    while (client.search_runs([experiment_id], where, max_results=1) and writer.running()
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
 
 
 def link(cfg: DictConfig, original) -> str:
