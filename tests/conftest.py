@@ -178,3 +178,17 @@ def postgres():
                 break
             time.sleep(0.5)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def slow_metric_inserts(uri: str, pad_rows: int) -> None:
+    """Make the SQLite store at ``uri`` slow to take metric points (a trigger that counts a
+    pad_rows x pad_rows cross join before each insert: a few ms a point), as a loaded disk is."""
+    import sqlite3
+
+    db = sqlite3.connect(uri[len("sqlite:///"):])
+    db.execute("CREATE TABLE pad (x)")
+    db.executemany("INSERT INTO pad VALUES (?)", [(i,) for i in range(pad_rows)])
+    db.execute("CREATE TRIGGER slow_metrics BEFORE INSERT ON metrics WHEN (SELECT count(*) FROM pad a, pad b) < 0 "
+               "BEGIN SELECT RAISE(ABORT, 'never'); END")
+    db.commit()
+    db.close()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REAL_TRAIN, needs_data, runs_of
+from conftest import REAL_TRAIN, needs_data, runs_of, slow_metric_inserts
 
 from pipeline.common import ROOT
 
@@ -129,17 +129,9 @@ def test_a_job_identical_to_the_one_before_it_is_reused_while_the_helper_still_w
     """seed=0,0,0: the second and third jobs find the first's run RUNNING, its record still being
     written by the sweep's helper (slowed to a few ms a point by a trigger of the store), wait
     for it to end FINISHED, and reuse it instead of training again."""
-    import sqlite3
-
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: no helper, each job writes its own record before the next starts")
-    db = sqlite3.connect(project["uri"][len("sqlite:///"):])
-    db.execute("CREATE TABLE pad (x)")
-    db.executemany("INSERT INTO pad VALUES (?)", [(i,) for i in range(300)])
-    db.execute("CREATE TRIGGER slow_metrics BEFORE INSERT ON metrics WHEN (SELECT count(*) FROM pad a, pad b) < 0 "
-               "BEGIN SELECT RAISE(ABORT, 'never'); END")
-    db.commit()
-    db.close()
+    slow_metric_inserts(project["uri"], 300)
     log, _ = sweep(project, "seed=0,0,0", "train.epochs=200", "train.check_learned=false")
     assert counts(log) == (1, 2), log[-3000:]
     assert log.count("] - train: 200 epochs") == 1

@@ -27,7 +27,9 @@ class CountingLoader(ConfigLoaderImpl):
         return super().load_sweep_config(master_config, sweep_overrides)
 
 
-def test_the_default_sweeper_runs_every_combination_composing_each_job_once(tmp_path, monkeypatch):
+def _sweep(tmp_path, monkeypatch, arguments, task):
+    """Run the default sweeper in this process over conf/, each job calling ``task(config)``;
+    returns (the counting loader, the master config, the sweeper)."""
     monkeypatch.chdir(tmp_path)
     state = Singleton.get_state()
     try:
@@ -38,14 +40,19 @@ def test_the_default_sweeper_runs_every_combination_composing_each_job_once(tmp_
         assert cfg.hydra.sweeper._target_.endswith(".CatnetSweeper")
         from hydra_plugins.catnet_sweeper.composed_once import CatnetSweeper
 
-        jobs = []
         sweeper = CatnetSweeper(max_batch_size=None)
-        sweeper.setup(hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(cfg)),
-                      task_function=lambda c: jobs.append((c.seed, c.train.lr, HydraConfig.get().job.num)),
+        sweeper.setup(hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(cfg)), task_function=task,
                       config=cfg)
-        sweeper.sweep(["seed=0,1", "train.lr=0.1,0.2"])
+        sweeper.sweep(arguments)
     finally:
         Singleton.set_state(state)
+    return loader, cfg, sweeper
+
+
+def test_the_default_sweeper_runs_every_combination_composing_each_job_once(tmp_path, monkeypatch):
+    jobs = []
+    loader, _, _ = _sweep(tmp_path, monkeypatch, ["seed=0,1", "train.lr=0.1,0.2"],
+                          lambda c: jobs.append((c.seed, c.train.lr, HydraConfig.get().job.num)))
     assert sorted(jobs) == [(0, 0.1, 0), (0, 0.2, 1), (1, 0.1, 2), (1, 0.2, 3)]
     # Hydra composed the first job's config, once; the others only change its values
     assert loader.composed == [("seed=0", "train.lr=0.1")]
@@ -54,23 +61,9 @@ def test_the_default_sweeper_runs_every_combination_composing_each_job_once(tmp_
 def test_a_sweep_that_repeats_a_job_gives_each_job_its_own_config(tmp_path, monkeypatch):
     """seed=0,0,1: the check keeps one config per job and the launcher takes each once (the
     same config twice was read-only at its second job: Hydra's launcher could not number it)."""
-    monkeypatch.chdir(tmp_path)
-    state = Singleton.get_state()
-    try:
-        loader = CountingLoader()
-        cfg = loader.load_configuration("config", [f"hydra.sweep.dir={tmp_path}", "hydra.callbacks={}",
-                                                   "hydra.job.chdir=false"], run_mode=RunMode.MULTIRUN)
-        HydraConfig.instance().set_config(cfg)
-        from hydra_plugins.catnet_sweeper.composed_once import CatnetSweeper
-
-        jobs, seen = [], []
-        sweeper = CatnetSweeper(max_batch_size=None)
-        sweeper.setup(hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks(cfg)),
-                      task_function=lambda c: (jobs.append((c.seed, HydraConfig.get().job.num)), seen.append(c)),
-                      config=cfg)
-        sweeper.sweep(["seed=0,0,1"])
-    finally:
-        Singleton.set_state(state)
+    jobs, seen = [], []
+    loader, cfg, sweeper = _sweep(tmp_path, monkeypatch, ["seed=0,0,1"],
+                                  lambda c: (jobs.append((c.seed, HydraConfig.get().job.num)), seen.append(c)))
     assert jobs == [(0, 0), (0, 1), (1, 2)] and len({id(c) for c in seen}) == 3  # held: ids are not reused
     assert loader.composed == [("seed=0",)]  # Hydra composed the first; the others are copies
     assert sweeper.hydra_context.config_loader.kept == {(id(cfg), ("seed=0",)): [], (id(cfg), ("seed=1",)): []}

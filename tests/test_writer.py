@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import needs_data, runs_of
+from conftest import needs_data, runs_of, slow_metric_inserts
 
 from pipeline.common import ROOT
 from pipeline.tracking import writer
@@ -343,16 +343,9 @@ def test_a_sweep_stopped_after_a_job_ended_keeps_that_job_finished_and_kills_the
     """SIGTERM as the second job starts, while the helper still writes the first job's record (the
     store takes a few ms a point, by a trigger of its own database): that record is written whole
     and its run stays FINISHED; the second is KILLED, as is the sweep."""
-    import sqlite3
 
     runs_of(store["uri"])  # the store's tables
-    db = sqlite3.connect(store["uri"][len("sqlite:///"):])
-    db.execute("CREATE TABLE pad (x)")
-    db.executemany("INSERT INTO pad VALUES (?)", [(i,) for i in range(500)])
-    db.execute("CREATE TRIGGER slow_metrics BEFORE INSERT ON metrics WHEN (SELECT count(*) FROM pad a, pad b) < 0 "
-               "BEGIN SELECT RAISE(ABORT, 'never'); END")
-    db.commit()
-    db.close()
+    slow_metric_inserts(store["uri"], 500)
     proc = _sweep(store, epochs="300,3000000", seeds="0")  # job #1 trains until stopped
     lines = []
     for line in proc.stdout:
