@@ -41,9 +41,9 @@ def run_all(cfg: DictConfig) -> dict:
         earlier = tracking.reuse.find(cfg, key)
         if earlier is not None:
             link = tracking.reuse.link(cfg, earlier)
-            log.info("reused %s (%s): same config, commit and data; linked as run %s", earlier.info.run_id,
-                     earlier.info.run_name, link)
-            return {**earlier.data.metrics, REUSED: earlier.info.run_id}
+            log.info("reused %s (%s): same config, commit and data; linked as run %s", earlier.run_id,
+                     earlier.run_name, link)
+            return {**earlier.metrics, REUSED: earlier.run_id, RUN: link}
     normalizer = normalize.run(cfg, splits.train)
     # a single run's learning curve is drawn by a helper process started first thing
     # (pipeline/curve.py), which the run's BLAS leaves a core; a sweep's jobs draw none
@@ -133,5 +133,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    curve.start_early(sys.argv[1:])
+    curve.start_early(sys.argv[1:])  # a single run's curve helper, a sweep's record helper: they
+    tracking.writer.start_early(sys.argv[1:])  # import what they need while Hydra composes
     run_main(main)

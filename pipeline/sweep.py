@@ -2,9 +2,11 @@
 
 ``MlflowSweep`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``); it runs in the
 process that launches the sweep. Before any job starts it creates the SQLite store, the
-experiment and the parent run, so parallel jobs never race to create them, and hands the
-parent's id to the jobs through the environment (inherited by local Ray workers), or, for joblib's
-workers, started while the parent is created, through a file in the ledger named there.
+experiment and the parent run, so parallel jobs never race to create them (a sequential sweep
+into SQLite hands that, with the rest of its record, to its helper process: pipeline/tracking/
+writer.py), and hands the parent's id to the jobs through the environment (inherited by local Ray
+workers), or, for joblib's workers, started while the parent is created, through a file in the
+ledger named there.
 Every job also leaves its outcome in the sweep's ledger, a folder private to the sweep, so the
 sweep knows how many jobs finished and failed even with tracking off or the store down.
 
@@ -137,7 +139,8 @@ def wait_for_store(cfg: DictConfig) -> None:
 
 class MlflowSweep(Callback):
     def __init__(self) -> None:
-        self.client = None
+        self.client = None  # this process's client of the store, once it opened it
+        self.parent: dict | None = None  # the parent run (parent.describe)
         self.parent_id: str | None = None
         self.config: DictConfig | None = None
         self.ledger: Path | None = None
@@ -169,72 +172,82 @@ class MlflowSweep(Callback):
             os.environ[tracking.run.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
             os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
         warm_joblib_workers(config)  # they start while the parent is created and the jobs' configs composed
-        start_writer(config)  # it imports MLflow while this process does the same
+        helper = start_writer(config, on_lost=self._take_over)  # it imports MLflow and may hold the record
         if config.tracking.enabled:
-            self._open_parent(config)
+            self._open_parent(config, helper)
 
-    def _open_parent(self, config: DictConfig) -> None:
+    def _open_parent(self, config: DictConfig, helper) -> None:
+        """The parent run: created by the helper that holds the sweep's record, if there is one
+        (this process then never imports MLflow), else here."""
         from pipeline import tracking
 
         hc = config.hydra
         overrides = list(hc.overrides.task)
         shown = [o for o in overrides if not o.startswith(("tracking.", "hydra", "paths."))]
-        self.client, self.parent_id = parent.open_parent(
-            config, f"sweep {tracking.run.short_name(shown)}", {
-                "sweep.overrides": " ".join(overrides),
-                "sweep.sweeper": hc.sweeper._target_.rsplit(".", 1)[-1],
-                "sweep.launcher": hc.launcher._target_.rsplit(".", 1)[-1],
-                "sweep.ranking": f"{' > '.join(_order(config))} ({config.sweep.direction})",
-                "sweep.dir": str(hc.sweep.dir),
-            })
+        self.parent = parent.describe(f"sweep {tracking.run.short_name(shown)}", {
+            "sweep.overrides": " ".join(overrides),
+            "sweep.sweeper": hc.sweeper._target_.rsplit(".", 1)[-1],
+            "sweep.launcher": hc.launcher._target_.rsplit(".", 1)[-1],
+            "sweep.ranking": f"{' > '.join(_order(config))} ({config.sweep.direction})",
+            "sweep.dir": str(hc.sweep.dir),
+        })
+        if helper is not None:
+            root = tracking.store.store_uri(config)[1]
+            helper.open(config.tracking.experiment, str(root) if root else None, self.parent)
+        else:
+            self.client = parent.open_parent(config, self.parent)
+        self.parent_id = self.parent["id"]
         os.environ[tracking.PARENT_ENV] = self.parent_id
         common.atomic_write(self.ledger / PARENT_FILE, lambda f: f.write(self.parent_id), mode="w")
         log.info("sweep: MLflow parent run %s", self.parent_id)
 
+    def _take_over(self) -> None:
+        """The helper that held the sweep's record ended: this process opens the store and
+        makes sure the parent run is there (the helper may have ended before creating it)."""
+        if self.parent_id is None or self.client is not None:
+            return
+        try:
+            self.client = parent.open_parent(self.config, self.parent)
+        except Exception as e:  # noqa: BLE001 - the sweep's end says what could not be recorded
+            log.error("tracking: the sweep's parent run %s could not be made here: %s", self.parent_id, e)
+
+    def _store_client(self):
+        if self.client is None:
+            self.client = parent.open_parent(self.config, self.parent)
+        return self.client
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.tracking import writer
 
-        helped = writer.close()  # it writes what the last jobs handed over, and ends their runs
         outcomes = self._close_ledger()
-        unchecked = None  # why the jobs' runs could not be compared with what the jobs said
-        if self.parent_id is not None:
+        order = _order(config)
+        result = None
+        if self.parent_id is not None and (helper := writer.owner()) is not None:
+            try:  # once it wrote what the last jobs handed over and ended their runs
+                result = helper.ask("finish", self.parent_id, outcomes, order, config.sweep.direction)
+            except writer.RecordError as e:  # the store could not be opened, or the end not written
+                result = parent.unchecked(outcomes, str(e), self.parent_id)
+            except writer.WriterLost:
+                writer.lost_owner()
+        helped = writer.close()  # it writes what the last jobs handed over, and ends their runs
+        if result is None and self.parent_id is not None:
             try:
-                wait_for_store(config)  # a server that went away: wait for it, within tracking.retry_seconds
-                outcomes = parent.reconcile(self.client, self.parent_id, outcomes)
-            except Exception as e:  # noqa: BLE001 - said below, with the parent's other troubles
-                unchecked = e
-                if helped:  # what the helper wrote after a job ended is unknown: not counted a success
-                    outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
-                                if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
-        counts = _count(outcomes)
-        summary: dict[str, Any] = {}
-        status, reason = "FINISHED", None
-        if counts["failed"] or counts["killed"] or counts["running"]:
-            status = "FAILED"
-            reason = f"{counts['failed'] + counts['killed'] + counts['running']} of {counts['jobs']} jobs failed"
-        lost: list[str] = []  # what the store did not take: said, never silent
+                client = self._store_client()
+            except Exception as e:  # noqa: BLE001 - the store cannot even be opened
+                result = parent.unchecked(outcomes, f"the tracking store could not be opened: {common.told(e)}",
+                                          self.parent_id)
+            else:  # a server that went away: waited for, within tracking.retry_seconds
+                result = parent.finish(client, self.parent_id, outcomes, order, config.sweep.direction, helped,
+                                       before=lambda: wait_for_store(config))
         if self.parent_id is not None:
-            from pipeline.tracking import store
-
-            client, parent_id = self.client, self.parent_id
             self.parent_id = None
             _clear_env()
-            lost = _unsettled(outcomes)
-            try:
-                if unchecked is not None:
-                    raise unchecked
-                lost = parent.settle(client, parent_id, outcomes)
-                summary = parent.summarize(client, parent_id, counts, _order(config), config.sweep.direction)
-            except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
-                status = "FAILED"
-                why = store.brief(e) if store.unreachable(e) else f"the sweep's summary could not be written: {store.brief(e)}"
-                reason = "; ".join(filter(None, [reason, why]))
-            try:
-                parent.close(client, parent_id, status, reason)
-            except Exception as e:  # noqa: BLE001
-                why = parent._why(e)
-                lost.insert(0, f"the sweep's parent run {parent_id} left RUNNING{why}")
-                status, reason = "FAILED", reason or "the sweep's parent run could not be closed"
+        if result is None:  # untracked
+            counts = parent.count(outcomes)
+            failed = counts["failed"] + counts["killed"] + counts["running"]
+            result = {"counts": counts, "status": "FAILED" if failed else "FINISHED",
+                      "reason": f"{failed} of {counts['jobs']} jobs failed" if failed else None, "summary": {}, "lost": []}
+        counts, status, reason, summary, lost = (result[k] for k in ("counts", "status", "reason", "summary", "lost"))
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
         log.info("sweep: %d jobs, %d finished, %d failed; %d trained, %d reused%s", counts["jobs"], counts["finished"],
@@ -253,17 +266,21 @@ class MlflowSweep(Callback):
         metric writer process wrote what the jobs handed it (a finished job's run stays FINISHED)."""
         from pipeline.tracking import writer
 
-        writer.close()
         self._close_ledger()
-        if self.parent_id is None:
+        parent_id, self.parent_id = self.parent_id, None
+        done = False
+        if parent_id is not None and (helper := writer.owner()) is not None:
+            try:  # once it wrote what the jobs handed over
+                helper.ask("abort", parent_id, status, reason)
+                done = True
+            except (writer.WriterLost, writer.RecordError):
+                pass  # this process tries
+        writer.close()
+        if parent_id is None:
             return
-        client, parent_id = self.client, self.parent_id
-        self.parent_id = None
         _clear_env()
-        try:
-            parent.close_children(client, parent_id, status, f"the sweep was stopped ({reason})")
-        finally:
-            parent.close(client, parent_id, status, f"the sweep was stopped ({reason})")
+        if not done:
+            parent.abort(self._store_client(), parent_id, status, reason)
 
     def _abandoned(self) -> None:
         if self.parent_id is not None:
@@ -279,20 +296,22 @@ class MlflowSweep(Callback):
         return outcomes
 
 
-def start_writer(config: DictConfig) -> None:
+def start_writer(config: DictConfig, on_lost=None):
     """For a sweep whose jobs run one after another in this process (Hydra's basic launcher)
     into a SQLite store, start the helper that writes their records on another core
     (pipeline/tracking/writer.py; ``tracking.sweep_writer=thread``: none). A server or database
     server does that work in its own process already, and can go away: there each job writes its
-    own record before the next starts, so an outage never reaches a job that already ended."""
+    own record before the next starts, so an outage never reaches a job that already ended.
+    Returns the helper, or None."""
     from pipeline.tracking import store, writer
 
     launcher = str(config.hydra.launcher.get("_target_", ""))
     uri = store.store_uri(config)[0] if config.tracking.enabled else ""
     if not (uri.startswith("sqlite:") and config.tracking.sweep_writer == "process"
             and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1):
-        return
-    writer.start(uri)
+        writer.close_early()  # started first thing for a sweep that does not use it
+        return None
+    return writer.start(uri, on_lost)
 
 
 def warm_joblib_workers(config: DictConfig) -> None:
@@ -343,25 +362,12 @@ def _warm(uri: str | None) -> int:
     return os.getpid()
 
 
-def _unsettled(outcomes: list[dict]) -> list[str]:
-    """What the jobs left for the sweep to record (parent.settle), described."""
-    return ([f"run {o['unfinished']} left RUNNING" for o in outcomes if o.get("unfinished")]
-            + [f"job {o['unrecorded'].get('name')!r} has no run" for o in outcomes if o.get("unrecorded")])
-
-
 def _clear_env() -> None:
     from pipeline import tracking
 
     os.environ.pop(tracking.PARENT_ENV, None)
     os.environ.pop(tracking.run.PARENT_FILE_ENV, None)
     os.environ.pop(tracking.SWEPT_ENV, None)
-
-
-def _count(outcomes: list[dict]) -> dict[str, int]:
-    statuses = [o.get("status") for o in outcomes]
-    return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
-            "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING"),
-            "reused": sum(1 for o in outcomes if o.get("status") == "FINISHED" and o.get("reused"))}
 
 
 def _order(config: DictConfig) -> list[str]:

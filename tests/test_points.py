@@ -89,3 +89,29 @@ def test_what_mlflow_refuses_is_refused_and_nothing_of_the_batch_is_written(tmp_
     with pytest.raises(MlflowException, match="bad/../name"):
         points.write(client, run_id, [("train/error", 0.5, T0, 1), ("bad/../name", 0.5, T0, 1)])
     assert client.get_metric_history(run_id, "train/error") == []
+
+
+def test_a_run_with_its_jobs_chosen_id_is_the_run_mlflow_makes(tmp_path):
+    """points.create_run (a sweep's helper makes each job's run with the id the job chose) leaves
+    the row, tags and artifact location MLflow's own create_run leaves, and makes a run once."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("chosen", artifact_location=(tmp_path / "art").as_uri())
+    tags = {"mlflow.parentRunId": "p" * 32, "catnet.seed": "3", "mlflow.user": "someone"}
+    theirs = client.create_run(experiment, start_time=1_760_000_000_123, tags=tags, run_name="#3 seed=3").info.run_id
+    ours = uuid.uuid4().hex
+    assert points.create_run(client, ours, experiment, "#3 seed=3", tags, 1_760_000_000_123) is True
+    assert points.create_run(client, ours, experiment, "other", {}, 0) is False  # there already: left as it is
+    a, b = client.get_run(theirs), client.get_run(ours)
+    assert b.info.run_id == ours and b.info.artifact_uri == a.info.artifact_uri.replace(theirs, ours)
+    same = ("experiment_id", "run_name", "status", "start_time", "end_time", "lifecycle_stage", "user_id")
+    assert {k: getattr(b.info, k) for k in same} == {k: getattr(a.info, k) for k in same}
+    assert b.data.tags == a.data.tags
+    client.log_artifact(ours, __file__)  # where MLflow puts its files
+    assert [f.path for f in client.list_artifacts(ours)] == ["test_points.py"]
+    client.delete_experiment(experiment)
+    with pytest.raises(Exception, match="must be in the 'active' state"):
+        points.create_run(client, uuid.uuid4().hex, experiment, "late", {}, 0)

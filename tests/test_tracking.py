@@ -72,8 +72,10 @@ def test_a_link_to_a_reused_run_stopped_while_written_is_killed_not_failed(cfg, 
         raise Terminated("SIGTERM")
 
     monkeypatch.setattr(MlflowClient, "log_batch", stopped)
+    earlier = reuse.search(client, client.get_run(original).info.experiment_id, "key")
+    assert earlier is not None and earlier.run_id == original
     with pytest.raises(Terminated):
-        reuse.link(cfg, client.get_run(original))
+        reuse.link(cfg, earlier)
     _, runs = runs_of(store["uri"])
     assert sorted((r.info.status, reuse.REUSED_TAG in r.data.tags) for r in runs) == [("FINISHED", False),
                                                                                       ("KILLED", True)]

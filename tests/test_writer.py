@@ -122,6 +122,28 @@ def test_a_dead_helper_is_an_error_naming_its_exit_not_a_hang(helper):
         w.end(run, "FINISHED", None)
 
 
+def test_a_job_does_not_wait_for_the_helper_to_import_mlflow(helper):
+    """A helper started early (``start_early``: before its store is known) reads what it is handed
+    while it still imports MLflow (over a second), so a job handing over more than a pipe holds
+    (64 KB) goes on at once, and all of it is written once the helper knows its store."""
+    client, _ = helper
+    run = _run(client)
+    early = writer.Writer("")
+    try:
+        start = time.perf_counter()
+        for first in range(1, 8001, 1000):  # about 300 KB
+            early.send(run, _points(first, first + 999))
+        handed = time.perf_counter() - start
+        early._put(("uri", client.tracking_uri))
+        early.end(run, "FINISHED", None)
+    finally:
+        early.close()
+    assert handed < 0.5, f"{handed:.2f} s to hand over"
+    assert early.proc.returncode == 0
+    assert len(client.get_metric_history(run, "train/error")) == 8000
+    assert client.get_run(run).info.status == "FINISHED"
+
+
 def test_the_helper_writes_what_it_was_handed_before_its_input_ends_and_ends_only_runs_it_was_told_to(helper):
     client, w = helper
     ended, left = _run(client), _run(client)
@@ -394,3 +416,46 @@ def test_the_store_has_the_last_word_on_a_job_the_helper_recorded_after_it_ended
     assert client.get_run(unended).info.status == "FAILED"
     assert "did not end its run" in client.get_run(unended).data.tags["catnet.failure"]
     assert client.get_run(whole).info.status == "FINISHED"
+
+
+@needs_data
+def test_a_sequential_sweep_never_imports_mlflow_and_its_helper_writes_the_whole_record(store):
+    """The helper holds the sweep's record (Writer.open): the sweep's process trains its jobs
+    without importing MLflow, and the store gets the record a sweep writing it itself gets
+    (``tracking.sweep_writer=thread``): the parent with its summary and best child's model, every
+    child FINISHED with its params, metrics, epochs, data and files, ends in order."""
+    probe = ("import atexit, runpy, sys; atexit.register(lambda: print('mlflow imported:', 'mlflow' in sys.modules, "
+             "file=sys.stderr)); sys.argv[0] = 'pipeline'; runpy.run_module('pipeline', run_name='__main__')")
+    records = {}
+    for knob in ("process", "thread"):
+        env = {**os.environ}
+        env.pop("HYDRA_FULL_ERROR", None)
+        proc = subprocess.run([sys.executable, "-c", probe, "-m", "seed=0,1,2", "train.epochs=300", "sweep.reuse=false",
+                               f"hydra.sweep.dir={store['out']}/{knob}", f"tracking.sweep_writer={knob}",
+                               *store["args"][:1], f"tracking.experiment={knob}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"mlflow imported: {knob == 'thread'}" in proc.stderr, proc.stderr[-2000:]
+        client, runs = runs_of(store["uri"], knob)
+        top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+        children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time)
+        assert len(top) == 1 and [r.data.tags["mlflow.parentRunId"] for r in children] == [top[0].info.run_id] * 3
+        best = client.get_run(top[0].data.tags["catnet.best_run_id"])
+        assert best.data.tags["catnet.model_uri"].startswith("models:/")
+        assert all(a.info.end_time <= b.info.start_time for a, b in zip(children, children[1:]))
+        records[knob] = {
+            "parent": (top[0].info.status, sorted(top[0].data.params), sorted(top[0].data.metrics),
+                       sorted(k for k in top[0].data.tags if k != "catnet.pid_started")),
+            "children": [(r.info.run_name, r.info.status, r.data.params, sorted(r.data.metrics),
+                          sorted(r.data.tags), sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+                          len(client.get_metric_history(r.info.run_id, "train/error")),
+                          [d.dataset.digest for d in r.inputs.dataset_inputs]) for r in children],
+        }
+    assert records["process"]["parent"][0] == "FINISHED"
+    assert [c[1] for c in records["process"]["children"]] == ["FINISHED"] * 3
+    assert [c[6] for c in records["process"]["children"]] == [300] * 3
+    differ = ("tracking.sweep_writer", "tracking.experiment")  # the only params the two sweeps differ in
+    for a, b in zip(records["process"]["children"], records["thread"]["children"]):
+        assert a[:2] + a[3:] == b[:2] + b[3:]
+        assert {k: v for k, v in a[2].items() if k not in differ} == {k: v for k, v in b[2].items() if k not in differ}
+    assert records["process"]["parent"] == records["thread"]["parent"]

@@ -10,17 +10,32 @@ from omegaconf import DictConfig
 from pipeline.tracking import model, query, reuse, run, store
 
 
-def open_parent(config: DictConfig, name: str, params: dict[str, str]) -> tuple[Any, str]:
-    """(client, parent run id): a RUNNING parent in the configured experiment, with ``params``."""
-    client, experiment_id = store.open_store(config)  # first: it imports MLflow (store.import_code)
-    from mlflow.entities import Param
+def describe(name: str, params: dict[str, str]) -> dict:
+    """A sweep's parent run as ``open_parent`` and the sweep's helper (pipeline/tracking/writer.py:
+    Writer.open) create it: an id chosen now, its name, tags, params and start (ms)."""
+    import time
+    import uuid
 
-    parent = client.create_run(experiment_id, run_name=name[:250], tags={
-        "catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
-        **run.provenance_tags(), **store.process_tags(),
-    })
-    client.log_batch(parent.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    return client, parent.info.run_id
+    return {"id": uuid.uuid4().hex, "name": name[:250], "start": int(time.time() * 1000),
+            "tags": {"catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
+                     **run.provenance_tags(), **store.process_tags()},
+            "params": {k: str(v)[:6000] for k, v in params.items()}}
+
+
+def open_parent(config: DictConfig, parent: dict) -> Any:
+    """The client of the configured store, where the RUNNING parent run ``parent``
+    (``describe``) now exists in the configured experiment (made now, unless it is there). A
+    server chooses the run's id itself: ``parent["id"]`` becomes its."""
+    from pipeline.tracking import points
+
+    client, experiment_id = store.open_store(config)  # first: it imports MLflow (store.import_code)
+    if not points.sql_store(client):
+        parent["id"] = client.create_run(experiment_id, start_time=parent["start"], tags=parent["tags"],
+                                         run_name=parent["name"]).info.run_id
+        run.write_to(client, parent["id"], "params", parent["params"])
+    elif points.create_run(client, parent["id"], experiment_id, parent["name"], parent["tags"], parent["start"]):
+        run.write_to(client, parent["id"], "params", parent["params"])
+    return client
 
 
 def close(client, run_id: str, status: str, reason: str | None, end_time: int | None = None) -> None:
@@ -41,6 +56,81 @@ def close_children(client, parent_id: str, status: str, reason: str) -> None:
     """Every child still RUNNING gets ``status`` and ``reason``."""
     for child in children(client, parent_id, "RUNNING"):
         close(client, child.info.run_id, status, reason)
+
+
+def abort(client, parent_id: str, status: str, reason: str) -> None:
+    """The sweep was stopped: the parent and every child still running get ``status``."""
+    try:
+        close_children(client, parent_id, status, f"the sweep was stopped ({reason})")
+    finally:
+        close(client, parent_id, status, f"the sweep was stopped ({reason})")
+
+
+def count(outcomes: list[dict]) -> dict[str, int]:
+    statuses = [o.get("status") for o in outcomes]
+    return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
+            "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING"),
+            "reused": sum(1 for o in outcomes if o.get("status") == "FINISHED" and o.get("reused"))}
+
+
+def unsettled(outcomes: list[dict]) -> list[str]:
+    """What the jobs left for the sweep to record (``settle``), described."""
+    return ([f"run {o['unfinished']} left RUNNING" for o in outcomes if o.get("unfinished")]
+            + [f"job {o['unrecorded'].get('name')!r} has no run" for o in outcomes if o.get("unrecorded")])
+
+
+def unchecked(outcomes: list[dict], why: str, parent_id: str) -> dict:
+    """``finish``'s result for a sweep whose store could not be opened or written at its end:
+    a job that said FINISHED is not counted a success, its run unchecked."""
+    outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
+                if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
+    counts = count(outcomes)
+    failed = counts["failed"] + counts["killed"] + counts["running"]
+    reason = "; ".join(filter(None, [failed and f"{failed} of {counts['jobs']} jobs failed", why]))
+    return {"counts": counts, "status": "FAILED", "reason": reason, "summary": {},
+            "lost": unsettled(outcomes) + [f"the sweep's parent run {parent_id}"]}
+
+
+def finish(client, parent_id: str, outcomes: list[dict], order: Sequence[str], direction: str, helped: bool,
+           before=None) -> dict:
+    """A sweep's end in the store: the jobs' outcomes checked against their runs (``reconcile``;
+    ``before()`` first: waiting for a server), what the jobs could not record recorded
+    (``settle``), the counts and best child on the parent (``summarize``), the parent closed.
+    ``helped``: a helper wrote the runs' records after their jobs ended, so a FINISHED job whose
+    run cannot be checked does not count as a success. Returns the ``counts``, the sweep's
+    ``status`` and ``reason``, the ``summary`` and what the store did not take (``lost``)."""
+    unchecked = None  # why the jobs' runs could not be compared with what the jobs said
+    try:
+        if before is not None:
+            before()
+        outcomes = reconcile(client, parent_id, outcomes)
+    except Exception as e:  # noqa: BLE001 - said below, with the parent's other troubles
+        unchecked = e
+        if helped:  # what the helper wrote after a job ended is unknown: not counted a success
+            outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
+                        if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
+    counts = count(outcomes)
+    status, reason = "FINISHED", None
+    failed = counts["failed"] + counts["killed"] + counts["running"]
+    if failed:
+        status, reason = "FAILED", f"{failed} of {counts['jobs']} jobs failed"
+    summary: dict[str, Any] = {}
+    lost = unsettled(outcomes)
+    try:
+        if unchecked is not None:
+            raise unchecked
+        lost = settle(client, parent_id, outcomes)
+        summary = summarize(client, parent_id, counts, order, direction)
+    except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
+        status = "FAILED"
+        why = store.brief(e) if store.unreachable(e) else f"the sweep's summary could not be written: {store.brief(e)}"
+        reason = "; ".join(filter(None, [reason, why]))
+    try:
+        close(client, parent_id, status, reason)
+    except Exception as e:  # noqa: BLE001
+        lost.insert(0, f"the sweep's parent run {parent_id} left RUNNING{_why(e)}")
+        status, reason = "FAILED", reason or "the sweep's parent run could not be closed"
+    return {"counts": counts, "status": status, "reason": reason, "summary": summary, "lost": lost}
 
 
 def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[str], direction: str) -> dict:

@@ -1,4 +1,5 @@
-"""A run's per-epoch points, written to MLflow's SQL store in one statement.
+"""What MLflow's client makes slow or cannot do, written through a SQL store's own session:
+a run's per-epoch points in one statement, and a run whose id its job chose (``create_run``).
 
 ``MlflowClient.log_batch`` makes one ORM object per point and flushes them through SQLAlchemy's
 unit of work: 10,000 points cost a SQLite store about 1 s in Python, as long as training them
@@ -63,3 +64,39 @@ def write(client, run_id: str, points: list[Point]) -> None:
         store._check_run_is_active(store._get_run(run_uuid=run_id, session=session))
         session.execute(insert(SqlMetric).on_conflict_do_nothing(), rows)
         store._update_latest_metrics_if_necessary([SqlMetric(**row) for row in latest.values()], session)
+
+
+def sql_store(client) -> bool:
+    """Whether ``client`` writes to a database MLflow opened itself (not through a server)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    return isinstance(client._tracking_client.store, SqlAlchemyStore)
+
+
+def create_run(client, run_id: str, experiment_id: str, name: str, tags: dict[str, str], start_ms: int) -> bool:
+    """Create run ``run_id`` (a uuid4 hex its job chose: the job goes on before the store has it)
+    as ``client.create_run`` would (MLflow's SQL store's row, its artifact location, tags and
+    ``mlflow.runName``); nothing if it exists already. Whether it was created."""
+    from mlflow.entities import LifecycleStage, RunStatus, SourceType
+    from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.utils.uri import append_to_uri_path
+
+    store = client._tracking_client.store
+    if not sql_store(client):
+        raise TypeError(f"a run with a chosen id needs a SQL store, not {type(store).__name__}")
+    tags = {**tags, "mlflow.runName": name}
+    with store.ManagedSessionMaker(read_only=False) as session:
+        if session.query(SqlRun.run_uuid).filter(SqlRun.run_uuid == run_id).first() is not None:
+            return False
+        experiment = store.get_experiment(experiment_id)
+        store._check_experiment_is_active(experiment)
+        run = SqlRun(name=name, run_uuid=run_id, experiment_id=experiment_id,
+                     artifact_uri=append_to_uri_path(experiment.artifact_location, run_id, SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
+                     source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
+                     user_id=tags.get("mlflow.user", "unknown"), status=RunStatus.to_string(RunStatus.RUNNING),
+                     start_time=start_ms, end_time=None, deleted_time=None, source_version="",
+                     lifecycle_stage=LifecycleStage.ACTIVE)
+        run.tags = [SqlTag(key=k, value=v) for k, v in tags.items()]
+        session.add(run)
+    return True

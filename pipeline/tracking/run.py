@@ -174,12 +174,14 @@ def run_name(cfg: DictConfig) -> str:
 
 
 class MlflowRun(NullRun):
-    def __init__(self, client, run_id: str, experiment_id: str, flush_seconds: float):
+    def __init__(self, client, run_id: str, experiment_id: str | None, flush_seconds: float,
+                 tracking_uri: str | None = None):
         super().__init__()
-        self.client = client
+        self.client = client  # None while a sweep's helper holds the record (``_take_over``)
         self.run_id = run_id
         self.experiment_id = experiment_id
-        self.tracking_uri = client.tracking_uri
+        self.tracking_uri = tracking_uri or client.tracking_uri
+        self._made: tuple | None = None  # (cfg, name, tags, start): how the helper was asked to create it
         self.flush_seconds = flush_seconds
         self.private = Path(tempfile.mkdtemp(prefix=f"catnet-run-{run_id[:8]}-"))  # this run's files
         self._buffer: list[tuple[str, float, float, int]] = []  # (key, value, time, epoch)
@@ -192,9 +194,13 @@ class MlflowRun(NullRun):
 
     @classmethod
     def create(cls, cfg: DictConfig, tags: dict[str, str] | None = None) -> "MlflowRun":
-        client, experiment_id = store.open_store(cfg)  # first: it imports MLflow (store.import_code)
-        from mlflow.entities import Param
-
+        """A new run of ``cfg``. In a sweep whose helper holds the record (pipeline/tracking/
+        writer.py) the run's id is chosen here and the helper creates it: this process does not
+        open the store."""
+        uri = store.store_uri(cfg)[0]
+        helper = writer.owner(uri)
+        if helper is not None and (fatal := helper.failed()):
+            raise writer.RecordError(fatal)
         tags = {
             "mlflow.source.name": "pipeline",
             "mlflow.source.type": "LOCAL",
@@ -205,14 +211,23 @@ class MlflowRun(NullRun):
         }
         if parent := parent_run_id():
             tags["mlflow.parentRunId"] = parent
-        run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
-        self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
-        self._helper = writer.for_store(store.store_uri(cfg)[0])
+        name = run_name(cfg)
+        if helper is not None:
+            import uuid
+
+            self = cls(None, uuid.uuid4().hex, None, cfg.tracking.flush_seconds, tracking_uri=uri)
+            self._made = (cfg, name, tags, int(time.time() * 1000))
+            helper.hand("create", self.run_id, cfg.tracking.experiment, name, tags, self._made[3])
+        else:
+            client, experiment_id = store.open_store(cfg)  # it imports MLflow (store.import_code)
+            run = client.create_run(experiment_id, run_name=name, tags=tags)
+            self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
+        self._helper = helper or writer.for_store(uri)
         if self._helper is not None:
             self._interval = min(self.flush_seconds, writer.SEND_SECONDS)
         try:
             self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
-            self._record("log_batch", params=[Param(k, v) for k, v in self._params.items()])
+            self._record("params", self._params)
             composed = self.private / "config.yaml"
             composed.write_text(OmegaConf.to_yaml(cfg, resolve=True))
             self._record("log_artifact", str(composed))
@@ -220,9 +235,21 @@ class MlflowRun(NullRun):
             e._catnet_run_id = self.run_id
             _end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
             raise
-        log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, run.info.run_name,
-                 cfg.tracking.experiment, client.tracking_uri)
+        log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, name,
+                 cfg.tracking.experiment, self.tracking_uri)
         return self
+
+    def _take_over(self):
+        """This process's client of the run's store, opened now if the helper held the record
+        (it ended): the run is made if the helper had not made it yet, with its params."""
+        if self.client is None:
+            from pipeline.tracking import points
+
+            cfg, name, tags, start = self._made
+            self.client, self.experiment_id = store.open_store(cfg)
+            if points.create_run(self.client, self.run_id, self.experiment_id, name, tags, start):
+                write_to(self.client, self.run_id, "params", self._params)
+        return self.client
 
     @classmethod
     def continue_(cls, cfg: DictConfig, info: dict) -> "MlflowRun":
@@ -260,12 +287,7 @@ class MlflowRun(NullRun):
         """The data this run reads, as an MLflow dataset input: the md5 of its arrays as the
         digest (the run's tag catnet.data.md5 too: ``reuse.run_tags``) and the files they came from
         (paths relative to the project)."""
-        import json
-
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        dataset = Dataset(name="catvnoncat", digest=digest, source_type="local", source=json.dumps(sources))
-        self._record("log_inputs", [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        self._record("inputs", digest, sources)
 
     def _record(self, method: str, *args, **kwargs) -> None:
         """``MlflowClient.<method>(run_id, *args, **kwargs)`` (``log_inputs``: with its retries);
@@ -273,7 +295,7 @@ class MlflowRun(NullRun):
         if self._helper is not None:
             self._helper.call(self.run_id, method, *args, **kwargs)
         else:
-            write_to(self.client, self.run_id, method, *args, **kwargs)
+            write_to(self._take_over(), self.run_id, method, *args, **kwargs)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
@@ -296,7 +318,7 @@ class MlflowRun(NullRun):
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catnet-mlflow")
-            self._pending.append(self._writer.submit(points.write, self.client, self.run_id, self._buffer))
+            self._pending.append(self._writer.submit(points.write, self._take_over(), self.run_id, self._buffer))
             self._buffer = []
         self._last_send = time.time()
 
@@ -317,15 +339,10 @@ class MlflowRun(NullRun):
                 self._writer = None
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._record("log_batch", metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self._record("metrics", {k: float(v) for k, v in metrics.items()}, int(time.time() * 1000))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._record("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._record("tags", {k: str(v) for k, v in tags.items()})
 
     def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
         """Write the file into this run's private folder, log it from there, then publish it as
@@ -339,7 +356,7 @@ class MlflowRun(NullRun):
     def log_model(self, weights: dict, normalizer: dict, example) -> None:
         """The network as the pyfunc model ``model`` of this run, in its experiment; its URI
         (``models:/<model id>``) goes in the tag catnet.model_uri."""
-        uri = tracking_model.log_model(self.client, self.run_id, self.experiment_id, self.private, weights,
+        uri = tracking_model.log_model(self._take_over(), self.run_id, self.experiment_id, self.private, weights,
                                        normalizer, example, self._params)
         self.set_tags({"catnet.model_uri": uri})
 
@@ -367,9 +384,10 @@ class MlflowRun(NullRun):
                 else:
                     lost = None  # the run fails anyway, with both reasons
         try:
+            client = self._take_over()
             if reason:
-                self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
-            self.client.set_terminated(self.run_id, status)
+                client.set_tag(self.run_id, "catnet.failure", reason[:5000])
+            client.set_terminated(self.run_id, status)
         except Exception as e:  # noqa: BLE001 - the server is gone: say which run stays RUNNING
             raise store.RecordLost(self.run_id, status, e) from e
         finally:
@@ -404,8 +422,32 @@ UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates u
 
 def write_to(client, run_id: str, method: str, *args, **kwargs) -> None:
     """``client.<method>(run_id, *args, **kwargs)``; ``log_inputs`` with its retries (``_log_inputs``).
-    What a run records, in this process or in a sweep's metric writer process."""
-    if method == "log_inputs":
+    What a run records, in this process or in a sweep's metric writer process. The job's own
+    kinds of record are plain values, so that a job whose helper writes them never imports MLflow:
+    ``params`` ({name: value}), ``metrics`` ({name: value}, time in ms), ``tags`` ({name: value}),
+    ``inputs`` (the data's digest, {split: file}: an MLflow dataset input)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if method == "batch":  # params, metrics and tags at once: {"params": {}, "metrics": [(k, v, ms)], "tags": {}}
+        batch = args[0]
+        client.log_batch(run_id, params=[Param(k, v) for k, v in batch["params"].items()],
+                         metrics=[Metric(k, float(v), t, 0) for k, v, t in batch["metrics"]],
+                         tags=[RunTag(k, v) for k, v in batch["tags"].items()])
+    elif method == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in args[0].items()])
+    elif method == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, float(v), args[1], 0) for k, v in args[0].items()])
+    elif method == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in args[0].items()])
+    elif method == "inputs":
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        digest, sources = args
+        dataset = Dataset(name="catvnoncat", digest=digest, source_type="local", source=json.dumps(sources))
+        _log_inputs(client, run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    elif method == "log_inputs":
         _log_inputs(client, run_id, *args, **kwargs)
     else:
         getattr(client, method)(run_id, *args, **kwargs)
@@ -461,14 +503,24 @@ def job_record(cfg: DictConfig) -> dict:
 def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
     """Record a job that failed before its run could start (a bad value, say): a FAILED run
     with the reason, its params as given. None when the store cannot be reached."""
-    from mlflow.entities import Param
-
     try:
-        client, experiment_id = store.open_store(cfg)
         tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
                 **provenance_tags(), **store.process_tags()}
         if parent := parent_run_id():
             tags["mlflow.parentRunId"] = parent
+        helper = writer.owner(store.store_uri(cfg)[0])
+        if helper is not None:  # it records the run (and says at the sweep's end if it could not)
+            import uuid
+
+            if helper.failed():
+                return None
+            run_id = uuid.uuid4().hex
+            params = {k: v[:6000] for k, v in config.flatten(cfg, resolve=False).items()}
+            helper.hand("failed", run_id, cfg.tracking.experiment, run_name(cfg), tags, int(time.time() * 1000), params)
+            return run_id
+        from mlflow.entities import Param
+
+        client, experiment_id = store.open_store(cfg)
         run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
         try:
             params = config.flatten(cfg, resolve=False)

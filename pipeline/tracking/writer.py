@@ -14,6 +14,14 @@ catnet.failure). The sweep, once it closed the helper (``close``), takes each ru
 store as the final word on its job (pipeline/tracking/parent.py: reconcile), so a job whose
 record failed after it ended is counted failed, and a run the helper never ended is closed FAILED.
 
+A sweep that starts the helper also hands it the whole record (``Writer.open``): the helper imports
+MLflow, opens the store and creates the parent run, while the sweep's own process goes straight to
+its jobs without importing MLflow at all (about 1.5 s of a sweep). A job's run then has an id its
+job chose (``create``; pipeline/tracking/points.py: create_run); a job asks the helper what it
+needs to know from the store (``ask``: an identical earlier run, pipeline/tracking/reuse.py), and
+the sweep's end asks it to check the jobs' runs and close the parent (pipeline/tracking/parent.py:
+finish). Should the helper end, the sweep's process opens the store and writes from then on.
+
 The helper runs in a session of its own and ignores Ctrl-C and SIGTERM: the job decides, and what
 it handed over is still written (a stopped job's run is KILLED with it). It ends when its input
 ends: the sweep closes it, or the sweep's process died. A helper that dies fails the run it was
@@ -25,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import select
 import shutil
 import signal
@@ -32,6 +41,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import OrderedDict
 
 from catnet.errors import CatnetError
@@ -47,6 +57,10 @@ class WriterLost(CatnetError):
     """The helper ended while a job was handing it its record: that run fails with this reason."""
 
 
+class RecordError(CatnetError):
+    """What the helper raised answering a question (its type and message)."""
+
+
 class Writer:
     """A started helper writing to the store at ``uri``."""
 
@@ -55,9 +69,52 @@ class Writer:
         self.errors = tempfile.TemporaryFile()  # its stderr, for the reason it ended
         # in a session of its own: a terminal's Ctrl-C, sent to the sweep's process group, stops
         # the job, not this helper, which writes what it was handed (the stopped run KILLED last)
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, uri], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.errors, start_new_session=True)
+        self.replies = _Frames(self.proc.stdout.fileno())  # answers to ``ask``, and a failed ``open``
         self.reported = False  # whether the log said that it ended
+        self.owns = False  # whether it opened the store and holds the sweep's record (``open``)
+        self.fatal: str | None = None  # why it could not open the store, once it said so
+
+    def open(self, experiment: str, artifact_root: str | None, parent: dict) -> None:
+        """Hand it the sweep's record: it opens the store (the experiment, created if new; runs
+        of dead processes closed) and creates the parent run ``parent`` (its ``id``, ``name``,
+        ``tags``, ``params``, ``start``)."""
+        self._put(("open", experiment, artifact_root, parent))
+        self.owns = True
+
+    def hand(self, kind: str, run_id: str, experiment: str, name: str, tags: dict[str, str], start: int,
+             *record) -> None:
+        """Have it create run ``run_id`` (chosen by its job) in ``experiment``: ``create`` (a job's
+        run), ``link`` (a reused job's, FINISHED, with ``record``: params, metrics), ``failed`` (a
+        job that failed before its run started, with ``record``: params)."""
+        self._put((kind, run_id, experiment, name, tags, start, *record))
+
+    def ask(self, *message):
+        """Its answer to ``message``, once it wrote everything handed over before it; what it
+        raised, as RecordError; WriterLost if it ended."""
+        self._put(message)
+        while True:
+            try:
+                reply = self.replies.next(block=True)
+            except EOFError:
+                raise WriterLost(self._ended()) from None
+            if reply[0] == "fatal":
+                self.fatal = reply[1]
+            elif reply[0] == "error":
+                raise RecordError(reply[1])
+            else:
+                return reply[1]
+
+    def failed(self) -> str | None:
+        """Why it could not open the store, if it said so by now (it does not wait)."""
+        try:
+            while self.fatal is None and (reply := self.replies.next(block=False)) is not None:
+                if reply[0] == "fatal":
+                    self.fatal = reply[1]
+        except EOFError:
+            pass
+        return self.fatal
 
     def send(self, run_id: str, points: list[tuple[str, float, float, int]]) -> None:
         self._put(("points", run_id, points))
@@ -108,19 +165,51 @@ class Writer:
             self.proc.kill()
             self.proc.wait()
         self.errors.close()
+        self.proc.stdout.close()
 
 
 _STARTED: list[Writer] = []  # this process's helper, if a sweep started one
 
 
-def start(uri: str) -> None:
-    """Start this process's helper for the store at ``uri`` (closed when the process exits)."""
-    if _STARTED:
+_LOST: list = []  # what to do once when the helper that owned the record is found ended
+
+
+_EARLY: list[Writer] = []  # the helper started first thing (``start_early``), until a sweep takes it
+EARLY_SKIP = ("hydra/launcher=", "tracking.enabled=false", "tracking.sweep_writer=thread", "tracking.uri=http")
+
+
+def start_early(argv: list[str]) -> None:
+    """Start the helper now, before Hydra composes anything, if the command line (Hydra's) asks
+    for a sweep that will likely use it (sequential, tracked, not into a server): it imports
+    MLflow meanwhile. ``start`` takes it; a sweep that turns out not to use it closes it."""
+    sweep = any(a in ("-m", "--multirun") or a.lower() == "hydra.mode=multirun" for a in argv)
+    if (not sweep or _EARLY or _STARTED or (os.cpu_count() or 1) < 2
+            or any(a.lower().lstrip("+").startswith(EARLY_SKIP) for a in argv)):
         return
     import atexit
 
-    _STARTED.append(Writer(uri))
+    _EARLY.append(Writer(""))
     atexit.register(close)
+
+
+def start(uri: str, on_lost=None) -> Writer:
+    """Start this process's helper for the store at ``uri`` (closed when the process exits), or
+    take the one started early; ``on_lost()``: called once if it owned the record (``open``)
+    and is found ended."""
+    if not _STARTED:
+        import atexit
+
+        if _EARLY:
+            w = _EARLY.pop()
+            w.uri = uri
+            w._put(("uri", uri))
+            _STARTED.append(w)
+        else:
+            _STARTED.append(Writer(uri))
+        atexit.register(close)
+    if on_lost is not None:
+        _LOST.append(on_lost)
+    return _STARTED[0]
 
 
 def for_store(uri: str) -> Writer | None:
@@ -135,7 +224,21 @@ def for_store(uri: str) -> Writer | None:
             w.reported = True
             log.warning("tracking: %s; the sweep's jobs write their records themselves from now on",
                         w._ended())
+            if w.owns:
+                lost_owner()
     return None
+
+
+def lost_owner() -> None:
+    """The helper that owned the record ended: this process takes the record over (once)."""
+    while _LOST:
+        _LOST.pop(0)()
+
+
+def owner(uri: str | None = None) -> Writer | None:
+    """The living helper that owns the sweep's record (of the store at ``uri``, if given)."""
+    w = for_store(uri) if uri is not None else next((w for w in _STARTED if w.alive()), None)
+    return w if w is not None and w.owns else None
 
 
 def running() -> bool:
@@ -148,16 +251,47 @@ def close() -> bool:
     had = bool(_STARTED)
     while _STARTED:
         _STARTED.pop().close()
+    _LOST.clear()
+    close_early()
     return had
+
+
+def close_early() -> None:
+    """Close the helper started early, if no sweep took it."""
+    while _EARLY:
+        _EARLY.pop().close()
 
 
 # ---- the helper's side -----------------------------------------------------------------------------
 
 class _Frames:
-    """Length-prefixed pickles from a file descriptor, with a look at whether one is waiting."""
+    """Length-prefixed pickles from a file descriptor, with a look at whether one is waiting;
+    ``drain``: a thread reads the descriptor as soon as anything arrives (the helper's input,
+    while it imports MLflow: a full pipe would stop the job that writes into it)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, drain: bool = False) -> None:
         self.fd, self.buf, self.eof = fd, bytearray(), False
+        self.chunks: queue.SimpleQueue | None = None
+        if drain:
+            self.chunks = queue.SimpleQueue()
+            threading.Thread(target=self._drain, name="catnet-input", daemon=True).start()
+
+    def _drain(self) -> None:
+        while True:
+            chunk = os.read(self.fd, 1 << 20)
+            self.chunks.put(chunk)
+            if not chunk:
+                return
+
+    def _read(self, block: bool) -> bytes | None:
+        if self.chunks is not None:
+            try:
+                return self.chunks.get(block=block)
+            except queue.Empty:
+                return None
+        if not block and not select.select([self.fd], [], [], 0)[0]:
+            return None
+        return os.read(self.fd, 1 << 20)
 
     def _complete(self) -> bool:
         return len(self.buf) >= _HEADER.size and len(self.buf) >= _HEADER.size + _HEADER.unpack_from(self.buf)[0]
@@ -167,9 +301,9 @@ class _Frames:
         while not self._complete():
             if self.eof:
                 raise EOFError
-            if not block and not select.select([self.fd], [], [], 0)[0]:
+            chunk = self._read(block)
+            if chunk is None:
                 return None
-            chunk = os.read(self.fd, 1 << 20)
             if not chunk:
                 self.eof = True
                 continue
@@ -181,28 +315,55 @@ class _Frames:
 
 
 def serve(uri: str) -> int:
-    """The helper's life: read what the jobs hand over, write it in order, until its input ends."""
+    """The helper's life: read what the jobs hand over, write it in order, until its input ends.
+    ``uri`` empty: started early (``start_early``), it learns its store from its first message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides; its input's end ends this
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    frames = _Frames(sys.stdin.fileno(), drain=True)  # read from the start: the jobs do not wait for the imports
     from pipeline.tracking import store
 
     store.import_code(uri)
     import mlflow
-    from pipeline.tracking.parent import close as end_run
-    from pipeline.tracking.points import write as write_points
+    from pipeline.tracking import parent, points, reuse
     from pipeline.tracking.run import write_to
 
-    client = None  # made at the first write: opening a new SQLite store creates its tables, which
-    # the sweep does, before any job's run exists
-    frames = _Frames(sys.stdin.fileno())
+    client = None  # made at the first write, or by ``open``: opening a new SQLite store creates
+    # its tables, which the sweep does, or hands to this helper, before any job's run exists
+    out = sys.stdout.buffer
     pending: OrderedDict[str, list] = OrderedDict()  # run id -> points not yet written
     errors: dict[str, str] = {}  # run id -> why its record could not be written
+    experiments: dict[str, str] = {}  # name -> id, of the experiments it opened
+    fatal: list[str] = []  # why ``open`` failed: every run's record fails with it
+    roots: list[str] = []  # the artifact root ``open`` named, for experiments it creates
+
+    def reply(*message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            out.write(_HEADER.pack(len(data)) + data)
+            out.flush()
+        except (BrokenPipeError, OSError):  # the sweep's process is gone: what it handed over is still written
+            pass
 
     def store_client():
         nonlocal client
         if client is None:
-            client = mlflow.MlflowClient(tracking_uri=uri)
+            if not uri:
+                raise RecordError("the helper was not told its store")
+            mlflow.set_tracking_uri(uri)  # the parent's model is logged through the fluent API
+            mlflow.set_registry_uri(uri)
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         return client
+
+    def experiment(name: str) -> str:
+        if fatal:
+            raise RecordError(fatal[0])
+        if name not in experiments:
+            from pathlib import Path
+
+            root = Path(roots[0]) if roots and roots[0] else None
+            experiments[name] = store._experiment_id(store_client(), name, root)
+            store.close_orphans(store_client(), experiments[name])
+        return experiments[name]
 
     def attempt(run_id: str, write) -> None:
         if run_id in errors:  # the run fails anyway: what it handed over later is dropped
@@ -214,8 +375,23 @@ def serve(uri: str) -> int:
 
     def write_pending() -> None:
         while pending:
-            run_id, points = pending.popitem(last=False)
-            attempt(run_id, lambda c: write_points(c, run_id, points))
+            run_id, points_ = pending.popitem(last=False)
+            attempt(run_id, lambda c: points.write(c, run_id, points_))
+
+    batches: dict[str, dict] = {}  # run id -> its params, metrics and tags not yet written: one write at its end
+
+    def keep(run_id: str, method: str, *args) -> None:
+        batch = batches.setdefault(run_id, {"params": {}, "metrics": [], "tags": {}})
+        if method == "metrics":
+            batch["metrics"] += [(k, v, args[1]) for k, v in args[0].items()]
+        else:
+            batch[method].update(args[0])
+
+    def write_batches(run_id: str | None = None) -> None:
+        for rid in [run_id] if run_id is not None else list(batches):
+            batch = batches.pop(rid, None)
+            if batch is not None:
+                attempt(rid, lambda c: write_to(c, rid, "batch", batch))
 
     def end(run_id: str, status: str, reason: str | None, folder: str | None, end_time: int | None) -> None:
         error = errors.pop(run_id, None)
@@ -223,28 +399,93 @@ def serve(uri: str) -> int:
             reason = "; ".join(filter(None, [reason, f"its record could not be written whole: {error}"]))
             status = "FAILED" if status == "FINISHED" else status
         try:
-            end_run(store_client(), run_id, status, reason, end_time)
+            parent.close(store_client(), run_id, status, reason, end_time)
         except Exception:  # noqa: BLE001 - left RUNNING: the sweep finds it so, counts its job failed
             pass  # and closes it (pipeline/tracking/parent.py: reconcile, settle)
         finally:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def create(run_id: str, name: str, tags: dict, start: int, experiment_name: str,
+               params: dict | None = None, metrics: dict | None = None, status: str | None = None) -> None:
+        """A run its job (or the sweep) chose the id of; ``status``: ended at once."""
+        def write(c) -> None:
+            points.create_run(c, run_id, experiment(experiment_name), name, tags, start)
+            if params:
+                write_to(c, run_id, "params", params)
+            if metrics:
+                write_to(c, run_id, "metrics", metrics, start)
+            if status:
+                c.set_terminated(run_id, status)
+        attempt(run_id, write)
+
+    def answer(ask) -> None:
+        try:
+            reply("ok", ask(store_client()))
+        except Exception as e:  # noqa: BLE001 - raised in the asking process
+            reply("error", f"{type(e).__name__}: {store.brief(e)}")
+
     while True:
         try:
             message = frames.next(block=not pending)
         except EOFError:
             write_pending()
-            return 0
+            write_batches()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # all is written: no interpreter teardown (MLflow's modules) for the sweep to wait for
         if message is None:  # nothing more waiting: write what came
             write_pending()
-        elif message[0] == "points":
+            continue
+        kind = message[0]
+        if kind == "uri":
+            uri = message[1]
+            store.import_code(uri)  # a server's client code, if it is one
+            continue
+        if kind == "points":
             pending.setdefault(message[1], []).extend(message[2])
-        elif message[0] == "call":
+            continue
+        write_pending()  # what came before, in the order it was handed over
+        if kind == "call":
             _, run_id, method, args, kwargs = message
-            write_pending()  # in the order the job handed them over
-            attempt(run_id, lambda c: write_to(c, run_id, method, *args, **kwargs))
-        elif message[0] == "end":
-            write_pending()
+            if method in ("params", "metrics", "tags") and not kwargs:
+                keep(run_id, method, *args)
+            else:
+                attempt(run_id, lambda c: write_to(c, run_id, method, *args, **kwargs))
+            continue
+        if kind == "end":
+            write_batches(message[1])
             end(*message[1:])
-
+            continue
+        if kind in ("find", "finish", "abort"):  # a question or the sweep's end: everything before it written
+            write_batches()
+        if kind == "open":
+            _, name, artifact_root, top = message
+            roots.append(artifact_root)
+            try:
+                experiment(name)
+            except Exception as e:  # noqa: BLE001 - the jobs are told (Writer.failed), and the sweep's end
+                fatal.append(f"the tracking store could not be opened: {store.brief(e)}")
+                reply("fatal", fatal[0])
+            create(top["id"], top["name"], top["tags"], top["start"], name, params=top["params"])
+        elif kind == "create":
+            _, run_id, experiment_name, name_, tags, start = message
+            create(run_id, name_, tags, start, experiment_name)
+        elif kind == "link":  # a reused job's run, FINISHED at once
+            _, run_id, experiment_name, name_, tags, start, params, metrics = message
+            create(run_id, name_, tags, start, experiment_name, params, metrics, "FINISHED")
+        elif kind == "failed":  # a job that failed before its run started
+            _, run_id, experiment_name, name_, tags, start, params = message
+            create(run_id, name_, tags, start, experiment_name, params, status="FAILED")
+        elif kind == "find":
+            _, experiment_name, key = message
+            answer(lambda c: reuse.search(c, experiment(experiment_name), key))
+        elif kind == "finish":
+            _, parent_id, outcomes, order, direction = message
+            if fatal:
+                reply("error", fatal[0])
+            else:
+                answer(lambda c: parent.finish(c, parent_id, outcomes, order, direction, helped=True))
+        elif kind == "abort":
+            _, parent_id, status, reason = message
+            answer(lambda c: parent.abort(c, parent_id, status, reason))
