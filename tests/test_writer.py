@@ -291,6 +291,13 @@ def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_help
         else:
             assert r.data.tags.get("catnet.failure"), name
     assert not killed.is_running() or killed.status() == "zombie"
+    # the sweep's process took the record over: the parent is there (made by the helper, or by the
+    # sweep if the helper died first), FAILED with the counts the sweep said, every child under it
+    _, runs = runs_of(store["uri"])
+    top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+    assert len(top) == 1 and top[0].info.status == "FAILED", out[-3000:]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {top[0].info.run_id}
+    assert (top[0].data.metrics["sweep/finished"], top[0].data.metrics["sweep/failed"]) == _said_counts(out)
 
 
 @needs_data
@@ -416,6 +423,28 @@ def test_the_store_has_the_last_word_on_a_job_the_helper_recorded_after_it_ended
     assert client.get_run(unended).info.status == "FAILED"
     assert "did not end its run" in client.get_run(unended).data.tags["catnet.failure"]
     assert client.get_run(whole).info.status == "FINISHED"
+
+
+@needs_data
+def test_a_store_the_helper_cannot_open_fails_the_sweep_with_the_reason_on_one_line(store):
+    """The experiment is deleted: the helper, which opens the store while the first jobs train,
+    says why; no job counts as a success (their runs could not be made), the sweep exits 1 with
+    the store's reason on one line, no traceback."""
+    client, _ = runs_of(store["uri"])
+    client.delete_experiment(client.create_experiment("gone"))
+    env = {**os.environ}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", "seed=0,1,2", "train.epochs=100",
+                           "train.check_learned=false", f"hydra.sweep.dir={store['out']}", *store["args"][:1],
+                           "tracking.experiment=gone"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "sweep: 3 jobs, 0 finished, 3 failed" in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("catnet: error: sweep:")]
+    assert len(errors) == 1 and "experiment='gone': this experiment is deleted" in errors[0], out[-3000:]
+    assert "Traceback" not in out
+    _, runs = runs_of(store["uri"], "gone")
+    assert runs == []
 
 
 @needs_data
