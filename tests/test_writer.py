@@ -488,3 +488,26 @@ def test_a_sequential_sweep_never_imports_mlflow_and_its_helper_writes_the_whole
         assert a[:2] + a[3:] == b[:2] + b[3:]
         assert {k: v for k, v in a[2].items() if k not in differ} == {k: v for k, v in b[2].items() if k not in differ}
     assert records["process"]["parent"] == records["thread"]["parent"]
+
+
+def test_the_early_helper_starts_only_for_a_sweep_that_may_use_it_and_ends_with_its_process():
+    """``python -m pipeline -m`` starts the helper before its imports (pipeline/early.py) unless the
+    command line says the sweep will not use it; a process that ends without handing it anything
+    (a config error, a sweep that turned out not to use it) leaves no helper behind."""
+    import psutil
+
+    script = ("import sys; from pipeline import early; early.start(sys.argv[1:]); "
+              "print(len(early.STARTED), early.STARTED[0][0].pid if early.STARTED else 0, flush=True)")
+    cases = [(["-m", "seed=0,1"], 1), (["hydra.mode=MULTIRUN"], 1), (["seed=0"], 0),
+             (["-m", "hydra/launcher=joblib"], 0), (["-m", "tracking.enabled=False"], 0),
+             (["-m", "tracking.uri=http://127.0.0.1:5000"], 0), (["--multirun", "tracking.sweep_writer=thread"], 0)]
+    for argv, expected in cases:
+        proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        started, pid = map(int, proc.stdout.split())
+        assert started == expected, (argv, proc.stderr[-2000:])
+        if pid:
+            deadline = time.monotonic() + 60
+            while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, f"the helper {pid} outlived its process"
+                time.sleep(0.1)

@@ -40,17 +40,16 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import OrderedDict
 
 from catnet.errors import CatnetError
+from pipeline import early
 
 log = logging.getLogger("catnet")
 SEND_SECONDS = 0.1  # a job hands its buffer to the helper at least this often while it trains
 CLOSE_SECONDS = 300  # what the sweep's end waits for the helper to write the last jobs' records
 _HEADER = struct.Struct("!I")
-SERVE = "import sys; from pipeline.tracking.writer import serve; sys.exit(serve(sys.argv[1]))"
 
 
 class WriterLost(CatnetError):
@@ -64,13 +63,10 @@ class RecordError(CatnetError):
 class Writer:
     """A started helper writing to the store at ``uri``."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, started: tuple | None = None) -> None:
+        """``started``: a helper process started already (pipeline/early.py), else one now."""
         self.uri = uri
-        self.errors = tempfile.TemporaryFile()  # its stderr, for the reason it ended
-        # in a session of its own: a terminal's Ctrl-C, sent to the sweep's process group, stops
-        # the job, not this helper, which writes what it was handed (the stopped run KILLED last)
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.errors, start_new_session=True)
+        self.proc, self.errors = started or early.spawn(uri)
         self.replies = _Frames(self.proc.stdout.fileno())  # answers to ``ask``, and a failed ``open``
         self.reported = False  # whether the log said that it ended
         self.owns = False  # whether it opened the store and holds the sweep's record (``open``)
@@ -174,21 +170,17 @@ _STARTED: list[Writer] = []  # this process's helper, if a sweep started one
 _LOST: list = []  # what to do once when the helper that owned the record is found ended
 
 
-_EARLY: list[Writer] = []  # the helper started first thing (``start_early``), until a sweep takes it
-EARLY_SKIP = ("hydra/launcher=", "tracking.enabled=false", "tracking.sweep_writer=thread", "tracking.uri=http")
+_EARLY: list[Writer] = []  # the helper started first thing (pipeline/early.py), until a sweep takes it
 
 
-def start_early(argv: list[str]) -> None:
-    """Start the helper now, before Hydra composes anything, if the command line (Hydra's) asks
-    for a sweep that will likely use it (sequential, tracked, not into a server): it imports
-    MLflow meanwhile. ``start`` takes it; a sweep that turns out not to use it closes it."""
-    sweep = any(a in ("-m", "--multirun") or a.lower() == "hydra.mode=multirun" for a in argv)
-    if (not sweep or _EARLY or _STARTED or (os.cpu_count() or 1) < 2
-            or any(a.lower().lstrip("+").startswith(EARLY_SKIP) for a in argv)):
+def start_early() -> None:
+    """Take the helper ``python -m pipeline -m`` started first thing (pipeline/early.py), if it
+    did: ``start`` hands it its store; a sweep that turns out not to use it closes it."""
+    if not early.STARTED or _EARLY or _STARTED:
         return
     import atexit
 
-    _EARLY.append(Writer(""))
+    _EARLY.append(Writer("", early.STARTED.pop()))
     atexit.register(close)
 
 
