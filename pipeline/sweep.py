@@ -204,14 +204,15 @@ class MlflowSweep(Callback):
     def _take_over(self) -> None:
         """The helper that held the sweep's record ended: this process opens the store and
         makes sure the parent run is there (the helper may have ended before creating it)."""
-        if self.parent_id is None or self.client is not None:
+        if self.parent_id is None:
             return
         try:
-            self.client = parent.open_parent(self.config, self.parent)
+            self._store_client()
         except Exception as e:  # noqa: BLE001 - the sweep's end says what could not be recorded
             log.error("tracking: the sweep's parent run %s could not be made here: %s", self.parent_id, e)
 
     def _store_client(self):
+        """This process's client of the store, opened once, with the parent run made if missing."""
         if self.client is None:
             self.client = parent.open_parent(self.config, self.parent)
         return self.client

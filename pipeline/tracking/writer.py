@@ -406,7 +406,7 @@ def serve(uri: str) -> int:
             if params:
                 write_to(c, run_id, "params", params)
             if metrics:
-                write_to(c, run_id, "metrics", metrics, start)
+                write_to(c, run_id, "metrics", metrics, 0)  # a link's metrics at time 0, as reuse.link writes them
             if status:
                 c.set_terminated(run_id, status)
         attempt(run_id, write)
