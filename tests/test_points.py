@@ -80,14 +80,16 @@ def test_ten_thousand_points_in_one_write(tmp_path):
     assert client.get_run(run_id).data.metrics == {"train/error": 1.0 / 10_001}
 
 
-def test_what_mlflow_refuses_is_refused_and_nothing_of_the_batch_is_written(tmp_path):
+@pytest.mark.parametrize("bad, says", [(("bad/../name", 0.5, T0, 1), "bad/../name"),
+                                        (("train/error", 0.5, -1.0, 2), "Timestamp must be a nonnegative")])
+def test_what_mlflow_refuses_is_refused_and_nothing_of_the_batch_is_written(tmp_path, bad, says):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run_id = client.create_run(client.create_experiment("points")).info.run_id
-    with pytest.raises(MlflowException, match="bad/../name"):
-        points.write(client, run_id, [("train/error", 0.5, T0, 1), ("bad/../name", 0.5, T0, 1)])
+    with pytest.raises(MlflowException, match=says):  # a key already checked, then a bad point of it
+        points.write(client, run_id, [("train/error", 0.5, T0, 1), bad])
     assert client.get_metric_history(run_id, "train/error") == []
 
 
