@@ -50,7 +50,7 @@ def run_all(cfg: DictConfig) -> dict:
             log.info("reused %s (%s): same config, commit and data; linked as run %s", earlier.run_id,
                      earlier.run_name, link)
             return {**earlier.metrics, REUSED: earlier.run_id, RUN: link}
-    normalizer = normalize.run(cfg, splits.train)
+    normalizer = normalize.kept(normalize.run(cfg, splits.train), splits)  # a sweep's inputs: made once
     # a single run's learning curve is drawn by a helper process started first thing
     # (pipeline/curve.py), which the run's BLAS leaves a core; a sweep's jobs draw none
     with (curve.helper(not is_multirun()) as drawer,

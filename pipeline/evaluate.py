@@ -23,8 +23,10 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
     dtype = np.dtype(cfg.train.dtype)
     weights = class_weights(splits.train.y, cfg.train.class_weight)  # the error as training measured it
     results = {}
+    kept = isinstance(normalizer, normalize.KeptInputs)  # a sweep's inputs, made already: block by block alike
     for name, split in splits.named():
-        m = evaluate(net, split.x, split.y, loss=cfg.train.loss, transform=lambda rows: normalizer.apply(rows, dtype),
+        m = evaluate(net, normalizer.apply(split.x, dtype) if kept else split.x, split.y, loss=cfg.train.loss,
+                     transform=(lambda rows: rows) if kept else lambda rows: normalizer.apply(rows, dtype),
                      class_weight=weights)
         results[name] = {
             "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],

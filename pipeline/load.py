@@ -116,6 +116,11 @@ def run(cfg: DictConfig) -> Splits:
     return splits
 
 
+def is_kept(splits: Splits) -> bool:
+    """Whether ``splits`` are the ones this process keeps for the next jobs of its sweep."""
+    return any(kept is splits for kept in _READ.values())
+
+
 def _read_and_write(cfg: DictConfig) -> Splits:
     for key in ("train_path", "test_path"):
         path = resolve(cfg.data[key])
@@ -196,7 +201,7 @@ def digest(splits: Splits) -> str:
         for start in range(0, len(split), BLOCK):
             h.update(np.ascontiguousarray(split.x[start:start + BLOCK]).tobytes())
         h.update(np.ascontiguousarray(split.y).tobytes())
-    if any(kept is splits for kept in _READ.values()):
+    if is_kept(splits):
         _DIGESTS[id(splits)] = h.hexdigest()
     return h.hexdigest()
 

@@ -268,3 +268,31 @@ def test_dual_solver_with_class_weights_follows_the_primal_descent():
         nets[solver] = init_network([300, 6, 1], np.random.default_rng(1), dtype=np.float64)
         fit(nets[solver], x, y, epochs=40, lr=0.5, solver=solver, class_weight=network.class_weights(y, "balanced"))
     np.testing.assert_allclose(nets["dual"].weights[0], nets["primal"].weights[0], rtol=1e-9, atol=1e-12)
+
+
+def test_read_only_inputs_share_their_gram_matrix_and_others_get_their_own():
+    """catnet.train keeps X X^T of read-only inputs (a sweep's shared inputs) for the next
+    network: the same product object for the same arrays, a fresh one for any other pair, and
+    a writable array is never kept (it could change)."""
+    from catnet.train import _gram
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(size=(5, 7)) for _ in range(3))
+    for m in (a, b):
+        m.flags.writeable = False
+    k = _gram(a, a)
+    assert _gram(a, a) is k and not k.flags.writeable
+    np.testing.assert_array_equal(k, a @ a.T)
+    np.testing.assert_array_equal(_gram(a, b), a @ b.T)  # the same a, another b
+    np.testing.assert_array_equal(_gram(b, a), b @ a.T)
+    assert _gram(a, a) is k  # kept beside them
+    before = _gram(c, c)
+    c *= 2  # a writable input changed in place: its product is made anew
+    np.testing.assert_array_equal(_gram(c, c), c @ c.T)
+    assert before is not _gram(c, c)
+    from catnet import train
+
+    d = rng.normal(size=(5, 7))
+    d.flags.writeable = False
+    _gram(d, d)  # new inputs: what was kept of the others goes (one sweep's inputs at a time)
+    assert [(x is d, y is d) for x, y, _ in train._GRAMS] == [(True, True)]

@@ -185,6 +185,27 @@ def test_a_sweep_reads_its_data_once_per_process_and_anew_when_the_data_config_c
     assert len(list((tmp_path / "multirun").glob("*/models/weights.npz"))) == 4
 
 
+def test_a_sweeps_jobs_share_their_inputs_and_train_what_each_would_train_alone(tmp_path):
+    """Jobs of one process train on the inputs an earlier job made (pipeline/normalize.py:
+    KeptInputs; catnet.train keeps their Gram matrix), made anew when the normalizer or the
+    data changes. Six jobs: split 0 with scale, standardize, standardize again; then split 1 the
+    same. Each job's weights and metrics are, to the bit, those of the same job run by a sweep
+    process of its own."""
+    common = ["train.epochs=40", "train.check_learned=false", "data.val_fraction=0.2", "tracking.enabled=false"]
+    run_cli("-m", "data.split_seed=0,1", "normalize=scale,standardize,standardize", *common,
+            f"hydra.sweep.dir={tmp_path / 'together'}")
+    alone = {}
+    for job in range(6):
+        together = tmp_path / "together" / str(job)
+        split, norm = job // 3, ("scale", "standardize", "standardize")[job % 3]
+        assert f"data.split_seed={split}" in (together / ".hydra" / "overrides.yaml").read_text()
+        if (split, norm) not in alone:
+            alone[split, norm] = tmp_path / f"alone-{split}-{norm}"
+            run_cli("-m", f"data.split_seed={split}", f"normalize={norm}", *common, f"hydra.sweep.dir={alone[split, norm]}")
+        for output in ("models/weights.npz", "reports/metrics.json"):
+            assert (together / output).read_bytes() == (alone[split, norm] / "0" / output).read_bytes(), (job, output)
+
+
 @pytest.mark.parametrize("knob", ["sweep.fallback=test/accuracy", "sweep.objective=test/balanced_accuracy",
                                   "sweep.direction=up"])
 def test_a_sweep_that_would_rank_on_test_is_refused_before_any_job(tmp_path, knob):

@@ -50,9 +50,9 @@ class _DualFirstLayer:
     def __init__(self, net: Network, x: np.ndarray, x_val: np.ndarray | None):
         self.net, self.x = net, x
         w1 = net.weights[0]
-        self.p0, self.k = x @ w1, x @ x.T  # (N, n_1), (N, N)
+        self.p0, self.k = x @ w1, _gram(x, x)  # (N, n_1), (N, N)
         self.a = np.zeros((x.shape[0], w1.shape[1]), dtype=w1.dtype)  # (N, n_1)
-        self.val = (x_val @ w1, x_val @ x.T) if x_val is not None else None  # P_0 and K for x_val
+        self.val = (x_val @ w1, _gram(x_val, x)) if x_val is not None else None  # P_0 and K for x_val
 
     def z1(self) -> np.ndarray:
         return self.k @ self.a + self.p0  # X W_1
@@ -64,6 +64,25 @@ class _DualFirstLayer:
     def finish(self) -> None:
         w1 = self.net.weights[0]
         w1 += (self.a.T @ self.x).T  # (n_1, D) product, transposed into W_1's column-major layout
+
+
+_GRAMS: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (a, b, a @ b.T) of read-only inputs
+
+
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T; kept for the next network trained on the same inputs when both are read-only
+    (they cannot change: the inputs a sweep's jobs share, pipeline/normalize.py)."""
+    if a.flags.writeable or b.flags.writeable:
+        return a @ b.T
+    for a_, b_, product in _GRAMS:
+        if a_ is a and b_ is b:
+            return product
+    if not any(a_ is a or b_ is b for a_, b_, _ in _GRAMS):
+        _GRAMS.clear()  # other inputs: the last ones go
+    product = a @ b.T
+    product.flags.writeable = False
+    _GRAMS.append((a, b, product))
+    return product
 
 
 def use_dual(solver: str, n: int, d: int, first_width: int, epochs: int) -> bool:
