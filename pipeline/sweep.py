@@ -171,8 +171,10 @@ class MlflowSweep(Callback):
 
             os.environ[tracking.run.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
             os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
-        warm_joblib_workers(config)  # they start while the parent is created and the jobs' configs composed
         helper = start_writer(config, on_lost=self._take_over)  # it imports MLflow and may hold the record
+        if helper is not None and _launcher(config).endswith("JoblibLauncher"):
+            helper.serve_workers()  # joblib's workers, started now, hand it their jobs' records
+        warm_joblib_workers(config, served=helper is not None)  # they start while the jobs' configs are composed
         if config.tracking.enabled:
             self._open_parent(config, helper)
 
@@ -297,32 +299,38 @@ class MlflowSweep(Callback):
         return outcomes
 
 
+def _launcher(config: DictConfig) -> str:
+    return str(config.hydra.launcher.get("_target_", ""))
+
+
 def start_writer(config: DictConfig, on_lost=None):
-    """For a sweep whose jobs run one after another in this process (Hydra's basic launcher)
-    into a SQLite store, start the helper that writes their records on another core
-    (pipeline/tracking/writer.py; ``tracking.sweep_writer=thread``: none). A server or database
-    server does that work in its own process already, and can go away: there each job writes its
-    own record before the next starts, so an outage never reaches a job that already ended.
+    """For a sweep whose jobs run one after another in this process (Hydra's basic launcher), or
+    in joblib's workers on this machine, into a SQLite store, start the helper that holds their
+    record and writes it beside the training (pipeline/tracking/writer.py; ``tracking.
+    sweep_writer=thread``: none, each job writes its own). A server or database server does that
+    work in its own process already, and can go away: there each job writes its own record
+    before the next starts, so an outage never reaches a job that already ended.
     Returns the helper, or None."""
     from pipeline.tracking import store, writer
 
-    launcher = str(config.hydra.launcher.get("_target_", ""))
+    launcher = _launcher(config)
     uri = store.store_uri(config)[0] if config.tracking.enabled else ""
     if not (uri.startswith("sqlite:") and config.tracking.sweep_writer == "process"
-            and launcher.endswith("BasicLauncher") and (os.cpu_count() or 1) > 1):
+            and launcher.endswith(("BasicLauncher", "JoblibLauncher")) and (os.cpu_count() or 1) > 1):
         writer.close_early()  # started first thing for a sweep that does not use it
         return None
     return writer.start(uri, on_lost)
 
 
-def warm_joblib_workers(config: DictConfig) -> None:
+def warm_joblib_workers(config: DictConfig, served: bool = False) -> None:
     """With ``hydra/launcher=joblib``, start its worker processes now, in the background, each
-    importing what a job needs (the pipeline, MLflow and its store): the launcher's own
-    ``joblib.Parallel``, with the same arguments, reuses them (loky's reusable executor) instead
-    of starting them after the parent run is created and every job's config composed. Anything
-    that goes wrong here only leaves the launcher to start its workers itself."""
+    importing what a job needs (the pipeline; MLflow and its store unless the sweep's helper
+    writes their records: ``served``): the launcher's own ``joblib.Parallel``, with the same
+    arguments, reuses them (loky's reusable executor) instead of starting them after the parent
+    run is created and every job's config composed. Anything that goes wrong here only leaves
+    the launcher to start its workers itself."""
     launcher = config.hydra.launcher
-    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+    if not _launcher(config).endswith("JoblibLauncher"):
         return
     import threading
 
@@ -340,7 +348,7 @@ def warm_joblib_workers(config: DictConfig) -> None:
         try:
             from pipeline.tracking.store import store_uri
 
-            uri = store_uri(config)[0] if config.tracking.enabled else None
+            uri = store_uri(config)[0] if config.tracking.enabled and not served else None
             Parallel(**kwargs)(delayed(_warm)(uri) for _ in range(workers))
         except Exception as e:  # noqa: BLE001 - the launcher starts its workers itself
             log.debug("sweep: joblib workers not warmed up: %s", e)

@@ -499,7 +499,8 @@ def test_the_early_helper_starts_only_for_a_sweep_that_may_use_it_and_ends_with_
     script = ("import sys; from pipeline import early; early.start(sys.argv[1:]); "
               "print(len(early.STARTED), early.STARTED[0][0].pid if early.STARTED else 0, flush=True)")
     cases = [(["-m", "seed=0,1"], 1), (["hydra.mode=MULTIRUN"], 1), (["seed=0"], 0),
-             (["-m", "hydra/launcher=joblib"], 0), (["-m", "tracking.enabled=False"], 0),
+             (["-m", "hydra/launcher=joblib"], 1), (["-m", "hydra/launcher=basic"], 1),
+             (["-m", "hydra/launcher=ray_local"], 0), (["-m", "tracking.enabled=False"], 0),
              (["-m", "tracking.uri=http://127.0.0.1:5000"], 0), (["--multirun", "tracking.sweep_writer=thread"], 0)]
     for argv, expected in cases:
         proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
@@ -511,3 +512,131 @@ def test_the_early_helper_starts_only_for_a_sweep_that_may_use_it_and_ends_with_
             while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 assert time.monotonic() < deadline, f"the helper {pid} outlived its process"
                 time.sleep(0.1)
+
+
+# ---- a joblib sweep: its workers' jobs hand their records to the same helper ----------------------
+
+_MARK_IMPORTS = '''import os, sys
+
+
+class _Mark:  # a test's probe: which processes import MLflow (process name and command line, a file each)
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow" and os.environ.get("CATNET_TEST_MLFLOW_IMPORTS"):
+            import multiprocessing
+
+            with open(os.path.join(os.environ["CATNET_TEST_MLFLOW_IMPORTS"], str(os.getpid())), "w") as f:
+                f.write(multiprocessing.current_process().name + " " + " ".join(sys.argv))
+        return None
+
+
+sys.meta_path.insert(0, _Mark())
+'''
+
+
+def _joblib_record(store, knob: str, tmp) -> tuple[dict, list[str]]:
+    """A 3-job joblib sweep with ``tracking.sweep_writer=<knob>``: its record, and the command
+    lines of the processes that imported MLflow (a sitecustomize probe every process loads)."""
+    probe, marks = tmp / f"probe-{knob}", tmp / f"marks-{knob}"
+    probe.mkdir()
+    marks.mkdir()
+    (probe / "sitecustomize.py").write_text(_MARK_IMPORTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])),
+           "CATNET_TEST_MLFLOW_IMPORTS": str(marks)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", "seed=0,1,2", "train.epochs=300", "sweep.reuse=false",
+                           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={store['out']}/{knob}",
+                           f"tracking.sweep_writer={knob}", *store["args"][:1], f"tracking.experiment={knob}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, runs = runs_of(store["uri"], knob)
+    top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.run_name)
+    assert len(top) == 1 and [r.data.tags["mlflow.parentRunId"] for r in children] == [top[0].info.run_id] * 3
+    best = client.get_run(top[0].data.tags["catnet.best_run_id"])
+    assert best.data.tags["catnet.model_uri"].startswith("models:/")
+    record = {
+        "parent": (top[0].info.status, sorted(top[0].data.params), sorted(top[0].data.metrics),
+                   sorted(k for k in top[0].data.tags if k != "catnet.pid_started")),
+        "children": [(r.info.run_name, r.info.status, r.data.params, sorted(r.data.metrics), sorted(r.data.tags),
+                      sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+                      len(client.get_metric_history(r.info.run_id, "train/error")),
+                      [d.dataset.digest for d in r.inputs.dataset_inputs]) for r in children],
+    }
+    return record, [p.read_text() for p in marks.iterdir()]
+
+
+@needs_data
+def test_a_joblib_sweep_imports_mlflow_only_in_its_helper_which_writes_the_whole_record(store, tmp_path):
+    """A joblib sweep into SQLite hands its workers' records to the sweep's helper through its
+    socket: neither the sweep's process nor its workers import MLflow (only the helper does), and
+    the store gets the record of the same sweep whose workers write their own (``thread``)."""
+    runs_of(store["uri"])  # the store's tables: the probe's process lines are what is compared
+    records, imported = {}, {}
+    for knob in ("process", "thread"):
+        records[knob], imported[knob] = _joblib_record(store, knob, tmp_path)
+    assert len(imported["process"]) == 1 and "catnet-record-" in imported["process"][0], imported["process"]
+    assert sorted(argv.split()[0] for argv in imported["thread"]) == ["LokyProcess-1", "LokyProcess-2", "MainProcess"], \
+        imported["thread"]  # the probe sees the workers and the sweep's process import it when they write
+    assert records["process"]["parent"][0] == "FINISHED"
+    assert [c[1] for c in records["process"]["children"]] == ["FINISHED"] * 3
+    assert [c[6] for c in records["process"]["children"]] == [300] * 3
+    differ = ("tracking.sweep_writer", "tracking.experiment")  # the only params the two sweeps differ in
+    for a, b in zip(records["process"]["children"], records["thread"]["children"]):
+        assert a[:2] + a[3:] == b[:2] + b[3:]
+        assert {k: v for k, v in a[2].items() if k not in differ} == {k: v for k, v in b[2].items() if k not in differ}
+    assert records["process"]["parent"] == records["thread"]["parent"]
+
+
+@needs_data
+def test_a_joblib_sweeps_helper_killed_mid_sweep_fails_only_what_it_lost_and_the_workers_go_on(store):
+    """The helper is killed while both workers train: a job that had handed it part of its record
+    is FAILED with the reason (or, if the helper wrote it all, FINISHED whole); the workers'
+    later jobs write their own records; the sweep's process makes the parent if it was lost, and
+    the parent holds the counts the sweep says. (The store's tables exist: a helper killed while
+    MLflow creates them leaves a half-made store, which no process can open.)"""
+    runs_of(store["uri"])
+    proc = _sweep(store, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", epochs=20000)
+    lines, killed = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and sum("tracking: MLflow run " in seen for seen in lines) == 2:
+            helpers = _helpers_of(proc.pid)
+            assert len(helpers) == 1, "".join(lines)[-2000:]
+            killed = helpers[0]
+            killed.kill()
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert killed is not None and proc.returncode == 1, out[-3000:]
+    children = _children(store)
+    client, _ = runs_of(store["uri"])
+    for name, r in children.items():
+        if r.info.status == "FINISHED":  # whole, or FAILED with why: never a FINISHED run with a hole
+            history = client.get_metric_history(r.info.run_id, "train/error")
+            assert len(history) == 10000 and r.data.params["seed"] == name.split("=")[1], name
+        else:
+            assert r.info.status == "FAILED" and r.data.tags["catnet.failure"], (name, out[-3000:])
+    finished = sum(r.info.status == "FINISHED" for r in children.values())
+    assert finished < 4 and _said_counts(out) == (finished, 4 - finished), out[-3000:]  # a run it lost: said
+    assert children["#2 seed=2"].info.status == children["#3 seed=3"].info.status == "FINISHED", out[-3000:]
+    assert 1 <= out.count("write their records themselves from now on") <= 2, out[-3000:]  # once a worker
+    _, runs = runs_of(store["uri"])
+    top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+    assert len(top) == 1 and top[0].info.status == "FAILED", out[-3000:]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {top[0].info.run_id}
+    assert (top[0].data.metrics["sweep/finished"], top[0].data.metrics["sweep/failed"]) == _said_counts(out)
+
+
+def test_a_workers_connection_to_a_helper_that_died_is_seen_closed_before_a_job_hands_it_anything(helper):
+    """A joblib worker asks, before each job, whether the sweep's helper is still there: a helper
+    killed between two jobs (not yet reaped by the sweep's process: a zombie, whose process id
+    still answers) is gone for it, so the next job writes its own record instead of failing."""
+    import psutil
+
+    _, w = helper
+    connected = writer.Connected(w.uri, w.socket, w.proc.pid)
+    assert connected.alive()
+    w.proc.kill()
+    deadline = time.monotonic() + 30
+    while psutil.Process(w.proc.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not connected.alive()

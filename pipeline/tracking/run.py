@@ -224,7 +224,7 @@ class MlflowRun(NullRun):
             self = cls(client, run.info.run_id, experiment_id, cfg.tracking.flush_seconds)
         self._helper = helper or writer.for_store(uri)
         if self._helper is not None:
-            self._interval = min(self.flush_seconds, writer.SEND_SECONDS)
+            self._interval = self._helper.send_every(self.flush_seconds)
         try:
             self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
             self._record("params", self._params)
@@ -378,7 +378,8 @@ class MlflowRun(NullRun):
                 return
             except writer.WriterLost as e:
                 self._helper, lost = None, e
-                reason = "; ".join(filter(None, [reason, told(e)]))
+                if told(e) not in (reason or ""):  # the run may be ending for that very reason
+                    reason = "; ".join(filter(None, [reason, told(e)]))
                 if status == "FINISHED":
                     status = "FAILED"
                 else:

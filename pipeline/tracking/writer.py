@@ -22,6 +22,14 @@ needs to know from the store (``ask``: an identical earlier run, pipeline/tracki
 the sweep's end asks it to check the jobs' runs and close the parent (pipeline/tracking/parent.py:
 finish). Should the helper end, the sweep's process opens the store and writes from then on.
 
+A joblib sweep into SQLite hands its record to the same helper: its workers' jobs reach it through
+a Unix socket the helper listens on (``HELPER_ENV`` names it; ``Connected``), so neither the sweep's
+process nor its workers import MLflow (about 1.5 s of a core each). A worker's job hands over its
+epochs every ``tracking.flush_seconds``, as a job writing its own record does (every store
+transaction takes from the cores that train), and returns once the helper has its run's end
+(or a link's, or a failed job's run) in its queue, ahead of the sweep's end, which therefore
+finds every job's record written, as a sequential sweep's does.
+
 The helper runs in a session of its own and ignores Ctrl-C and SIGTERM: the job decides, and what
 it handed over is still written (a stopped job's run is KILLED with it). It ends when its input
 ends: the sweep closes it, or the sweep's process died. A helper that dies fails the run it was
@@ -41,13 +49,16 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 
 from catnet.errors import CatnetError
 from pipeline import early
 
 log = logging.getLogger("catnet")
+HELPER_ENV = "CATNET_RECORD_HELPER"  # for a joblib sweep's workers: the helper's socket, store and process id
 SEND_SECONDS = 0.1  # a job hands its buffer to the helper at least this often while it trains
+CONNECT_SECONDS = 10  # what a joblib worker waits for the sweep's helper to listen
 CLOSE_SECONDS = 300  # what the sweep's end waits for the helper to write the last jobs' records
 _HEADER = struct.Struct("!I")
 
@@ -66,7 +77,7 @@ class Writer:
     def __init__(self, uri: str, started: tuple | None = None) -> None:
         """``started``: a helper process started already (pipeline/early.py), else one now."""
         self.uri = uri
-        self.proc, self.errors = started or early.spawn(uri)
+        self.proc, self.errors, self.socket = started or early.spawn(uri)
         self.replies = _Frames(self.proc.stdout.fileno())  # answers to ``ask``, and a failed ``open``
         self.reported = False  # whether the log said that it ended
         self.owns = False  # whether it opened the store and holds the sweep's record (``open``)
@@ -92,7 +103,7 @@ class Writer:
         self._put(message)
         while True:
             try:
-                reply = self.replies.next(block=True)
+                reply = self._reply(block=True)
             except EOFError:
                 raise WriterLost(self._ended()) from None
             if reply[0] == "fatal":
@@ -105,15 +116,30 @@ class Writer:
     def failed(self) -> str | None:
         """Why it could not open the store, if it said so by now (it does not wait)."""
         try:
-            while self.fatal is None and (reply := self.replies.next(block=False)) is not None:
+            while self.fatal is None and (reply := self._reply(block=False)) is not None:
                 if reply[0] == "fatal":
                     self.fatal = reply[1]
         except EOFError:
             pass
         return self.fatal
 
+    def _reply(self, block: bool):
+        return self.replies.next(block)
+
+    def serve_workers(self) -> None:
+        """Have a joblib sweep's workers, started from now on, hand their jobs' records to it
+        (``HELPER_ENV``, which they inherit)."""
+        import json
+
+        os.environ[HELPER_ENV] = json.dumps({"socket": self.socket, "uri": self.uri, "pid": self.proc.pid})
+
     def send(self, run_id: str, points: list[tuple[str, float, float, int]]) -> None:
         self._put(("points", run_id, points))
+
+    def send_every(self, flush_seconds: float) -> float:
+        """How often a job hands over its buffered epochs: often (``SEND_SECONDS``), for the
+        helper writes them on the core the job leaves it, as they come."""
+        return min(flush_seconds, SEND_SECONDS)
 
     def call(self, run_id: str, method: str, *args, **kwargs) -> None:
         """Have the helper call ``MlflowClient.<method>(run_id, *args, **kwargs)`` (MLflow's
@@ -162,6 +188,78 @@ class Writer:
             self.proc.wait()
         self.errors.close()
         self.proc.stdout.close()
+        shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
+        os.environ.pop(HELPER_ENV, None)
+
+
+class Connected(Writer):
+    """The sweep's helper as a joblib worker's jobs reach it: through its socket (``HELPER_ENV``).
+    What ends a job's record (its run's end, a link, a failed job's run) waits for the helper's
+    word that it is in the helper's queue, ahead of anything the job's return leads to (the
+    sweep's end): the helper writes it while the worker goes on, and the sweep's end finds it."""
+
+    ACKED = ("end", "link", "failed")
+
+    def __init__(self, uri: str, socket: str, pid: int) -> None:
+        from multiprocessing.connection import Client
+
+        self.uri, self.socket, self.pid = uri, socket, pid  # pid: for what the log says
+        self.reported, self.owns, self.fatal = False, True, None
+        self.closed = False
+        deadline = time.monotonic() + CONNECT_SECONDS
+        while True:  # a helper started a moment ago may not listen yet
+            try:
+                self.conn = Client(socket, family="AF_UNIX")
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def hand(self, kind: str, run_id: str, *record) -> None:
+        if kind == "create":  # more of the run follows, its end last
+            super().hand(kind, run_id, *record)
+        else:
+            self.ask(kind, run_id, *record)
+
+    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None,
+            end_time: int | None = None) -> None:
+        self.ask("end", run_id, status, reason, folder, end_time)
+
+    def send_every(self, flush_seconds: float) -> float:
+        """``tracking.flush_seconds``, as a job that writes its own record: the workers take
+        every core, so each write the helper makes takes from training (a store transaction
+        for every 0.1 s of epochs cost a 20,000-epoch job 0.3 s of the helper's time)."""
+        return flush_seconds
+
+    def _put(self, message: tuple) -> None:
+        try:  # its kind readable without unpickling (_Inbox)
+            self.conn.send_bytes(message[0].encode() + b"\0" + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, ValueError):
+            self.closed = True
+            raise WriterLost(self._ended()) from None
+
+    def _reply(self, block: bool):
+        try:
+            if not block and not self.conn.poll():
+                return None
+            return pickle.loads(self.conn.recv_bytes())
+        except (OSError, EOFError):
+            self.closed = True
+            raise EOFError from None
+
+    def _ended(self) -> str:
+        return f"the sweep's record helper (process {self.pid}) is gone"
+
+    def alive(self) -> bool:
+        """Whether its connection is still open (a helper that ended, even one not yet reaped
+        by the sweep's process, closed it): what is waiting there is a notice (``failed``)."""
+        self.failed()  # reads what is waiting: its end too
+        return not self.closed
+
+    def close(self, timeout: float = 0) -> None:
+        self.closed = True
+        self.conn.close()
 
 
 _STARTED: list[Writer] = []  # this process's helper, if a sweep started one
@@ -204,10 +302,37 @@ def start(uri: str, on_lost=None) -> Writer:
     return _STARTED[0]
 
 
+_CONNECTED: list[Connected] = []  # in a joblib worker: its connection to the sweep's helper
+
+
+def _connected(uri: str) -> Connected | None:
+    """In a joblib worker of a sweep whose helper holds the record of the store at ``uri``: the
+    connection to it (made once per worker); None elsewhere, or if it cannot be reached (the
+    jobs then write their records themselves)."""
+    import json
+
+    spec = json.loads(os.environ.get(HELPER_ENV) or "{}")
+    if spec.get("uri") != uri or _STARTED:
+        return None
+    for c in _CONNECTED:
+        if c.socket == spec["socket"]:
+            return c
+    try:
+        c = Connected(uri, spec["socket"], spec["pid"])
+    except OSError as e:
+        log.warning("tracking: the sweep's record helper could not be reached (%s); this worker's jobs "
+                    "write their records themselves", e)
+        os.environ.pop(HELPER_ENV, None)
+        return None
+    _CONNECTED[:] = [c]
+    return c
+
+
 def for_store(uri: str) -> Writer | None:
     """The helper started for ``uri``, if it is still there (if it ended, the log says so once:
-    the jobs write their records themselves from then on)."""
-    for w in _STARTED:
+    the jobs write their records themselves from then on); in a joblib worker, the connection
+    to the sweep's helper."""
+    for w in [*_STARTED, *filter(None, [_connected(uri)])]:
         if w.uri != uri:
             continue
         if w.alive():
@@ -228,7 +353,8 @@ def lost_owner() -> None:
 
 
 def owner(uri: str | None = None) -> Writer | None:
-    """The living helper that owns the sweep's record (of the store at ``uri``, if given)."""
+    """The living helper that owns the sweep's record (of the store at ``uri``, if given; in a
+    joblib worker, reached through its socket)."""
     w = for_store(uri) if uri is not None else next((w for w in _STARTED if w.alive()), None)
     return w if w is not None and w.owns else None
 
@@ -257,30 +383,12 @@ def close_early() -> None:
 # ---- the helper's side -----------------------------------------------------------------------------
 
 class _Frames:
-    """Length-prefixed pickles from a file descriptor, with a look at whether one is waiting;
-    ``drain``: a thread reads the descriptor as soon as anything arrives (the helper's input,
-    while it imports MLflow: a full pipe would stop the job that writes into it)."""
+    """Length-prefixed pickles from a file descriptor, with a look at whether one is waiting."""
 
-    def __init__(self, fd: int, drain: bool = False) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd, self.buf, self.eof = fd, bytearray(), False
-        self.chunks: queue.SimpleQueue | None = None
-        if drain:
-            self.chunks = queue.SimpleQueue()
-            threading.Thread(target=self._drain, name="catnet-input", daemon=True).start()
-
-    def _drain(self) -> None:
-        while True:
-            chunk = os.read(self.fd, 1 << 20)
-            self.chunks.put(chunk)
-            if not chunk:
-                return
 
     def _read(self, block: bool) -> bytes | None:
-        if self.chunks is not None:
-            try:
-                return self.chunks.get(block=block)
-            except queue.Empty:
-                return None
         if not block and not select.select([self.fd], [], [], 0)[0]:
             return None
         return os.read(self.fd, 1 << 20)
@@ -290,6 +398,11 @@ class _Frames:
 
     def next(self, block: bool):
         """The next message; None if none is waiting (``block`` False); EOFError at the end."""
+        data = self.next_bytes(block)
+        return None if data is None else pickle.loads(data)
+
+    def next_bytes(self, block: bool) -> bytes | None:
+        """The next message, pickled (``next``)."""
         while not self._complete():
             if self.eof:
                 raise EOFError
@@ -301,17 +414,87 @@ class _Frames:
                 continue
             self.buf += chunk
         size = _HEADER.unpack_from(self.buf)[0]
-        message = pickle.loads(self.buf[_HEADER.size:_HEADER.size + size])
+        data = bytes(self.buf[_HEADER.size:_HEADER.size + size])
         del self.buf[:_HEADER.size + size]
-        return message
+        return data
 
 
-def serve(uri: str) -> int:
+class _Inbox:
+    """What the helper is handed, in the order it arrives: the messages of the sweep's process
+    (its input; source None) and of each joblib worker's connection (source: the connection;
+    its message None when it closed). Threads read both as soon as anything arrives (a full
+    pipe or socket would stop the job that writes into it while the helper imports MLflow);
+    the end of the input is ``END``. They leave the messages pickled: unpickling one of MLflow's
+    entities while the helper imports MLflow would import it twice over (a partial module). A
+    worker's message comes as its kind, a zero byte, then the pickle (``Connected``)."""
+
+    END = ("end of input",)
+
+    def __init__(self, fd: int, socket: str) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._input, args=(fd,), name="catnet-input", daemon=True).start()
+        if socket:
+            from multiprocessing.connection import Listener
+
+            listener = Listener(socket, family="AF_UNIX")  # before the imports: workers may connect early
+            threading.Thread(target=self._listen, args=(listener,), name="catnet-listen", daemon=True).start()
+
+    def _input(self, fd: int) -> None:
+        frames = _Frames(fd)
+        while True:
+            try:
+                self.queue.put((None, frames.next_bytes(block=True)))
+            except EOFError:
+                self.queue.put((None, None))
+                return
+
+    def _listen(self, listener) -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._receive, args=(conn,), name="catnet-worker", daemon=True).start()
+
+    def _receive(self, conn) -> None:
+        while True:
+            try:
+                kind, _, data = conn.recv_bytes().partition(b"\0")
+            except (EOFError, OSError):
+                self.queue.put((conn, None))
+                return
+            self.queue.put((conn, data))
+            if kind.decode() in Connected.ACKED:  # in the queue: handled before anything the job's return leads to
+                self.reply(conn, ("ok", None))
+
+    def reply(self, conn, message: tuple) -> None:
+        """Send ``message`` to a worker's connection (from this thread or the helper's loop)."""
+        with self.lock:
+            try:
+                conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            except (OSError, ValueError):  # the worker is gone: what it handed over is still written
+                pass
+
+    def next(self, block: bool):
+        """(source, message), or None if nothing is waiting (``block`` False); the message is
+        ``END`` at the end of the input, None when a worker's connection closed."""
+        try:
+            source, data = self.queue.get(block=block)
+        except queue.Empty:
+            return None
+        if data is None:
+            return source, self.END if source is None else None
+        return source, pickle.loads(data)
+
+
+def serve(uri: str, socket: str = "") -> int:
     """The helper's life: read what the jobs hand over, write it in order, until its input ends.
-    ``uri`` empty: started early (``start_early``), it learns its store from its first message."""
+    ``uri`` empty: started early (``start_early``), it learns its store from its first message.
+    ``socket``: where it listens for joblib workers' jobs (``Connected``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides; its input's end ends this
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    frames = _Frames(sys.stdin.fileno(), drain=True)  # read from the start: the jobs do not wait for the imports
+    inbox = _Inbox(sys.stdin.fileno(), socket)  # read from the start: the jobs do not wait for the imports
     from pipeline.tracking import store
 
     store.import_code(uri)
@@ -328,7 +511,12 @@ def serve(uri: str) -> int:
     fatal: list[str] = []  # why ``open`` failed: every run's record fails with it
     roots: list[str] = []  # the artifact root ``open`` named, for experiments it creates
 
+    source = None  # where the message being handled came from: None (the sweep's process) or a connection
+
     def reply(*message) -> None:
+        if source is not None:
+            inbox.reply(source, message)
+            return
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             out.write(_HEADER.pack(len(data)) + data)
@@ -417,18 +605,31 @@ def serve(uri: str) -> int:
         except Exception as e:  # noqa: BLE001 - raised in the asking process
             reply("error", f"{type(e).__name__}: {store.brief(e)}")
 
+    opened = False  # whether the sweep's process said which record this is (``open``)
+    told: set = set()  # the workers' connections told that the store could not be opened
+    early: list = []  # what workers handed over before that (in the order it came)
     while True:
-        try:
-            message = frames.next(block=not pending)
-        except EOFError:
+        item = early.pop(0) if opened and early else inbox.next(block=not pending)
+        if item is None:  # nothing more waiting: write what came
+            write_pending()
+            continue
+        source, message = item
+        if message is _Inbox.END:
             write_pending()
             write_batches()
             sys.stdout.flush()
             sys.stderr.flush()
+            if socket:
+                shutil.rmtree(os.path.dirname(socket), ignore_errors=True)
             os._exit(0)  # all is written: no interpreter teardown (MLflow's modules) for the sweep to wait for
-        if message is None:  # nothing more waiting: write what came
-            write_pending()
+        if message is None:  # a worker's connection closed
             continue
+        if source is not None and not opened:
+            early.append(item)
+            continue
+        if source is not None and fatal and source not in told:  # its next job fails at once (Writer.failed)
+            told.add(source)
+            reply("fatal", fatal[0])
         kind = message[0]
         if kind == "uri":
             uri = message[1]
@@ -452,6 +653,7 @@ def serve(uri: str) -> int:
         if kind in ("find", "finish", "abort"):  # a question or the sweep's end: everything before it written
             write_batches()
         if kind == "open":
+            opened = True
             _, name, artifact_root, top = message
             roots.append(artifact_root)
             try:
