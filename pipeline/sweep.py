@@ -2,9 +2,9 @@
 
 ``MlflowSweep`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``); it runs in the
 process that launches the sweep. Before any job starts it creates the SQLite store, the
-experiment and the parent run, so parallel jobs never race to create them (a sequential sweep
-into SQLite hands that, with the rest of its record, to its helper process: pipeline/tracking/
-writer.py), and hands the parent's id to the jobs through the environment (inherited by local Ray
+experiment and the parent run, so parallel jobs never race to create them (a sweep into SQLite
+on the basic or joblib launcher hands that, with the rest of its record, to its helper process:
+pipeline/tracking/writer.py), and hands the parent's id to the jobs through the environment (inherited by local Ray
 workers), or, for joblib's workers, started while the parent is created, through a file in the
 ledger named there.
 Every job also leaves its outcome in the sweep's ledger, a folder private to the sweep, so the

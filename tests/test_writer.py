@@ -636,7 +636,8 @@ def test_a_workers_connection_to_a_helper_that_died_is_seen_closed_before_a_job_
     assert connected.alive()
     w.proc.kill()
     deadline = time.monotonic() + 30
-    while psutil.Process(w.proc.pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline
+    while psutil.Process(w.proc.pid).status() != psutil.STATUS_ZOMBIE or connected.alive():
+        assert time.monotonic() < deadline, "the connection of a helper that died is still taken as alive"
         time.sleep(0.05)
+    assert psutil.Process(w.proc.pid).status() == psutil.STATUS_ZOMBIE  # its process id still answers
     assert not connected.alive()
