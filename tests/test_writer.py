@@ -465,21 +465,32 @@ def test_a_sequential_sweep_never_imports_mlflow_and_its_helper_writes_the_whole
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"mlflow imported: {knob == 'thread'}" in proc.stderr, proc.stderr[-2000:]
-        client, runs = runs_of(store["uri"], knob)
-        top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
-        children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time)
-        assert len(top) == 1 and [r.data.tags["mlflow.parentRunId"] for r in children] == [top[0].info.run_id] * 3
-        best = client.get_run(top[0].data.tags["catnet.best_run_id"])
-        assert best.data.tags["catnet.model_uri"].startswith("models:/")
+        records[knob], children = _sweep_record(store, knob, order=lambda r: r.info.start_time)
         assert all(a.info.end_time <= b.info.start_time for a, b in zip(children, children[1:]))
-        records[knob] = {
-            "parent": (top[0].info.status, sorted(top[0].data.params), sorted(top[0].data.metrics),
-                       sorted(k for k in top[0].data.tags if k != "catnet.pid_started")),
-            "children": [(r.info.run_name, r.info.status, r.data.params, sorted(r.data.metrics),
-                          sorted(r.data.tags), sorted(a.path for a in client.list_artifacts(r.info.run_id)),
-                          len(client.get_metric_history(r.info.run_id, "train/error")),
-                          [d.dataset.digest for d in r.inputs.dataset_inputs]) for r in children],
-        }
+    _assert_alike(records)
+
+
+def _sweep_record(store, experiment: str, order) -> tuple[dict, list]:
+    """A 3-job sweep's record in ``experiment``, what two ways of writing it must agree on (its
+    children in ``order``), and the children's runs; its parent has the best child's model."""
+    client, runs = runs_of(store["uri"], experiment)
+    top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=order)
+    assert len(top) == 1 and [r.data.tags["mlflow.parentRunId"] for r in children] == [top[0].info.run_id] * 3
+    best = client.get_run(top[0].data.tags["catnet.best_run_id"])
+    assert best.data.tags["catnet.model_uri"].startswith("models:/")
+    return {
+        "parent": (top[0].info.status, sorted(top[0].data.params), sorted(top[0].data.metrics),
+                   sorted(k for k in top[0].data.tags if k != "catnet.pid_started")),
+        "children": [(r.info.run_name, r.info.status, r.data.params, sorted(r.data.metrics),
+                      sorted(r.data.tags), sorted(a.path for a in client.list_artifacts(r.info.run_id)),
+                      len(client.get_metric_history(r.info.run_id, "train/error")),
+                      [d.dataset.digest for d in r.inputs.dataset_inputs]) for r in children],
+    }, children
+
+
+def _assert_alike(records: dict) -> None:
+    """The helper's record (``process``) is whole and is the one jobs writing their own make."""
     assert records["process"]["parent"][0] == "FINISHED"
     assert [c[1] for c in records["process"]["children"]] == ["FINISHED"] * 3
     assert [c[6] for c in records["process"]["children"]] == [300] * 3
@@ -548,20 +559,7 @@ def _joblib_record(store, knob: str, tmp) -> tuple[dict, list[str]]:
                            f"tracking.sweep_writer={knob}", *store["args"][:1], f"tracking.experiment={knob}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client, runs = runs_of(store["uri"], knob)
-    top = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
-    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.run_name)
-    assert len(top) == 1 and [r.data.tags["mlflow.parentRunId"] for r in children] == [top[0].info.run_id] * 3
-    best = client.get_run(top[0].data.tags["catnet.best_run_id"])
-    assert best.data.tags["catnet.model_uri"].startswith("models:/")
-    record = {
-        "parent": (top[0].info.status, sorted(top[0].data.params), sorted(top[0].data.metrics),
-                   sorted(k for k in top[0].data.tags if k != "catnet.pid_started")),
-        "children": [(r.info.run_name, r.info.status, r.data.params, sorted(r.data.metrics), sorted(r.data.tags),
-                      sorted(a.path for a in client.list_artifacts(r.info.run_id)),
-                      len(client.get_metric_history(r.info.run_id, "train/error")),
-                      [d.dataset.digest for d in r.inputs.dataset_inputs]) for r in children],
-    }
+    record, _ = _sweep_record(store, knob, order=lambda r: r.info.run_name)  # jobs side by side: by name
     return record, [p.read_text() for p in marks.iterdir()]
 
 
@@ -577,14 +575,7 @@ def test_a_joblib_sweep_imports_mlflow_only_in_its_helper_which_writes_the_whole
     assert len(imported["process"]) == 1 and "catnet-record-" in imported["process"][0], imported["process"]
     assert sorted(argv.split()[0] for argv in imported["thread"]) == ["LokyProcess-1", "LokyProcess-2", "MainProcess"], \
         imported["thread"]  # the probe sees the workers and the sweep's process import it when they write
-    assert records["process"]["parent"][0] == "FINISHED"
-    assert [c[1] for c in records["process"]["children"]] == ["FINISHED"] * 3
-    assert [c[6] for c in records["process"]["children"]] == [300] * 3
-    differ = ("tracking.sweep_writer", "tracking.experiment")  # the only params the two sweeps differ in
-    for a, b in zip(records["process"]["children"], records["thread"]["children"]):
-        assert a[:2] + a[3:] == b[:2] + b[3:]
-        assert {k: v for k, v in a[2].items() if k not in differ} == {k: v for k, v in b[2].items() if k not in differ}
-    assert records["process"]["parent"] == records["thread"]["parent"]
+    _assert_alike(records)
 
 
 @needs_data
