@@ -104,12 +104,12 @@ def report(rounds: int = 2, jobs: int = 16, long_epochs: int = 20000) -> dict[st
     print(f"{'':40} {'tracked':>8} {'untracked':>9} {'floor on':>9} {'floor off':>9}  goal")
     for label, on, off, floor_on, floor_off, goal in rows:
         print(f"{label:40} {on:8.2f} {off:9.2f} {floor_on:9.2f} {floor_off:9.2f}  {goal}")
-    print(f"{'tracked / untracked, ' + str(jobs) + '-job sweep':40} {ratio:8.2f} {'':9} "
-          f"{t['floor_sweepN_on'] / t['floor_sweepN_off']:9.2f}")
+    print(f"{'tracked / untracked, ' + str(jobs) + '-job sweep':40} {ratio:8.3f} {'':9} "
+          f"{t['floor_sweepN_on'] / t['floor_sweepN_off']:9.3f}")
     print(f"{'per extra job, tracked, epochs by thread':40} {per_thread:8.2f}   (tracking.sweep_writer=thread; "
           f"{jobs}-job sweep {t['sweepN_thread']:.2f} s, ratio {t['sweepN_thread'] / t['sweepN_off']:.2f})")
-    print(f"{jobs} jobs x {long_epochs} epochs, tracked: sequential {t['long_seq']:.1f} s, joblib n_jobs=2 "
-          f"{t['long_joblib']:.1f} s, ratio {joblib:.2f} (goal <= {GOALS['joblib_ratio']})")
+    print(f"{jobs} jobs x {long_epochs} epochs, tracked: sequential {t['long_seq']:.2f} s, joblib n_jobs=2 "
+          f"{t['long_joblib']:.2f} s, ratio {joblib:.3f} (goal <= {GOALS['joblib_ratio']})")
     return {**t, "per_job_on": per["on"], "per_job_off": per["off"], "floor_per_job_on": per["floor_on"],
             "floor_per_job_off": per["floor_off"], "per_job_thread": per_thread, "sweep_ratio": ratio, "joblib_ratio": joblib}
 
