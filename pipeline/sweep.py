@@ -248,8 +248,8 @@ class MlflowSweep(Callback):
         if result is None:  # untracked
             counts = parent.count(outcomes)
             failed = counts["failed"] + counts["killed"] + counts["running"]
-            result = {"counts": counts, "status": "FAILED" if failed else "FINISHED",
-                      "reason": f"{failed} of {counts['jobs']} jobs failed" if failed else None, "summary": {}, "lost": []}
+            result = {"counts": counts, "status": "FAILED" if failed else "FINISHED", "summary": {}, "lost": [],
+                      "reason": f"{failed} of {counts['jobs']} jobs failed" if failed else None}
         counts, status, reason, summary, lost = (result[k] for k in ("counts", "status", "reason", "summary", "lost"))
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")

@@ -201,7 +201,8 @@ def test_a_sweeps_jobs_share_their_inputs_and_train_what_each_would_train_alone(
         assert f"data.split_seed={split}" in (together / ".hydra" / "overrides.yaml").read_text()
         if (split, norm) not in alone:
             alone[split, norm] = tmp_path / f"alone-{split}-{norm}"
-            run_cli("-m", f"data.split_seed={split}", f"normalize={norm}", *common, f"hydra.sweep.dir={alone[split, norm]}")
+            run_cli("-m", f"data.split_seed={split}", f"normalize={norm}", *common,
+                    f"hydra.sweep.dir={alone[split, norm]}")
         for output in ("models/weights.npz", "reports/metrics.json"):
             assert (together / output).read_bytes() == (alone[split, norm] / "0" / output).read_bytes(), (job, output)
 

@@ -554,8 +554,9 @@ def _joblib_record(store, knob: str, tmp) -> tuple[dict, list[str]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])),
            "CATNET_TEST_MLFLOW_IMPORTS": str(marks)}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", "seed=0,1,2", "train.epochs=300", "sweep.reuse=false",
-                           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={store['out']}/{knob}",
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", "seed=0,1,2", "train.epochs=300",
+                           "sweep.reuse=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                           f"hydra.sweep.dir={store['out']}/{knob}",
                            f"tracking.sweep_writer={knob}", *store["args"][:1], f"tracking.experiment={knob}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -573,8 +574,8 @@ def test_a_joblib_sweep_imports_mlflow_only_in_its_helper_which_writes_the_whole
     for knob in ("process", "thread"):
         records[knob], imported[knob] = _joblib_record(store, knob, tmp_path)
     assert len(imported["process"]) == 1 and "catnet-record-" in imported["process"][0], imported["process"]
-    assert sorted(argv.split()[0] for argv in imported["thread"]) == ["LokyProcess-1", "LokyProcess-2", "MainProcess"], \
-        imported["thread"]  # the probe sees the workers and the sweep's process import it when they write
+    importers = sorted(argv.split()[0] for argv in imported["thread"])  # the probe sees the workers and the
+    assert importers == ["LokyProcess-1", "LokyProcess-2", "MainProcess"], imported["thread"]  # sweep's process
     _assert_alike(records)
 
 

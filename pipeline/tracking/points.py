@@ -9,11 +9,11 @@ the store's own session (SQLite: the driver's, with a plain statement; PostgreSQ
 batched insert of the store's table model), then updates the run's latest value of each key with
 the store's own rule (``_update_latest_metrics_if_necessary``: greatest step, then time, then
 value): about 0.05 s for 10,000 points into SQLite (0.15 s through SQLAlchemy's insert, whose
-per-row bookkeeping cost a joblib sweep's busy cores 0.25 s a 20,000-epoch job). The record is the one ``log_batch`` makes (tests/
-test_points.py compares them); like it, it refuses what MLflow's validation refuses (a bad key),
-does not write a point already in the run twice, stores a NaN as 0 flagged NaN and an infinity as
-the largest float. A server (``http(s):``) or any other
-database gets ``log_batch`` itself. This reads MLflow internals (the client's store, its models),
+per-row bookkeeping cost a joblib sweep's busy cores 0.25 s a 20,000-epoch job). The record is
+the one ``log_batch`` makes (tests/test_points.py compares them); like it, it refuses what
+MLflow's validation refuses (a bad key), does not write a point already in the run twice, stores
+a NaN as 0 flagged NaN and an infinity as the largest float. A server (``http(s):``) or any
+other database gets ``log_batch`` itself. This reads MLflow internals (the client's store, its models),
 which the pinned version (requirements.lock) fixes; tests/test_points.py fails if they move.
 """
 
@@ -110,7 +110,8 @@ def create_run(client, run_id: str, experiment_id: str, name: str, tags: dict[st
         experiment = store.get_experiment(experiment_id)
         store._check_experiment_is_active(experiment)
         run = SqlRun(name=name, run_uuid=run_id, experiment_id=experiment_id,
-                     artifact_uri=append_to_uri_path(experiment.artifact_location, run_id, SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
+                     artifact_uri=append_to_uri_path(experiment.artifact_location, run_id,
+                                                     SqlAlchemyStore.ARTIFACTS_FOLDER_NAME),
                      source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
                      user_id=tags.get("mlflow.user", "unknown"), status=RunStatus.to_string(RunStatus.RUNNING),
                      start_time=start_ms, end_time=None, deleted_time=None, source_version="",

@@ -607,9 +607,9 @@ def serve(uri: str, socket: str = "") -> int:
 
     opened = False  # whether the sweep's process said which record this is (``open``)
     told: set = set()  # the workers' connections told that the store could not be opened
-    early: list = []  # what workers handed over before that (in the order it came)
+    before_open: list = []  # what workers handed over before that (in the order it came)
     while True:
-        item = early.pop(0) if opened and early else inbox.next(block=not pending)
+        item = before_open.pop(0) if opened and before_open else inbox.next(block=not pending)
         if item is None:  # nothing more waiting: write what came
             write_pending()
             continue
@@ -625,7 +625,7 @@ def serve(uri: str, socket: str = "") -> int:
         if message is None:  # a worker's connection closed
             continue
         if source is not None and not opened:
-            early.append(item)
+            before_open.append(item)
             continue
         if source is not None and fatal and source not in told:  # its next job fails at once (Writer.failed)
             told.add(source)
