@@ -5,11 +5,13 @@
     python -m pipeline.predict model_uri=null images=[a.png] json=input.json   # input for `mlflow models predict`
     catnet-predict images=[a.png]                                          # the same, installed as a command
 
-Image paths, and the csv= and json= files, are relative to the directory it runs from.
+Image paths, and the csv= and json= files, are relative to the directory it runs from;
+``images=cat.png`` (one path, no brackets) is the list of that path.
 
 Each image is converted to RGB and resized to 64x64 (Pillow), as the training images are.
-Prints one line per image: path, label (cat / non-cat), probability of cat. An image that
-cannot be read gets one line on stderr and the others are still predicted (exit status 1).
+Prints one line per image: path, label (cat / non-cat), probability of cat, and what the model
+saw of it (``64x64 RGB`` as it was, or ``resized from 451x300 RGBA``). An image that cannot be
+read gets one line on stderr and the others are still predicted (exit status 1).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json as json_module
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
 import numpy as np
@@ -36,7 +38,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass
 class PredictConfig:
     model_uri: Optional[str] = "models:/catnet@champion"  # any MLflow model URI (null: only write json=)
-    images: list[str] = field(default_factory=list)  # files or folders
+    images: Any = field(default_factory=list)  # files or folders: a list, or one path
     size: list[int] = field(default_factory=lambda: [64, 64])
     csv: Optional[str] = None  # also write path,label,probability here
     json: Optional[str] = None  # also write the images as `mlflow models predict` JSON input
@@ -51,10 +53,11 @@ def here(path: str) -> Path:
     return Path(path).expanduser().absolute()
 
 
-def image_paths(items: list[str]) -> list[Path]:
-    """The files named, and the image files inside the folders named, in order."""
+def image_paths(items: Any) -> list[Path]:
+    """The files named, and the image files inside the folders named, in order; one path
+    (``images=photos/``) is the list of that path."""
     paths: list[Path] = []
-    for item in items:
+    for item in [items] if isinstance(items, (str, Path)) else items:
         p = here(item)
         if p.is_dir():
             paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -63,13 +66,18 @@ def image_paths(items: list[str]) -> list[Path]:
     return paths
 
 
-def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, resized like the training images."""
+def read_image(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """(H, W, 3) uint8 RGB, resized like the training images, and what was done to it:
+    ``64x64 RGB`` (nothing), ``resized from 451x300 RGBA``, ``converted from 64x64 L``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+            original = f"{im.width}x{im.height} {im.mode}"
+            x = np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+            if (im.width, im.height) != size:
+                return x, f"resized from {original}"
+            return x, original if im.mode == "RGB" else f"converted from {original}"
     except FileNotFoundError:
         raise ValueError("file not found") from None
     except UnidentifiedImageError:
@@ -82,10 +90,12 @@ def predict(cfg: DictConfig) -> int:
     if not cfg.images:
         raise ConfigError("images: name at least one image file or folder, e.g. images=[cat.png]")
     size = (int(cfg.size[1]), int(cfg.size[0]))  # Pillow wants (width, height)
-    good, arrays, failed = [], [], 0
-    for path in image_paths(list(cfg.images)):
+    good, arrays, seen, failed = [], [], [], 0
+    for path in image_paths(cfg.images):
         try:
-            arrays.append(read_image(path, size))
+            x, how = read_image(path, size)
+            arrays.append(x)
+            seen.append(how)
             good.append(path)
         except ValueError as e:
             print(f"{path}: error: {e}", file=sys.stderr)
@@ -97,14 +107,14 @@ def predict(cfg: DictConfig) -> int:
         atomic_write(here(cfg.json), lambda f: json_module.dump({"inputs": x.tolist()}, f), mode="w")
     if cfg.model_uri:
         out = load_model(cfg).predict(x)
-        rows = [(str(p), "cat" if lab == 1 else "non-cat", float(pr))
-                for p, lab, pr in zip(good, out["label"], out["probability"])]
-        for path, label, proba in rows:
-            print(f"{path}\t{label}\t{proba:.4f}")
+        rows = [(str(p), "cat" if lab == 1 else "non-cat", float(pr), how)
+                for p, lab, pr, how in zip(good, out["label"], out["probability"], seen)]
+        for path, label, proba, how in rows:
+            print(f"{path}\t{label}\t{proba:.4f}\t{how}")
         if cfg.csv:
             def write(f):
                 w = csv_module.writer(f)
-                w.writerow(["path", "label", "probability"])
+                w.writerow(["path", "label", "probability", "seen_as"])
                 w.writerows(rows)
             atomic_write(here(cfg.csv), write, mode="w")
     return 1 if failed else 0

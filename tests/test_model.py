@@ -92,15 +92,17 @@ def test_predict_on_png_and_jpeg_files_skips_a_bad_one(trained):
     assert proc.returncode == 1
     assert f"{folder / 'broken.png'}: error: not an image" in proc.stderr
     lines = [line.split("\t") for line in proc.stdout.strip().splitlines()]
-    assert [p for p, _, _ in lines] == [str(n) for n in sorted(names)]
-    assert all(label in ("cat", "non-cat") and 0 <= float(p) <= 1 for _, label, p in lines)
+    assert [p for p, _, _, _ in lines] == [str(n) for n in sorted(names)]
+    assert all(label in ("cat", "non-cat") and 0 <= float(p) <= 1 for _, label, p, _ in lines)
+    assert {seen for *_, seen in lines} == {"64x64 RGB"}  # nothing converted
+    assert csv.read_text().splitlines()[0] == "path,label,probability,seen_as"
     assert csv.read_text().count("\n") == 7
     # the PNG files are lossless: the same answer as the model on the original pixels
     import mlflow
 
     mlflow.set_tracking_uri(trained["uri"])
     direct = mlflow.pyfunc.load_model("models:/catnet@champion").predict(x[:6])
-    by_path = {p: float(pr) for p, _, pr in lines}
+    by_path = {p: float(pr) for p, _, pr, _ in lines}
     for i in (1, 3, 5):
         assert by_path[str(folder / f"img{i}.png")] == pytest.approx(direct["probability"][i], abs=1e-4)
 
@@ -117,3 +119,63 @@ def test_mlflow_models_predict_cli_on_the_champion(trained):
     predictions = json.loads(proc.stdout.strip().splitlines()[-1])["predictions"]
     assert len(predictions) == 6 and {"probability", "label"} <= set(predictions[0])
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # e.g. MLflow's "add type hints to predict"
+
+
+def test_predict_takes_one_path_and_says_what_it_converted(trained):
+    """``images=<one path>`` without brackets is the list of that path; an image of another size or
+    mode is predicted, and its line (and csv=) say what the model saw of it."""
+    from PIL import Image
+
+    x, _ = _test_images()
+    photo = trained["tmp"] / "photo.png"
+    Image.fromarray(x[0]).convert("RGBA").resize((451, 300)).save(photo)
+    gray = trained["tmp"] / "gray" / "small.png"
+    gray.parent.mkdir()
+    Image.fromarray(x[1]).convert("L").save(gray)
+    csv = trained["tmp"] / "one.csv"
+    for images, expected in ((photo, "resized from 451x300 RGBA"), (gray.parent, "converted from 64x64 L")):
+        proc = run_cli(f"tracking.uri={trained['uri']}", f"images={images}", f"csv={csv}", module="pipeline.predict")
+        (line,) = proc.stdout.strip().splitlines()
+        assert line.split("\t")[3] == expected
+        assert csv.read_text().splitlines()[1].endswith(f",{expected}")
+
+
+def test_a_model_made_from_the_process_s_first_is_the_one_mlflow_would_save(tmp_path):
+    """A sweep logs a model per job: the first is saved by MLflow, the later ones are its folder with
+    their own arrays and ids. That folder equals, file by file, what MLflow saves for those arrays
+    (MLmodel but for the ids, time and size it states), and predicts with them."""
+    import yaml
+
+    from catnet.network import init_network
+    from pipeline.tracking import model as tracking_model
+
+    rng = np.random.default_rng(0)
+
+    def arrays(hidden):
+        net = init_network([12288, hidden, 1], rng)
+        weights = {**{f"W{i + 1}": w for i, w in enumerate(net.weights)},
+                   "activation": np.array("sigmoid"), "image_shape": np.array([64, 64, 3])}
+        return weights, {"method": np.array("scale"), "shift": np.zeros(12288), "scale": np.full(12288, 255.0)}
+
+    example = np.zeros((2, 64, 64, 3), np.uint8)
+    first, second = arrays(5), arrays(9)
+    tracking_model._save(tmp_path / "a", tmp_path / "a" / "model", *first, example, "run-a", "m-a")
+    template = {str(f.relative_to(tmp_path / "a" / "model")): f.read_bytes()
+                for f in (tmp_path / "a" / "model").rglob("*") if f.is_file()}
+    tracking_model._from_template(template, tmp_path / "made", *second, "run-b", "m-b")
+    tracking_model._save(tmp_path / "b", tmp_path / "saved", *second, example, "run-b", "m-b")
+    made = {str(f.relative_to(tmp_path / "made")): f for f in (tmp_path / "made").rglob("*") if f.is_file()}
+    saved = {str(f.relative_to(tmp_path / "saved")): f for f in (tmp_path / "saved").rglob("*") if f.is_file()}
+    assert sorted(made) == sorted(saved)
+    for name in made:
+        if name != "MLmodel":
+            assert made[name].read_bytes() == saved[name].read_bytes(), name
+    a, b = (yaml.safe_load(x["MLmodel"].read_text()) for x in (made, saved))
+    assert a.pop("utc_time_created") and b.pop("utc_time_created")
+    assert a == b  # run and model ids, size: as MLflow states them for this model
+
+    import mlflow
+
+    x = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(tmp_path / "made")).predict(x)["probability"],
+                                  mlflow.pyfunc.load_model(str(tmp_path / "saved")).predict(x)["probability"])
