@@ -37,8 +37,8 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
     out = Outputs.of(cfg)
     save_json(out.metrics, results)
     mlrun.log_metrics(mlflow_metrics(results))
-    if is_multirun():  # the model is made where it is used: the sweep's best, a run register picks
-        mlrun.log_arrays("normalizer.npz", normalizer.to_arrays())  # beside weights.npz (model.ensure)
+    if is_multirun():  # the model is made from weights.npz and normalizer.npz by who writes the record
+        mlrun.log_model_from_files(normalizer.to_arrays())
     else:
         example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
         # the network and normalizer evaluated here, from memory: the model is what these metrics judge

@@ -2,12 +2,14 @@
 
     python -m pipeline.register                                  # best run of experiment catnet
     python -m pipeline.register experiment=catnet parent=<sweep parent run id> name=catnet alias=champion
+    python -m pipeline.register run_id=<run id>                  # the run you chose, whatever its rank
 
 Picks, among the FINISHED runs that trained, the best by the one ranking rule
 (pipeline/tracking/query.py: ``metric``, validation balanced accuracy by default, then the
 cross-validated one, then ``fallback``, the training set's; never a test metric), registers its
 model under ``name`` (made from its weights first if it is a sweep's child that has none: model.ensure)
-and points ``alias`` at that version.
+and points ``alias`` at that version. With ``run_id``, that run is registered instead (a FINISHED
+run that trained, or a sweep's link to one: the run it reuses).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.config import TrackingConfig
 class RegisterConfig:
     experiment: str = "catnet"
     parent: Optional[str] = None  # only the children of this sweep parent run
+    run_id: Optional[str] = None  # this run, not the best one
     metric: str = "val/balanced_accuracy"  # then cv/balanced_accuracy, then ``fallback``
     fallback: str = "train/balanced_accuracy"  # never a test/ metric
     direction: str = "maximize"
@@ -43,6 +46,8 @@ def register(cfg: DictConfig) -> dict:
     from pipeline.tracking import model, query, reuse, store
 
     order = query.metric_order(cfg.metric, cfg.fallback, knobs=("metric", "fallback"))  # refuses a test/ metric first
+    if cfg.run_id:
+        return _register_chosen(cfg, str(cfg.run_id))
     client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
     runs = query.finished_runs(client, experiment_id, cfg.parent, with_model=True)
     metric, ranked = query.rank(runs, lambda r: r.data.metrics, order, cfg.direction)
@@ -59,6 +64,26 @@ def register(cfg: DictConfig) -> dict:
     print(f"models:/{cfg.name}@{cfg.alias} = version {version.version} = run {run_id} "
           f"(selected by {metric}={value:.4g})")
     return {"run_id": run_id, "version": version.version, "metric": metric}
+
+
+def _register_chosen(cfg: DictConfig, chosen: str) -> dict:
+    """Register run ``chosen`` (a link: the run it reuses) under ``name`` and point ``alias`` at it."""
+    from pipeline.tracking import model, reuse, store
+
+    client = store.client(cfg)
+    try:
+        run = client.get_run(chosen)
+    except Exception as e:  # noqa: BLE001 - MlflowException: no such run in this store
+        raise ConfigError(f"run_id={chosen}: no such run in {client.tracking_uri} ({str(e).splitlines()[0]})") from None
+    run_id = reuse.origin(run)
+    if run_id != chosen:
+        run = client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"run_id={chosen}: the run is {run.info.status}, not FINISHED: it has no model to register")
+    model_uri = model.ensure(client, run)
+    version = model.register(client, model_uri, run_id, cfg.name, cfg.alias, tags={"selected_by": "run_id"})
+    print(f"models:/{cfg.name}@{cfg.alias} = version {version.version} = run {run_id} (chosen by run_id)")
+    return {"run_id": run_id, "version": version.version, "metric": None}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="register")

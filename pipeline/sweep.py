@@ -137,6 +137,16 @@ def wait_for_store(cfg: DictConfig) -> None:
 
 # ---- the sweep's side ----------------------------------------------------------------------------
 
+def _optuna_logs_as_hydra_s(config: DictConfig) -> None:
+    """Optuna's lines go through the sweep's logging, as Hydra's do: Optuna's own handler colours
+    them with escape codes even in a file or a pipe."""
+    if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():  # the sweeper imports it next
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+
+
 class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.client = None  # this process's client of the store, once it opened it
@@ -161,6 +171,7 @@ class MlflowSweep(Callback):
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         self.config = config
+        _optuna_logs_as_hydra_s(config)
         self.ledger = Path(tempfile.mkdtemp(prefix="catnet-sweep-"))
         os.environ[LEDGER_ENV] = str(self.ledger)
         signal.signal(signal.SIGTERM, common.raise_terminated)  # stop the way Ctrl-C stops
@@ -185,8 +196,8 @@ class MlflowSweep(Callback):
 
         hc = config.hydra
         overrides = list(hc.overrides.task)
-        shown = [o for o in overrides if not o.startswith(("tracking.", "hydra", "paths."))]
-        self.parent = parent.describe(f"sweep {tracking.run.short_name(shown)}", {
+        name, description = sweep_name(config)
+        self.parent = parent.describe(name, description, {
             "sweep.overrides": " ".join(overrides),
             "sweep.sweeper": hc.sweeper._target_.rsplit(".", 1)[-1],
             "sweep.launcher": hc.launcher._target_.rsplit(".", 1)[-1],
@@ -411,6 +422,39 @@ def refuse_unreachable_store(config: DictConfig) -> None:
         raise ConfigError(f"tracking.uri={config.tracking.uri}: the jobs run on the Ray cluster at {address}, "
                           "whose nodes cannot reach this machine's local store; set tracking.uri to an MLflow "
                           "server every node reaches, e.g. http://<server>:5000 (README: Team mode)")
+
+
+def sweep_name(config: DictConfig) -> tuple[str, str]:
+    """A sweep parent's name, which tells it apart from the experiment's other sweeps in the UI's
+    runs table (its first 24 characters or so): the search, what it varies, what it sets apart
+    from the defaults, and its job count (``grid lr×hidden seed=7 (4)``, ``optuna (12)``); and its
+    description (the run's note): the whole command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pipeline.tracking.run import short_keys, short_name
+
+    overrides = [o for o in config.hydra.overrides.task
+                 if not o.lstrip("+~").startswith(("tracking.", "hydra", "paths.", "hparams_search="))]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [o for o in parsed if o.is_sweep_override()]
+    fixed = [text for text, o in zip(overrides, parsed) if not o.is_sweep_override()]
+    n_trials = config.hydra.sweeper.get("n_trials")
+    if n_trials is not None:
+        kind, jobs = "optuna", int(n_trials)
+    else:
+        kind, jobs = "grid", 1
+        for o in swept:
+            try:
+                jobs *= len(list(o.sweep_string_iterator()))
+            except Exception:  # noqa: BLE001 - a sweep Hydra's grid cannot count (interval): no count
+                jobs = 0
+    jobs_shown = f"({jobs})" if jobs else ""
+    varied = "×".join(short_keys([o.get_key_element().lstrip("+~") for o in swept]))
+    name = " ".join(p for p in (kind, varied, short_name(fixed), jobs_shown) if p)
+    command = [*config.hydra.overrides.task, *(o for o in config.hydra.overrides.hydra if o != "hydra.mode=MULTIRUN")]
+    description = (f"{kind} sweep of {jobs or 'its'} job{'s' if jobs != 1 else ''}: python -m pipeline -m "
+                   + " ".join(command))
+    return name, description
 
 
 def swept_keys(config: DictConfig) -> list[str]:

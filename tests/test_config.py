@@ -159,3 +159,49 @@ def test_train_stage_reruns_on_every_training_knob():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     assert {"seed", "model", "train", "data.cv_folds", "data.cv_repeats"} <= set(stage["params"])
     assert "conf/train" in stage["deps"] and "conf/model" in stage["deps"]
+
+
+def _sweep_config(*overrides: str):
+    """The config a sweep's callback gets for ``python -m pipeline -m <overrides>``: composed with
+    the group choices among them, the command line as Hydra records it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from pipeline.common import CONF_DIR
+
+    groups = [o for o in overrides if o.startswith("hparams_search=")]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=groups, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = [o for o in overrides if not o.startswith("hydra")]
+        cfg.hydra.overrides.hydra = ["hydra.mode=MULTIRUN", *(o for o in overrides if o.startswith("hydra"))]
+        for o in overrides:
+            if o.startswith("hydra.sweeper.n_trials="):
+                cfg.hydra.sweeper.n_trials = int(o.split("=")[1])
+    return cfg
+
+
+def test_names_keep_numbers_short():
+    from pipeline.tracking.run import short_name, short_value
+
+    assert short_value("2.0876396919207562e-05") == "2.09e-05" and short_value("0.000214") == "0.000214"
+    assert short_value("0.005") == "0.005" and short_value("1000") == "1000" and short_value("[64,16]") == "[64,16]"
+    assert short_value("123456789") == "123456789" and short_value("xavier_uniform") == "xavier_uniform"
+    assert (short_name(["train.lr=0.0009829739828307684", "model.hidden_sizes=[64,16]", "train.epochs=3000"])
+            == "lr=0.000983 hidden=[64,16] epochs=3000")
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["train.lr=0.001,0.005", "model.hidden_sizes=[20,7],[64,16]", "seed=7"], "grid lr×hidden seed=7 (4)"),
+    (["seed=range(0,20)", "preset=best"], "grid seed preset=best (20)"),
+    (["train.lr=0.001,0.005", "tracking.experiment=x", "hydra/launcher=joblib"], "grid lr (2)"),
+    (["hparams_search=optuna"], "optuna (20)"),
+    (["hparams_search=optuna", "hydra.sweeper.n_trials=200", "train.epochs=500"], "optuna epochs=500 (200)"),
+])
+def test_a_sweep_parent_is_named_by_what_sets_it_apart(overrides, name):
+    from pipeline.sweep import sweep_name
+
+    got, description = sweep_name(_sweep_config(*overrides))
+    assert got == name
+    in_order = [o for o in overrides if not o.startswith("hydra")] + [o for o in overrides if o.startswith("hydra")]
+    assert description.endswith("python -m pipeline -m " + " ".join(in_order))

@@ -57,16 +57,30 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     assert parent.data.tags["catnet.best_run_id"] == best.info.run_id
     assert parent.data.tags["catnet.best_by"] == "val/balanced_accuracy"
     assert parent.data.params["sweep.objective"] == "val/balanced_accuracy (maximize)"
-    # every child logs its weights and normalizer; the model is made once, for the best child
+    # the parent's name tells it apart in the runs table: the search, what it varies, what it fixes, the count
+    assert parent.info.run_name == "grid lr×hidden epochs=12 check_learned=false val_fraction=0.2 (4)"
+    assert parent.data.tags["mlflow.note.content"].startswith("grid sweep of 4 jobs: python -m pipeline -m train.lr=")
+    # every child logs its weights and normalizer, and has its model, loadable as runs:/<id>/model
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(sweep_store["uri"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     for c in children:
         assert {"weights.npz", "normalizer.npz"} <= {a.path for a in client.list_artifacts(c.info.run_id)}
-    with_model = [c.info.run_id for c in runs_of(sweep_store["uri"])[1] if "catnet.model_uri" in c.data.tags]
-    assert with_model == [best.info.run_id]
+        assert c.data.tags["catnet.model_uri"].startswith("models:/m-")
+        model = mlflow.pyfunc.load_model(f"runs:/{c.info.run_id}/model")
+        assert model.metadata.run_id == c.info.run_id
+        with np.load(client.download_artifacts(c.info.run_id, "weights.npz", str(sweep_store["tmp"] / c.info.run_id)),
+                     allow_pickle=False) as w:  # the model is this child's network, not another's
+            assert w["W1"].shape[1] == (20 if "[20,7]" in c.info.run_name else 8)
+        assert model.predict(images)["probability"].between(0, 1).all()
+    assert len({c.data.tags["catnet.model_uri"] for c in children}) == 4
 
 
-def test_register_makes_the_model_of_a_sweep_child_that_has_none(sweep_store, tmp_path):
-    """register may pick a child that is not its sweep's best (another metric, or direction):
-    its model is made then from its weights.npz and normalizer.npz, and predicts like the run."""
+def test_register_picks_by_rank_or_takes_the_run_the_user_chose(sweep_store, tmp_path):
+    """register picks the best child by a metric (either direction), or registers the run named by
+    ``run_id``; each version is that run's model, which predicts from image files."""
     import h5py
     from conftest import REAL_TEST
     from PIL import Image
@@ -87,7 +101,15 @@ def test_register_makes_the_model_of_a_sweep_child_that_has_none(sweep_store, tm
     client, runs = runs_of(uri)
     by_id = {r.info.run_id: r for r in runs}
     assert picked["minimize"] != picked["maximize"]
-    assert all(by_id[i].data.tags["catnet.model_uri"].startswith("models:/m-") for i in picked.values())
+    chosen = next(r.info.run_id for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.run_id not in picked.values())
+    reg = run_cli(f"tracking.uri={uri}", f"run_id={chosen}", "name=chosen", "alias=mine", module="pipeline.register")
+    assert f"= run {chosen} (chosen by run_id)" in reg.stdout
+    from mlflow import MlflowClient
+
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("chosen", "mine")
+    assert version.run_id == chosen and version.source == by_id[chosen].data.tags["catnet.model_uri"]
+    bad = run_cli(f"tracking.uri={uri}", "run_id=0123abc", module="pipeline.register", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("catnet: error: run_id=0123abc: no such run")
 
 
 def test_compare_report_lists_the_sweep_and_logs_to_its_parent(sweep_store):
@@ -277,7 +299,8 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
     _, runs = runs_of(uri)
     assert [(r.data.params["train.lr"], r.info.status) for r in runs] == [("0.0123", "FINISHED")]
     exp_name = runs[0].data.tags["catnet.dvc.exp_name"]  # the run carries the DVC experiment's name
-    assert exp_name and runs[0].info.run_name == exp_name
+    # and is named by it and by what -S changed (not tracking.*)
+    assert exp_name and runs[0].info.run_name == f"{exp_name} epochs=4 lr=0.0123 check_learned=false"
     show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, env={**os.environ, **env},
                           capture_output=True, text=True, check=True)
     assert "0.0123" in show.stdout and exp_name in show.stdout
@@ -285,10 +308,16 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
 
 def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false", "data.cv_folds=2",
-            f"tracking.uri={uri}", "tracking.experiment=test", f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    proc = run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false",
+                   "data.cv_folds=2", f"tracking.uri={uri}", "tracking.experiment=test",
+                   f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    log = proc.stderr + proc.stdout
+    assert "\x1b[" not in log, log[:2000]  # no colour codes in a log that is not a terminal
+    assert "setup plugin alembic" not in log and "A new study created" in log
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    assert parent.info.run_name == "optuna epochs=8 check_learned=false cv_folds=2 (3)"
+    assert parent.data.params["sweep.launcher"] == "JoblibLauncher"  # the preset's trials side by side
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.data.params["sweep.sweeper"] == "OptunaSweeper" and len(children) == 3
     assert all("cv/balanced_accuracy" in c.data.metrics for c in children if c.info.status == "FINISHED")

@@ -214,3 +214,24 @@ def test_an_output_made_later_is_published_as_the_run_s_block_ends_and_never_aft
         assert [a.path for a in client.list_artifacts(failed.info.run_id)] == ["config.yaml"]
     else:
         assert runs == []
+
+
+def test_an_experiment_opens_on_its_training_runs_in_the_mlflow_ui(compose_cfg, tmp_path):
+    """MLflow 3's UI opens an experiment without the tag mlflow.experimentKind on its GenAI
+    (traces) page: catnet's experiments carry the kind of training runs, new ones from the start
+    and ones made before (or by hand) once catnet opens them; a kind set by the user is kept."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg(f"tracking.uri={uri}", "tracking.experiment=new")
+    client, new = store.open_store(cfg)
+    assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
+    plain = MlflowClient(tracking_uri=uri)
+    old = plain.create_experiment("old")
+    mine = plain.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("old", "mine"):
+        store.open_store(compose_cfg(f"tracking.uri={uri}", f"tracking.experiment={name}"))
+    assert plain.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert plain.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"

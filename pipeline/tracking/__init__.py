@@ -24,6 +24,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # make its model (tqdm lines that logs keep as they are); MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true: back
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+# MLflow's first open of a new SQLite store runs its schema migrations, and alembic logs its set-up
+# ("setup plugin alembic...") at INFO into a sweep's log
+import logging  # noqa: E402
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
 from pipeline.tracking.run import (  # noqa: F401,E402 - the stages' interface
     PARENT_ENV, SWEPT_ENV, MlflowRun, NullRun, failed_run, open_run, provenance_tags,
 )

@@ -27,16 +27,47 @@ def weights_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+# (image shape, normalizer's arrays) -> the files of a model folder MLflow saved in this process
+_TEMPLATES: dict[tuple, dict[str, bytes]] = {}
+
+
 def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: dict[str, np.ndarray],
               normalizer: dict[str, np.ndarray], example: np.ndarray, params: dict[str, str]) -> str:
     """Log the pyfunc model ``model`` of run ``run_id`` (a LoggedModel of ``experiment_id``,
     linked to the run as its output) and return its URI, ``models:/<model id>``.
 
     ``weights``: the arrays of weights.npz (with the network's description, see
-    catnet.network.Network.to_file_arrays); ``normalizer``: those of normalizer.npz."""
+    catnet.network.Network.to_file_arrays); ``normalizer``: those of normalizer.npz.
+
+    The first model of a process is saved by MLflow (``mlflow.pyfunc.save_model``: the signature,
+    the input example checked against it, the requirements, the code); the later ones of the same
+    image shape are that folder with their own arrays and ids (``_from_template``), which is what
+    MLflow would save for them (tests/test_model.py) at a fraction of the cost: a sweep logs one
+    per job."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params,
+                                       model_type="catnet")
+    local = folder / "model"
+    key = (example.shape, example.dtype.str, hash(example.tobytes()), tuple(sorted(normalizer)))
+    if key in _TEMPLATES:
+        _from_template(_TEMPLATES[key], local, weights, normalizer, run_id, model.model_id)
+    else:
+        _save(folder, local, weights, normalizer, example, run_id, model.model_id)
+        _TEMPLATES[key] = {str(f.relative_to(local)): f.read_bytes() for f in local.rglob("*") if f.is_file()}
+    client.log_model_artifacts(model.model_id, str(local))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return f"models:/{model.model_id}"
+
+
+def _save(folder: Path, local: Path, weights: dict[str, np.ndarray], normalizer: dict[str, np.ndarray],
+          example: np.ndarray, run_id: str, model_id: str) -> None:
+    """The model folder, saved by MLflow."""
+    import shutil
+
     import mlflow
     import pandas
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model, infer_signature
 
     quiet_model_warnings()
@@ -46,9 +77,6 @@ def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: di
     (src / "normalizer.npz").write_bytes(weights_bytes(normalizer))
     signature = infer_signature(example, pandas.DataFrame(
         {"probability": np.zeros(len(example)), "label": np.zeros(len(example), np.int64)}))
-    model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params,
-                                       model_type="catnet")
-    local = folder / "model"
     requirements = {"numpy": np.__version__, "pandas": pandas.__version__, "mlflow": mlflow.__version__}
     with _known_packages(requirements):
         mlflow.pyfunc.save_model(
@@ -57,17 +85,50 @@ def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: di
             code_paths=[str(ROOT / "src" / "catnet")],
             signature=signature, input_example=example,
             pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
-            mlflow_model=Model(run_id=run_id, model_id=model.model_id, model_uuid=model.model_id),
+            mlflow_model=Model(run_id=run_id, model_id=model_id, model_uuid=model_id),
         )
     _strip_machine_paths(local / "MLmodel")
     for pycache in local.rglob("__pycache__"):
-        import shutil
-
         shutil.rmtree(pycache, ignore_errors=True)
-    client.log_model_artifacts(model.model_id, str(local))
-    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    return f"models:/{model.model_id}"
+
+
+# what MLmodel says of one model and not of another of the same shape (MLflow's Model.save)
+PER_MODEL = ("run_id", "model_id", "model_uuid", "utc_time_created", "model_size_bytes")
+
+
+def _from_template(template: dict[str, bytes], local: Path, weights: dict[str, np.ndarray],
+                   normalizer: dict[str, np.ndarray], run_id: str, model_id: str) -> None:
+    """The folder ``_save`` would make: ``template`` (the files of a model MLflow saved in this
+    process, of the same image shape) with these arrays, and this run's and model's ids, time and
+    size in MLmodel."""
+    import datetime
+
+    import yaml
+
+    arrays = {"artifacts/weights.npz": weights_bytes(weights), "artifacts/normalizer.npz": weights_bytes(normalizer)}
+    for name, data in {**template, **arrays}.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    doc = yaml.safe_load(template["MLmodel"])
+    # MLflow's count of the folder's bytes (taken part-way through its save): the arrays' sizes differ
+    size = doc["model_size_bytes"] + sum(len(data) - len(template[name]) for name, data in arrays.items())
+    doc.update(run_id=run_id, model_id=model_id, model_uuid=model_id, model_size_bytes=size,
+               utc_time_created=str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)))
+    (local / "MLmodel").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def log_from_files(client, run_id: str, folder: str, params: dict[str, str]) -> str:
+    """Log run ``run_id``'s model (with the run's ``params``) from the weights.npz and
+    normalizer.npz it logged from ``folder`` (a sweep's job: the process that writes its record
+    makes its model, off the job's way), tag the run with its URI and return it."""
+    folder_ = Path(folder)
+    arrays = {name: _npz(str(folder_ / f"{name}.npz")) for name in ("weights", "normalizer")}
+    shape = tuple(int(n) for n in arrays["weights"]["image_shape"])
+    example = np.zeros((2, *shape), dtype=np.uint8)  # the signature's example: two black images
+    uri = log_model(client, run_id, client.get_run(run_id).info.experiment_id, folder_, arrays["weights"],
+                    arrays["normalizer"], example, params)
+    client.set_tag(run_id, "catnet.model_uri", uri)
+    return uri
 
 
 @contextlib.contextmanager
@@ -93,9 +154,10 @@ def _known_packages(packages):
 
 
 def ensure(client, run) -> str:
-    """The model URI of ``run`` (a run that trained): its ``catnet.model_uri``, or, for a sweep's
-    child (which logs weights.npz and normalizer.npz, not a model: a sweep user waits for every
-    job), the model made now from those two artifacts, logged as the run's and tagged."""
+    """The model URI of ``run`` (a run that trained): its ``catnet.model_uri``, or, for a run
+    that has weights.npz and normalizer.npz but no model (a sweep's child whose model could not be
+    logged, or one recorded before every child had one), the model made now from those two
+    artifacts, logged as the run's and tagged."""
     import tempfile
 
     uri = run.data.tags.get("catnet.model_uri")
@@ -166,7 +228,7 @@ def load(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
-        hint = ("; a sweep's child has a model only once it is its sweep's best or pipeline.register picked it"
+        hint = ("; pipeline.register run_id=<id> makes the model of a run that logged its weights.npz but has none"
                 if model_uri.startswith("runs:/") else "")
         raise ConfigError(f"model_uri={model_uri}: cannot load it ({str(e).splitlines()[0]}){hint}") from None
 

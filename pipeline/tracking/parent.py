@@ -10,14 +10,16 @@ from omegaconf import DictConfig
 from pipeline.tracking import model, query, reuse, run, store
 
 
-def describe(name: str, params: dict[str, str]) -> dict:
+def describe(name: str, description: str, params: dict[str, str]) -> dict:
     """A sweep's parent run as ``open_parent`` and the sweep's helper (pipeline/tracking/writer.py:
-    Writer.open) create it: an id chosen now, its name, tags, params and start (ms)."""
+    Writer.open) create it: an id chosen now, its name, tags (``description`` as its note), params
+    and start (ms)."""
     import time
     import uuid
 
     return {"id": uuid.uuid4().hex, "name": name[:250], "start": int(time.time() * 1000),
             "tags": {"catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
+                     "mlflow.note.content": description[:5000],
                      **run.provenance_tags(), **store.process_tags()},
             "params": {k: str(v)[:6000] for k, v in params.items()}}
 

@@ -67,6 +67,7 @@ class NullRun:
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_model(self, weights: dict, normalizer: dict, example) -> None: ...
     def log_arrays(self, name: str, arrays: dict) -> None: ...
+    def log_model_from_files(self, normalizer: dict) -> None: ...
     def send(self) -> None: ...
     def flush(self) -> None: ...
     def end(self, status: str, reason: str | None = None) -> None: ...
@@ -141,14 +142,31 @@ def dvc_results() -> list[str]:
     return paths
 
 
+def short_value(value: str) -> str:
+    """A number of many digits to three significant ones (``2.0876396919207562e-05`` ->
+    ``2.09e-05``); anything else as it is."""
+    if len(value) <= 7 or not any(c in value for c in ".eE"):
+        return value
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return value
+
+
+def short_keys(keys: list[str]) -> list[str]:
+    """Each key by its last part (``train.lr`` -> ``lr``, ``model.hidden_sizes`` -> ``hidden``),
+    unless two would look alike."""
+    short = [SHORT_KEYS.get(k.rsplit(".", 1)[-1], k.rsplit(".", 1)[-1]) for k in keys]
+    return [s if short.count(s) == 1 else k for s, k in zip(short, keys)]
+
+
 def short_name(overrides: list[str]) -> str:
     """``train.lr=0.005 model.hidden_sizes=[64,16] seed=3`` -> ``lr=0.005 hidden=[64,16] seed=3``:
-    each key by its last part (unless two would look alike)."""
+    each key by its last part (``short_keys``), each number short (``short_value``)."""
     pairs = [o.lstrip("+~").split("=", 1) for o in overrides]
     pairs = [(k, v[0] if v else "") for k, *v in pairs]
-    short = [SHORT_KEYS.get(k.rsplit(".", 1)[-1], k.rsplit(".", 1)[-1]) for k, _ in pairs]
-    names = [s if short.count(s) == 1 else k for s, (k, _) in zip(short, pairs)]
-    return " ".join(f"{n}={v}" for n, (_, v) in zip(names, pairs))
+    names = short_keys([k for k, _ in pairs])
+    return " ".join(f"{n}={short_value(v)}" for n, (_, v) in zip(names, pairs))
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -169,8 +187,26 @@ def run_name(cfg: DictConfig) -> str:
         if parent_run_id():  # after its job number, which the UI's narrow name column keeps
             job = f"#{HydraConfig.get().job.num}"
             return f"{job} {short_name(overrides)}".strip()[:250]
+    if os.environ.get("DVC_EXP_NAME") and not overrides:
+        overrides = dvc_exp_changes()
     name = " ".join(p for p in (os.environ.get("DVC_EXP_NAME", ""), short_name(overrides)) if p)
     return (name or "default")[:250]
+
+
+def dvc_exp_changes() -> list[str]:
+    """Under ``dvc exp run``, its ``-S`` changes as overrides (``train.lr=0.01``): params.yaml,
+    which DVC composed from conf/ and them, against conf/ alone."""
+    import yaml
+
+    from pipeline.params import composed_yaml
+
+    try:
+        ran = config.flatten(OmegaConf.load(ROOT / "params.yaml"))
+        default = config.flatten(OmegaConf.create(yaml.safe_load(composed_yaml())))
+    except Exception:  # noqa: BLE001 - a name is not worth failing a run: DVC's name alone then
+        return []
+    return [f"{k}={v}" for k, v in ran.items()
+            if default.get(k) != v and not k.startswith(("tracking.", "paths.", "hydra"))]
 
 
 class MlflowRun(NullRun):
@@ -366,6 +402,13 @@ class MlflowRun(NullRun):
         path.write_bytes(tracking_model.weights_bytes(arrays))
         self._record("log_artifact", str(path))
 
+    def log_model_from_files(self, normalizer: dict) -> None:
+        """A sweep's job: normalizer.npz beside the weights.npz it logged, and the model made from
+        the two by the process that writes the run's record (the sweep's helper, while the next
+        job trains, if it has one: pipeline/tracking/writer.py); tag catnet.model_uri."""
+        self.log_arrays("normalizer.npz", normalizer)
+        self._record("model_from_files", str(self.private), self._params)
+
     def end(self, status: str, reason: str | None = None) -> None:
         """Write the run's final status (MLflow retries within ``tracking.retry_seconds``);
         RecordLost if the store does not take it. With a sweep's metric writer process, hand it
@@ -450,6 +493,8 @@ def write_to(client, run_id: str, method: str, *args, **kwargs) -> None:
         _log_inputs(client, run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
     elif method == "log_inputs":
         _log_inputs(client, run_id, *args, **kwargs)
+    elif method == "model_from_files":  # the folder its weights.npz and normalizer.npz were logged from
+        tracking_model.log_from_files(client, run_id, *args)
     else:
         getattr(client, method)(run_id, *args, **kwargs)
 

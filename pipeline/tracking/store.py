@@ -230,6 +230,11 @@ def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = Tr
 _OPENED: dict[tuple[str, str], tuple] = {}  # (store URI, experiment) -> (client, experiment id), for a sweep
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI (traces) page; this value opens
+# it on its training runs (tests/test_tracking.py)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -238,13 +243,16 @@ def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
         location = (artifact_root / name).as_uri() if artifact_root else None
         try:
             return client.create_experiment(name, artifact_location=location,
-                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION,
+                                                  EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
         except MlflowException:  # created meanwhile by a parallel job
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         raise ConfigError(f"tracking.experiment={name!r}: this experiment is deleted; restore it or pick another name")
+    if EXPERIMENT_KIND[0] not in exp.tags:  # made by an older catnet, or by hand: a user's own kind is kept
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
 
 
