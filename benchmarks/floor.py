@@ -17,6 +17,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.common import ROOT  # noqa: F401 - registers ${catnet.root:}, which conf/ names
 from pipeline.config import flatten
 
 _CLIENT: list = []  # (client, experiment id), made by a sweep's first job

@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from catnet.errors import CatnetError, DataError
 from pipeline import config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
+# conf/config.yaml puts Hydra's run and sweep folders under ${catnet.root:}, whatever the working directory
+OmegaConf.register_new_resolver("catnet.root", lambda: str(ROOT), replace=True)
+# Hydra's job name of ``python -m pipeline`` (its file's stem): the app whose outputs go to its own folder
+ALL_STAGES_JOB = "__main__"
 
 log = logging.getLogger("catnet")
 
@@ -44,11 +48,14 @@ class Outputs:
 
     @classmethod
     def of(cls, cfg: DictConfig) -> "Outputs":
+        """``paths.out_dir`` if set; else the project root for the DVC stages (``python -m
+        pipeline.<stage>``, ``dvc repro``), and Hydra's own folder of the run or the sweep's job
+        for ``python -m pipeline``, which leaves the DVC outputs alone (its record is MLflow's)."""
         if cfg.paths.out_dir:
             return cls(resolve(cfg.paths.out_dir))
-        if is_multirun():  # each job of a sweep writes into its own Hydra output dir
-            from hydra.core.hydra_config import HydraConfig
+        from hydra.core.hydra_config import HydraConfig
 
+        if HydraConfig.initialized() and (is_multirun() or HydraConfig.get().job.name == ALL_STAGES_JOB):
             return cls(Path(HydraConfig.get().runtime.output_dir))
         return cls(ROOT)
 

@@ -266,3 +266,51 @@ def test_the_sweep_benchmark_times_catnet_beside_the_frameworks_floor(tmp_path):
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert all(r.data.params["seed"] in ("0", "1") and "mlflow.parentRunId" not in r.data.tags for r in runs)
     assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 1000
+
+
+def test_a_run_from_another_directory_leaves_the_dvc_outputs_and_that_directory_alone(tmp_path):
+    """``python -m pipeline`` is an experiment, not the pipeline's DVC stages: it writes its outputs
+    and Hydra's files under the project's outputs/ folder, whatever directory it runs from, and
+    leaves models/, reports/ and the directory it ran from as they were (its record is MLflow's)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.common import ROOT
+
+    stage_outputs = [ROOT / p for p in ("models/weights.npz", "models/normalizer.npz", "reports/metrics.json",
+                                        "reports/train_history.csv", "reports/learning_curve.png", "data/flat")]
+    before = {p: p.stat().st_mtime_ns for p in stage_outputs if p.exists()}
+    runs_before = set((ROOT / "outputs").glob("*/*"))
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    mark = f"seed={os.getpid()}"  # tells this run's folder from others made meanwhile
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train.epochs=5", "train.check_learned=false",
+                           "tracking.enabled=false", mark], cwd=here, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(here.iterdir()) == []  # no outputs/ (or anything else) where it ran
+    assert {p: p.stat().st_mtime_ns for p in stage_outputs if p.exists()} == before
+    (new,) = [d for d in set((ROOT / "outputs").glob("*/*")) - runs_before
+              if (d / ".hydra" / "overrides.yaml").exists() and mark in (d / ".hydra" / "overrides.yaml").read_text()]
+    assert (new / ".hydra" / "config.yaml").exists() and (new / "models" / "weights.npz").exists()
+    assert (new / "reports" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("how", ["python -m pipeline", "the DVC stages"])
+def test_standardize_is_fitted_on_the_training_images_only(tmp_path, how):
+    """The normalizer's mean and spread come from the 209 training images, never the test set,
+    whether the stages run in one process or as DVC runs them (expected values: numpy on the file)."""
+    import h5py
+
+    with h5py.File(REAL_TRAIN) as f:
+        train = f["train_set_x"][()].reshape(209, -1).astype(np.float64)
+    args = ["normalize=standardize", "tracking.enabled=false", f"paths.out_dir={tmp_path}"]
+    if how == "python -m pipeline":
+        run_cli(*args, "train.epochs=2", "train.check_learned=false")
+    else:
+        run_cli(*args, module="pipeline.load")
+        run_cli(*args, module="pipeline.normalize")
+    with np.load(tmp_path / "models/normalizer.npz", allow_pickle=False) as n:
+        np.testing.assert_allclose(n["shift"], train.mean(axis=0), rtol=1e-9)
+        np.testing.assert_allclose(n["scale"], train.std(axis=0), rtol=1e-9)
