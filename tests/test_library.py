@@ -106,15 +106,31 @@ def test_the_divergence_counter_resets_when_the_error_recovers():
         guard.check(7, 3.0)
 
 
-def test_a_spike_that_recovers_does_not_stop_training():
-    """The same through fit: an error sequence with spikes shorter than the patience trains on."""
+@pytest.mark.parametrize("errors, stops_at", [
+    ([1.0, 5.0, 5.0, 1.0, 5.0, 5.0, 1.0, 0.5], None),  # spikes shorter than the patience: trains on
+    ([1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0], 4),     # three epochs in a row above 2x: stops there
+])
+def test_fit_stops_on_divergence_not_on_a_spike_that_recovers(monkeypatch, errors, stops_at):
+    """Through fit: the training error of each epoch is scripted (the loss function replaced), the
+    rest of the epoch runs as usual."""
     from catnet import train as catnet_train
+    from catnet.errors import TrainingDiverged
+    from catnet.network import init_network
 
-    errors = iter([1.0, 5.0, 5.0, 1.0, 5.0, 5.0, 1.0, 0.5])
-    guard = catnet_train._DivergenceGuard(2.0, 3)
-    for epoch, e in enumerate(errors, 1):
-        guard.check(epoch, e)
-    assert guard.above == 0
+    scripted = iter(errors)
+    monkeypatch.setattr(catnet_train, "loss_value", lambda *args, **kwargs: next(scripted))
+    rng = np.random.default_rng(0)
+    net = init_network([6, 3, 1], rng)
+    x, y = rng.normal(size=(10, 6)), np.arange(10) % 2
+    seen = []
+    run = lambda: catnet_train.fit(net, x, y, epochs=len(errors), lr=0.01, max_error_ratio=2.0, patience=3,  # noqa: E731
+                                   on_epoch=lambda epoch, e: seen.append(epoch))
+    if stops_at is None:
+        assert list(run()["error"]) == errors and seen == list(range(1, len(errors) + 1))
+    else:
+        with pytest.raises(TrainingDiverged):
+            run()
+        assert seen == list(range(1, stops_at))
 
 
 def test_h5images_take_returns_repeated_rows_in_the_order_asked(tmp_path):

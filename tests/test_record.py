@@ -468,14 +468,23 @@ def test_runs_of_live_processes_other_hosts_and_handoffs_are_left_alone(store, c
 
 # ---- 10. what DVC and the UI show -----------------------------------------------------------------
 
-def test_dvc_metrics_show_reads_the_metrics_cleanly(store):
-    """DVC takes a key named "error" in a metrics file for a failure to read it."""
+def test_dvc_metrics_show_reads_the_metrics_cleanly(store, tmp_path):
+    """DVC takes a key named "error" in a metrics file for a failure to read it: the file a run
+    writes, shown by DVC in a project of its own (this checkout may have none yet)."""
     run_cli("train.epochs=100", *store["args"])
     written = json.loads((store["out"] / "reports/metrics.json").read_text())
     assert all("error" not in m for m in written.values()) and "loss" in written["test"]
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "metrics", "show"], cwd=ROOT,
-                          capture_output=True, text=True)
+    project = tmp_path / "dvc-project"
+    (project / "reports").mkdir(parents=True)
+    (project / "reports/metrics.json").write_text(json.dumps(written))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=project, check=True)
+    proc = subprocess.run([dvc, "metrics", "show", "reports/metrics.json"], cwd=project, capture_output=True, text=True)
     assert proc.returncode == 0 and "failed to load" not in (proc.stdout + proc.stderr).lower(), proc.stderr
+    assert "test.balanced_accuracy" in proc.stdout
+    shown = subprocess.run([dvc, "metrics", "show", "--json", "reports/metrics.json"], cwd=project,
+                           capture_output=True, text=True, check=True)
+    assert json.loads(shown.stdout)[""]["data"]["reports/metrics.json"]["data"] == written
 
 
 # ---- 9. a clean clone stays clean, and its run is complete ---------------------------------------

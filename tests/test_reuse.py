@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REAL_TRAIN, needs_data, runs_of, slow_metric_inserts
+import numpy as np
+from conftest import REAL_TRAIN, make_images, needs_data, runs_of, slow_metric_inserts, write_h5
 
 from pipeline.common import ROOT
 
@@ -188,3 +189,23 @@ def test_compare_draws_a_reused_jobs_curve_from_the_run_that_trained():
     assert _trained_by({"run_id": "link", "tags.catnet.reused_from": "origin"}) == "origin"
     assert _trained_by({"run_id": "run", "tags.catnet.reused_from": math.nan}) == "run"
     assert _trained_by({"run_id": "run"}) == "run"
+
+
+def test_a_job_whose_data_changed_trains_again(project):
+    """The data is part of a job's identity: the same config and commit on other data (the same
+    files rewritten) trains again; on the same data again, it is reused."""
+    rng = np.random.default_rng(0)
+    files = [project["tmp"] / "train.h5", project["tmp"] / "test.h5"]
+    args = ["seed=0", "train.epochs=20", "train.check_learned=false",
+            f"data.train_path={files[0]}", f"data.test_path={files[1]}"]
+
+    def write_data(shift: int) -> None:
+        for path, n, split in zip(files, (40, 12), ("train", "test")):
+            x, y = make_images(n, rng)
+            write_h5(path, x // 2 + shift, y, split)
+
+    write_data(0)
+    assert counts(sweep(project, *args)[0]) == (1, 0)
+    write_data(60)  # other pixels in the same files
+    assert counts(sweep(project, *args)[0]) == (1, 0)
+    assert counts(sweep(project, *args)[0]) == (0, 1)  # unchanged now: reused

@@ -16,7 +16,7 @@ def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 
     positive; 0 when undefined) and the confusion counts.
 
     Why not scikit-learn's ``balanced_accuracy_score`` and friends: importing ``sklearn.metrics``
-    takes over 2 s here; tests/test_metrics.py checks these against it and against counts
+    takes over 2 s here; tests/test_library.py checks these against it and against counts
     worked out by hand."""
     if len(y) == 0:
         raise DataError("no images to measure: the set is empty")

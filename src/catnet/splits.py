@@ -3,7 +3,7 @@ every class that the whole set has.
 
 Why not scikit-learn's ``train_test_split(stratify=)`` / ``StratifiedKFold``: importing
 ``sklearn.model_selection`` takes 2.1-2.4 s on the 2-core machine the project is measured on,
-longer than a whole untracked run; these take microseconds. tests/test_splits.py checks them
+longer than a whole untracked run; these take microseconds. tests/test_library.py checks them
 against the class counts worked out by hand.
 """
 
