@@ -15,9 +15,15 @@ from pipeline.common import CONF_DIR, ROOT
 
 
 def composed_yaml() -> str:
-    """The text DVC writes for ``dvc exp run`` without overrides (dvc.utils.hydra)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+    """The text DVC writes for ``dvc exp run`` without overrides (dvc.utils.hydra); also from
+    inside a Hydra app (a stage naming its run), which has Hydra set up already."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
         cfg = compose(config_name="config")
+    else:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="config")
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
 
