@@ -194,18 +194,25 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def dvc_exp_changes() -> list[str]:
-    """Under ``dvc exp run``, its ``-S`` changes as overrides (``train.lr=0.01``): params.yaml,
-    which DVC composed from conf/ and them, against conf/ alone."""
+    """Under ``dvc exp run``, its ``-S`` changes as overrides (``train.lr=0.01``), written as on a
+    command line: params.yaml, which DVC composed from conf/ and them, against conf/ alone."""
     import yaml
 
     from pipeline.params import composed_yaml
 
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], yaml.safe_dump(node, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
     try:
-        ran = config.flatten(OmegaConf.load(ROOT / "params.yaml"))
-        default = config.flatten(OmegaConf.create(yaml.safe_load(composed_yaml())))
+        ran = dict(leaves(yaml.safe_load((ROOT / "params.yaml").read_text())))
+        default = dict(leaves(yaml.safe_load(composed_yaml())))
     except Exception:  # noqa: BLE001 - a name is not worth failing a run: DVC's name alone then
         return []
-    return [f"{k}={v}" for k, v in ran.items()
+    return [f"{k}={v.replace(', ', ',')}" for k, v in ran.items()
             if default.get(k) != v and not k.startswith(("tracking.", "paths.", "hydra"))]
 
 
