@@ -19,11 +19,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from catnet.errors import ConfigError
+from catnet.metrics import HEADLINE
 from pipeline.common import CONF_DIR, atomic_write, log, resolve, run_cli, run_main
-from pipeline.config import TrackingConfig
+from pipeline.config import TrackingConfig, metric_key
 
-KEY_METRICS = ["val/balanced_accuracy", "val/accuracy", "train/accuracy", "test/accuracy", "val/final_error",
-               "train/final_error", "test/error"]
+# the table's metrics: each set's headline measures (catnet.metrics.HEADLINE), validation first
+KEY_METRICS = [metric_key(split, measure) for split in ("val", "train", "test") for measure in HEADLINE]
 
 
 @dataclass

@@ -140,6 +140,15 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
+def metric_key(split: str, measure: str) -> str:
+    """The MLflow name of a set's measure: ``train/accuracy``, ``test/error``. The training and
+    validation errors are per-epoch histories (train/error, val/error: one point per epoch), so
+    their values after the last update are train/final_error and val/final_error."""
+    if measure in ("error", "loss"):
+        return f"{split}/{'final_error' if split in ('train', 'val') else 'error'}"
+    return f"{split}/{measure}"
+
+
 def refuse_test_metric(knob: str, metric: str) -> None:
     """The rule of every ranking (pipeline/tracking/query.py): nothing is ever selected or
     ranked on the test set."""

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-SERVE = "import sys; from pipeline.tracking.writer import serve; sys.exit(serve(sys.argv[1], sys.argv[2]))"
+SERVE = "import sys; from pipeline.tracking.helper import serve; sys.exit(serve(sys.argv[1], sys.argv[2]))"
 # a sweep that will not use the helper: launchers other than Hydra's basic one and joblib's, tracking
 # off, each job writing its own record, a server (pipeline/sweep.py: start_writer decides, once
 # the config is composed)

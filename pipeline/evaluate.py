@@ -16,6 +16,7 @@ from catnet.network import Network, class_weights
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking, train
 from pipeline.common import CONF_DIR, Outputs, is_multirun, log, run_cli, run_main, save_json
+from pipeline.config import metric_key
 
 
 def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Network,
@@ -50,19 +51,15 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
 
 
 def mlflow_metrics(results: dict) -> dict[str, float]:
-    """train/accuracy, test/error, test/tp, ... . The training and validation errors are per-epoch
-    histories (train/error, val/error: one point per epoch), so their values after the last
-    update go in as train/final_error and val/final_error."""
+    """train/accuracy, test/error, test/tp, ... (``metric_key``); the confusion counts of test."""
     out = {}
     for split, m in results.items():
         for k, v in m.items():
             if k == "confusion":
                 if split == "test":
                     out.update({f"test/{c}": n for c, n in v.items()})
-            elif k == "loss":
-                out[f"{split}/{'error' if split == 'test' else 'final_error'}"] = v
             else:
-                out[f"{split}/{k}"] = v
+                out[metric_key(split, k)] = v
     return out
 
 

@@ -277,7 +277,7 @@ class MlflowSweep(Callback):
     def abort(self, status: str, reason: str) -> None:
         """Ctrl-C / SIGTERM in the launching process: the parent and every child still running
         are KILLED (a child's own process marks its run too, if it gets the chance), once the
-        metric writer process wrote what the jobs handed it (a finished job's run stays FINISHED)."""
+        record helper wrote what the jobs handed it (a finished job's run stays FINISHED)."""
         from pipeline.tracking import writer
 
         self._close_ledger()
@@ -345,6 +345,8 @@ def warm_joblib_workers(config: DictConfig, served: bool = False) -> None:
         return
     import threading
 
+    # the joblib launcher's own translation of its config into joblib's arguments: a private name
+    # of hydra-joblib-launcher, used only here (tests/test_layout.py fails if it moves)
     from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
     from joblib import Parallel, delayed
     from omegaconf import OmegaConf
@@ -372,7 +374,8 @@ def _warm(uri: str | None) -> int:
     sweep creates it (and a new SQLite file's tables) before any job, and only then."""
     import gc
 
-    import pipeline.__main__  # noqa: F401 - the stages, Hydra's task function
+    import hydra  # noqa: F401 - what the task function (pipeline/__main__.py) imports, but this module
+    from pipeline import curve, evaluate, load, normalize, train  # noqa: F401 - which imports this one
 
     if uri is not None:
         from pipeline.tracking import store

@@ -1,4 +1,4 @@
-"""The helper process that writes a sequential sweep's per-epoch metrics (pipeline/tracking/writer.py):
+"""The record helper that writes a sweep's record (pipeline/tracking/writer.py, helper.py):
 every point it is handed lands in the store, in order and in batches MLflow takes; what it cannot
 write, or its death, fails the run that handed the points over, never silently."""
 
@@ -286,7 +286,7 @@ def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_help
     children = _children(store)
     status = {name: r.info.status for name, r in children.items()}
     assert training == "#1 seed=1" and status["#1 seed=1"] == "FAILED", out[-3000:]
-    assert "metric writer process ended" in children["#1 seed=1"].data.tags["catnet.failure"]
+    assert "record helper ended" in children["#1 seed=1"].data.tags["catnet.failure"]
     assert status["#2 seed=2"] == status["#3 seed=3"] == "FINISHED", out[-3000:]  # by themselves
     finished = sum(s == "FINISHED" for s in status.values())
     assert _said_counts(out) == (finished, 4 - finished), out[-3000:]  # #0: whatever the helper got to write

@@ -1,17 +1,19 @@
 """The one package that talks to MLflow; nothing else in catnet imports it.
 
+Its modules, each importing only modules listed before it (docs/architecture.md):
+
 - ``store``: where the record is (URIs, client, experiments) and closing runs of dead processes;
+- ``points``: a run's epoch points into a SQL store in one statement, a run with a chosen id;
+- ``model``: the network as an MLflow model (log, register, load; its code: ``pyfunc``);
+- ``query``: searching runs, and the one ranking rule of sweeps, ``register`` and ``compare`` (never test/);
+- ``writer``: the record helper's clients (a sweep's process, its jobs, joblib's workers);
 - ``run``: a run's life (params, batched per-epoch metrics, files from a private folder, status);
-- ``model``: the network as an MLflow model (log, register, load);
-- ``query``: searching runs, and the one ranking rule of sweeps, ``register`` and ``compare``
-  (never on test/);
-- ``reuse``: a run's identity (config, clean commit, data) and the look-up that spares a sweep's
-  job from training what a FINISHED run already trained;
+- ``reuse``: a run's identity and the look-up that spares a job from training twice;
 - ``parent``: a sweep's parent run (opened before the jobs, closed with counts and the best child);
-- ``pyfunc``: the MLflow pyfunc model's code (saved with each model; MLflow loads it from there).
+- ``helper``: the record helper's own process, which writes a sweep's record with the above.
 
 ``mlflow`` itself is imported only when tracking is on: it costs over a second. tests/test_layout.py
-checks that no module outside this package imports it.
+checks that no module outside this package imports it, and that the imports form no circle.
 """
 
 import os

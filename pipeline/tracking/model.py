@@ -109,12 +109,12 @@ def _from_template(template: dict[str, bytes], local: Path, weights: dict[str, n
     for name, data in {**template, **arrays}.items():
         (local / name).parent.mkdir(parents=True, exist_ok=True)
         (local / name).write_bytes(data)
-    doc = yaml.safe_load(template["MLmodel"])
+    doc = yaml.load(template["MLmodel"], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     # MLflow's count of the folder's bytes (taken part-way through its save): the arrays' sizes differ
     size = doc["model_size_bytes"] + sum(len(data) - len(template[name]) for name, data in arrays.items())
     doc.update(run_id=run_id, model_id=model_id, model_uuid=model_id, model_size_bytes=size,
                utc_time_created=str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)))
-    (local / "MLmodel").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (local / "MLmodel").write_text(yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
 
 
 def log_from_files(client, run_id: str, folder: str, params: dict[str, str]) -> str:

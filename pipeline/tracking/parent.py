@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
+from catnet.metrics import HEADLINE
 from pipeline.tracking import model, query, reuse, run, store
 
 
@@ -153,7 +154,7 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
         tags += [RunTag("catnet.best_run_id", reuse.origin(best)), RunTag("catnet.best_run_name", best.info.run_name or ""),
                  RunTag("catnet.best_by", key)]
         metrics += [Metric(f"best/{k}", v, 0, 0) for k, v in best.data.metrics.items()
-                    if k.split("/")[-1] in ("accuracy", "balanced_accuracy", "final_error", "error")]
+                    if k.split("/")[-1] in (*HEADLINE, "final_error")]  # its sets' headline measures
     params = [Param("sweep.objective", f"{key or 'none'} ({direction})")]
     client.log_batch(parent_id, metrics=metrics, tags=tags, params=params)
     if ranked:  # the children log their weights, not a model: the best one's is made here, once
@@ -163,7 +164,7 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
 
 def reconcile(client, parent_id: str, outcomes: list[dict]) -> list[dict]:
     """The jobs' outcomes, each FINISHED job's checked against its run in the store, which has
-    the last word: a sweep's metric writer process (pipeline/tracking/writer.py) writes a run's
+    the last word: a sweep's record helper (pipeline/tracking/writer.py) writes a run's
     record, and ends it, after its job ended. A job whose run is not FINISHED counts as FAILED
     with the run's reason; one whose run is still RUNNING (the writer did not end it), also as
     ``unfinished``, for ``settle`` to close it FAILED."""
@@ -180,7 +181,7 @@ def reconcile(client, parent_id: str, outcomes: list[dict]) -> list[dict]:
             checked.append({**outcome, "status": "FAILED", "reason": f"its run {outcome['run']} is not in the store"})
         elif run.info.status == "RUNNING":
             checked.append({**outcome, "status": "FAILED", "unfinished": outcome["run"],
-                            "reason": "its record was not written whole: the metric writer process did not end its run"})
+                            "reason": "its record was not written whole: the record helper did not end its run"})
         else:
             checked.append({**outcome, "status": "FAILED",
                             "reason": run.data.tags.get("catnet.failure") or f"its run is {run.info.status}"})

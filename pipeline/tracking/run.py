@@ -5,7 +5,7 @@ train stage handed over (evaluate stage, when ``dvc repro`` runs the stages as s
 processes), and sets its status honestly: FINISHED only when the last stage succeeded, FAILED
 (or KILLED on Ctrl-C / SIGTERM) with the reason as a tag when a stage raised. Per-epoch metrics
 are buffered and sent in batches by a background thread; a run ends only after they are
-written. In a sequential sweep with a metric writer process (pipeline/tracking/writer.py),
+written. In a sequential sweep with a record helper (pipeline/tracking/writer.py),
 everything a run records after its creation is handed to that process instead, which writes it
 in order and ends the run last. Every file a run logs is first written into a folder private to
 that run, so what it uploads is its own, whatever else runs beside it.
@@ -232,7 +232,7 @@ class MlflowRun(NullRun):
         self._writer = None  # the background thread, started by the first send
         self._last_send = time.time()
         self._params: dict[str, str] = {}
-        self._helper = None  # a sweep's metric writer process (pipeline/tracking/writer.py), if it has one
+        self._helper = None  # the sweep's record helper (pipeline/tracking/writer.py), if it has one
         self._interval = flush_seconds
 
     @classmethod
@@ -275,7 +275,7 @@ class MlflowRun(NullRun):
             composed.write_text(OmegaConf.to_yaml(cfg, resolve=True))
             self._record("log_artifact", str(composed))
         except BaseException as e:  # Ctrl-C / SIGTERM here too: a sweep stopped as this job's run starts
-            e._catnet_run_id = self.run_id
+            mark(e, ended=self.run_id)
             _end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
             raise
         log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, name,
@@ -334,7 +334,7 @@ class MlflowRun(NullRun):
 
     def _record(self, method: str, *args, **kwargs) -> None:
         """``MlflowClient.<method>(run_id, *args, **kwargs)`` (``log_inputs``: with its retries);
-        by the sweep's metric writer process, after what this run handed it before, if it has one."""
+        by the sweep's record helper, after what this run handed it before, if it has one."""
         if self._helper is not None:
             self._helper.call(self.run_id, method, *args, **kwargs)
         else:
@@ -342,7 +342,7 @@ class MlflowRun(NullRun):
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
-        every ``flush_seconds`` (``writer.SEND_SECONDS`` with a sweep's metric writer process)
+        every ``flush_seconds`` (``writer.SEND_SECONDS`` with a sweep's record helper)
         the buffer goes to MLflow in the background (``send``)."""
         now = time.time()
         for key, value in metrics.items():  # flat tuples of atomic values: the garbage collector
@@ -351,7 +351,7 @@ class MlflowRun(NullRun):
             self.send()
 
     def send(self) -> None:
-        """Hand the buffered epochs to the sweep's metric writer process, or else to a background
+        """Hand the buffered epochs to the sweep's record helper, or else to a background
         thread that writes them to MLflow (``points.write``), so the caller goes on training."""
         if self._buffer and self._helper is not None:
             self._helper.send(self.run_id, self._buffer)
@@ -368,7 +368,7 @@ class MlflowRun(NullRun):
     def flush(self) -> None:
         """Send the buffer and wait until everything sent is written (raises if writing failed);
         the writer thread then ends (a joblib worker runs many jobs, one run each). A sweep's
-        metric writer process is not waited for: it writes the run's end after its points."""
+        record helper is not waited for: it writes the run's end after its points."""
         self.send()
         if self._helper is not None:
             return
@@ -418,7 +418,7 @@ class MlflowRun(NullRun):
 
     def end(self, status: str, reason: str | None = None) -> None:
         """Write the run's final status (MLflow retries within ``tracking.retry_seconds``);
-        RecordLost if the store does not take it. With a sweep's metric writer process, hand it
+        RecordLost if the store does not take it. With a sweep's record helper, hand it
         over (the process removes the private folder); if the process has ended, what it was
         handed may be lost: the run is FAILED here, and WriterLost raised if it had succeeded."""
         lost = None
@@ -444,7 +444,7 @@ class MlflowRun(NullRun):
         finally:
             shutil.rmtree(self.private, ignore_errors=True)
         if lost is not None:
-            lost._catnet_run_id = self.run_id  # ended FAILED: see recorded()
+            mark(lost, ended=self.run_id)  # ended FAILED
             raise lost
 
 
@@ -460,12 +460,29 @@ def _end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -
         run.end(status, reason)
     except store.RecordLost as lost:
         log.error("tracking: %s", lost)
-        error._catnet_unfinished = run.run_id
+        mark(error, unfinished=run.run_id)
+
+
+# What an error that stopped a run carries of that run. The error may be anyone's (Ctrl-C, an
+# OSError of MLflow's, a library's): ``mark`` is the one place that writes these attributes on it,
+# ``recorded`` and ``unfinished`` read them; store.RecordLost, catnet's own, carries both from birth.
+_ENDED, _UNFINISHED = "_catnet_run_id", "_catnet_unfinished"
+
+
+def mark(error: BaseException, *, ended: str | None = None, unfinished: str | None = None) -> None:
+    """``error`` ``ended`` run <id> (FAILED or KILLED with the reason: no other run is made for this
+    failure), or left run <id> ``unfinished`` (RUNNING: the store did not take its status)."""
+    if ended is not None:
+        setattr(error, _ENDED, ended)
+    if unfinished is not None:
+        setattr(error, _UNFINISHED, unfinished)
 
 
 def unfinished(error: BaseException) -> str | None:
     """The id of the run ``error`` left RUNNING because the store did not take its status."""
-    return getattr(error, "_catnet_unfinished", None)
+    if isinstance(error, store.RecordLost):
+        return error.run_id
+    return getattr(error, _UNFINISHED, None)
 
 
 UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
@@ -473,7 +490,7 @@ UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates u
 
 def write_to(client, run_id: str, method: str, *args, **kwargs) -> None:
     """``client.<method>(run_id, *args, **kwargs)``; ``log_inputs`` with its retries (``_log_inputs``).
-    What a run records, in this process or in a sweep's metric writer process. The job's own
+    What a run records, in this process or in a sweep's record helper. The job's own
     kinds of record are plain values, so that a job whose helper writes them never imports MLflow:
     ``params`` ({name: value}), ``metrics`` ({name: value}, time in ms), ``tags`` ({name: value}),
     ``inputs`` (the data's digest, {split: file}: an MLflow dataset input)."""
@@ -526,7 +543,7 @@ def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
 
 def recorded(error: BaseException) -> bool:
     """Whether ``error`` ended a run (which is then FAILED or KILLED with the reason)."""
-    return getattr(error, "_catnet_run_id", None) is not None
+    return isinstance(error, store.RecordLost) or getattr(error, _ENDED, None) is not None
 
 
 def supersede(cfg: DictConfig, previous: dict) -> None:
@@ -611,7 +628,7 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
         run.flush()
     except BaseException as e:
         status = status_after(e)
-        e._catnet_run_id = run.run_id  # see recorded()
+        mark(e, ended=run.run_id)
         try:
             run.flush()
             if isinstance(e, TrainingDiverged):

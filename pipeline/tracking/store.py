@@ -109,9 +109,7 @@ class RecordLost(CatnetError):
 
     def __init__(self, run_id: str, status: str, error: BaseException):
         super().__init__(f"MLflow run {run_id} could not be marked {status} ({brief(error)}); it stays RUNNING")
-        self.run_id = run_id
-        self._catnet_run_id = run_id  # run.recorded(): the run exists, no other is made for this failure
-        self._catnet_unfinished = run_id
+        self.run_id = run_id  # run.recorded() and run.unfinished() read it: the run exists, RUNNING
 
 
 def retries_within(seconds: float, jitter: float = 1.0) -> int:
@@ -215,7 +213,7 @@ def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = Tr
         return _OPENED[key]
     c = client(cfg)
     if create:
-        experiment_id = _experiment_id(c, name, store_uri(cfg)[1])
+        experiment_id = ensure_experiment(c, name, store_uri(cfg)[1])
     else:
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -235,7 +233,9 @@ _OPENED: dict[tuple[str, str], tuple] = {}  # (store URI, experiment) -> (client
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def _experiment_id(client, name: str, artifact_root: Path | None) -> str:
+def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
+    """The id of experiment ``name``, created (with catnet's description and kind) if new; a
+    ConfigError if it is deleted."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)

@@ -6,14 +6,14 @@ from typing import Callable
 
 import numpy as np
 
-from catnet.metrics import evaluate
+from catnet.metrics import HEADLINE, evaluate
 from catnet.splits import stratified_folds
 from catnet.train import Recipe, train_network
 
 
 def cross_validate(recipe: Recipe, pixels, labels: np.ndarray, fit_normalizer: Callable, *, folds: int,
                    repeats: int = 1, split_seed: int = 0, seed: int = 0) -> dict[str, float]:
-    """Mean ``cv/accuracy``, ``cv/balanced_accuracy`` and ``cv/error`` of ``recipe`` over
+    """Mean ``cv/<measure>`` of ``recipe`` for each HEADLINE measure (accuracy, balanced accuracy, error) over
     ``folds`` stratified folds of (pixels, labels): each fold's network trains by the same path
     as a run (train_network: full batch or mini-batch, augmentation on the training folds only)
     on the other folds, with ``fit_normalizer(rows)`` fitted on them, and is measured on the fold.
@@ -31,6 +31,6 @@ def cross_validate(recipe: Recipe, pixels, labels: np.ndarray, fit_normalizer: C
             trained = train_network(recipe, rows, labels[~held_out], norm, seed + repeat)
             m = evaluate(trained.net, norm.apply(pixels[held_out], recipe.dtype), labels[held_out],
                          loss=recipe.loss, class_weight=trained.class_weight)
-            for k in ("accuracy", "balanced_accuracy", "error"):
+            for k in HEADLINE:
                 scores.setdefault(f"cv/{k}", []).append(m[k])
     return {k: float(np.mean(v)) for k, v in scores.items()}

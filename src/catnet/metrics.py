@@ -10,6 +10,11 @@ from catnet.errors import DataError
 from catnet.network import Network, example_weights, forward, loss_value
 
 
+# what a set is summed up by wherever a few numbers stand for it: the cross-validation means (cv/...),
+# a sweep's best child (best/...) and the comparison table; every measure ``evaluate`` returns is logged
+HEADLINE = ("accuracy", "balanced_accuracy", "error")
+
+
 def classification_metrics(proba: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, balanced accuracy (the mean recall of the classes the set holds: blind to how
     many cats it has; on a set of one class, that class's recall), precision, recall (cat =
