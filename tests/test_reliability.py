@@ -177,26 +177,51 @@ def test_an_outage_is_told_from_other_store_errors():
     assert not unreachable(ValueError("Connection string"))
 
 
-@pytest.mark.parametrize("seconds, at_least", [(3, 2.0), (0, 0.0)])
-def test_retry_seconds_bounds_mlflow_s_retries_of_a_request(seconds, at_least):
+@pytest.mark.parametrize("seconds, retries", [(3, 2), (12, 3), (0, 1)])
+def test_retry_seconds_bounds_mlflow_s_retries_of_a_request(seconds, retries):
     """tracking.retry_seconds bounds each MLflow request to a server that does not answer (its
-    own default, 7 retries with a doubling back-off, takes ~4 minutes); it does retry meanwhile."""
+    own default, 7 retries with a doubling back-off, takes ~4 minutes): counted, not timed. A
+    server that hangs up on every request sees 1 + n attempts, where n is the most retries whose
+    back-off (urllib3: none before the first retry, then 2**(k-1) s plus up to 1 s of jitter
+    before retry k) fits in the seconds: 3 s -> 2 (0 + 3), 12 s -> 3 (0 + 3 + 5), 0 s -> 1 (0)."""
+    import socket
+    import threading
+
+    worst = sum(2 ** (k - 1) + 1 for k in range(2, retries + 1))  # the back-off of ``retries`` at its longest
+    assert worst <= seconds < worst + 2 ** retries + 1  # one more retry would not fit
+    attempts = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
     code = f"""
-import time
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from pipeline.tracking import store
 store.bound_retries(OmegaConf.create({{"tracking": {{"retry_seconds": {seconds}}}}}))
-start = time.monotonic()
 try:
-    MlflowClient(tracking_uri="http://127.0.0.1:{free_port()}").get_experiment("0")
-except Exception:
-    print(time.monotonic() - start)
+    MlflowClient(tracking_uri="http://127.0.0.1:{server.getsockname()[1]}").get_experiment("0")
+except Exception as e:
+    print(type(e).__name__)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    took = float(proc.stdout.strip().splitlines()[-1])
-    assert at_least <= took <= seconds + 0.5, took
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        server.close()
+    assert proc.stdout.strip(), proc.stderr[-2000:]  # it gave up, with an error
+    assert len(attempts) == 1 + retries
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
