@@ -4,6 +4,9 @@
     python -m benchmarks.bench --torch    # also a PyTorch peer (pip install -e ".[bench]")
     python -m benchmarks.bench --scale    # also mini-batches streamed from HDF5 (benchmarks/scale.py)
 
+Everything it prints also goes to benchmarks/results.md (overwritten each run), headed by the
+machine, the date and the command: the figures docs/speed.md and the README quote.
+
 Per-epoch times are the minimum over interleaved repeats, so a busy moment on the machine hits
 the compared timings alike. The floor is the two tall-skinny products a direct (primal) epoch
 cannot avoid, X @ W1 (forward) and X^T @ delta1 (first-layer gradient), with the same shapes and
@@ -152,7 +155,54 @@ def startup(repeats: int = 3) -> dict[str, float]:
     return out
 
 
+RESULTS = ROOT / "benchmarks" / "results.md"
+
+
+class _Tee:
+    """stdout, and a copy of everything written to it."""
+
+    def __init__(self, out):
+        self.out, self.parts = out, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def machine() -> str:
+    """CPU model, cores, OS and Python: what the figures were measured on."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
 def main() -> None:
+    """Run the benchmarks; print them and write them to benchmarks/results.md."""
+    import contextlib
+    import datetime
+    import sys
+
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        measure()
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    RESULTS.write_text(f"# catnet benchmarks\n\n- command: `python -m benchmarks.bench {' '.join(sys.argv[1:])}`"
+                       f"\n- machine: {machine()}\n- date: {when}\n\nRatios are measured side by side in this one "
+                       f"run; compare them, not absolute times across runs.\n\n```\n{''.join(tee.parts).strip()}\n```\n")
+    print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+
+
+def measure() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torch", action="store_true", help="include the PyTorch peer")
     parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py")
