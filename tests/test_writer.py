@@ -116,7 +116,7 @@ def test_a_dead_helper_is_an_error_naming_its_exit_not_a_hang(helper):
     run = _run(client)
     w.proc.kill()
     w.proc.wait()
-    with pytest.raises(writer.WriterLost, match=r"process ended \(exit -9"):
+    with pytest.raises(writer.WriterLost, match=r"record helper ended \(exit -9"):
         for first in range(1, 10001, 1000):  # until the pipe to it breaks
             w.send(run, _points(first, first + 999))
         w.end(run, "FINISHED", None)
@@ -239,7 +239,7 @@ def _helpers_of(pid: int) -> list:
     found = []
     try:
         for child in psutil.Process(pid).children():
-            if "pipeline.tracking.writer" in " ".join(child.cmdline()):
+            if "pipeline.tracking.helper" in " ".join(child.cmdline()):
                 found.append(child)
     except psutil.Error:  # the sweep or the child ended meanwhile
         pass
