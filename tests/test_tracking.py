@@ -139,6 +139,12 @@ def test_dataset_insert_race_is_retried_and_other_errors_are_not():
     with pytest.raises(MlflowException, match="UNIQUE"):
         tracking.run._log_inputs(client, "run", [])
     assert client.calls == 5
+    # a server killed in the middle of the request (seen in tests/test_cluster.py's short outage)
+    cut = ("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-inputs failed with exception "
+           "('Connection broken: IncompleteRead(0 bytes read, 2 more expected)')")
+    client = Client([cut])
+    tracking.run._log_inputs(client, "run", [])
+    assert client.calls == 2
 
 
 def test_mlflow_is_imported_once_with_the_garbage_collector_paused_then_out_of_its_reach():

@@ -527,16 +527,20 @@ def _log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
     """client.log_inputs, retried when a parallel job inserted the same dataset first: MLflow's
     SQL store looks the dataset up, then inserts it, so two first runs on one store can both
     insert it and one fails on the UNIQUE constraint; on retry it finds the row and links it.
-    The message is the database's: SQLite, PostgreSQL (a server on it: README, Team mode), MySQL."""
+    The message is the database's: SQLite, PostgreSQL (a server on it: README, Team mode), MySQL.
+    Also retried: a server that died in the middle of the request (MLflow retries a POST that
+    could not connect, not one cut off mid-answer), which may or may not have linked the input;
+    MLflow's log_inputs skips an input the run has already, so asking again is safe, and the
+    retry waits for the server as every request does (tracking.retry_seconds)."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
         try:
             client.log_inputs(run_id, inputs)
             return
-        except MlflowException as e:
-            duplicate = any(m in str(e) for m in UNIQUE_VIOLATIONS)
-            if not duplicate or attempt == attempts - 1:
+        except Exception as e:  # noqa: BLE001 - only the two cases below are retried
+            duplicate = isinstance(e, MlflowException) and any(m in str(e) for m in UNIQUE_VIOLATIONS)
+            if not (duplicate or store.unreachable(e)) or attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
 
