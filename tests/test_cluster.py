@@ -195,16 +195,19 @@ def test_a_server_gone_for_good_fails_the_sweep_and_names_what_it_could_not_reco
                                      "tracking.retry_seconds=3", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     _when_logged("'#1 seed=1' in experiment", proc, out)
     server.kill()
-    started = time.time()
     assert proc.wait(timeout=300) == 1
-    waited = time.time() - started
     log = out.read_text()
     assert "sweep: 4 jobs, 1 finished, 3 failed" in log, log[-3000:]
     error = next(line for line in log.splitlines() if line.startswith("catnet: error: sweep:"))
     assert "3 of 4 jobs failed; tracking.uri=" in error and "no MLflow server answers there" in error
     assert "; not in the tracking store: the sweep's parent run " in error
     assert "job '#2 seed=2' has no run" in error and "job '#3 seed=3' has no run" in error
-    assert waited < 60, f"the sweep took {waited:.0f} s to give up on a server gone for good"
+    # gone for good: at most one job waits tracking.retry_seconds for it; once one gave up, the
+    # next ones ask once (counted in the jobs' reasons, not timed)
+    lines = [line for line in log.splitlines()  # the jobs' own lines, not the sweep's summary
+             if "no MLflow server answers there" in line and not line.startswith("catnet: error: sweep:")]
+    assert sum("answers there for 3 s" in line for line in lines) <= 1, lines
+    assert sum("answers there (" in line for line in lines) >= 2, lines  # jobs #2 and #3 asked once
     server.start()
     client, runs = runs_of(server.uri)
     running = {r.info.run_id for r in runs if r.info.status == "RUNNING"}
