@@ -453,7 +453,9 @@ def sweep_name(config: DictConfig) -> tuple[str, str]:
                 jobs = 0
     jobs_shown = f"({jobs})" if jobs else ""
     varied = "×".join(short_keys([o.get_key_element().lstrip("+~") for o in swept]))
-    name = " ".join(p for p in (kind, varied, short_name(fixed), jobs_shown) if p)
+    # a launcher chosen on the command line (the same grid on joblib is another sweep to compare)
+    launcher = next((o.split("=", 1)[1] for o in config.hydra.overrides.hydra if o.startswith("hydra/launcher=")), "")
+    name = " ".join(p for p in (kind, varied, short_name(fixed), launcher, jobs_shown) if p)
     command = [*config.hydra.overrides.task, *(o for o in config.hydra.overrides.hydra if o != "hydra.mode=MULTIRUN")]
     description = (f"{kind} sweep of {jobs or 'its'} job{'s' if jobs != 1 else ''}: python -m pipeline -m "
                    + " ".join(command))

@@ -194,7 +194,7 @@ def test_names_keep_numbers_short():
 @pytest.mark.parametrize("overrides, name", [
     (["train.lr=0.001,0.005", "model.hidden_sizes=[20,7],[64,16]", "seed=7"], "grid lr×hidden seed=7 (4)"),
     (["seed=range(0,20)", "preset=best"], "grid seed preset=best (20)"),
-    (["train.lr=0.001,0.005", "tracking.experiment=x", "hydra/launcher=joblib"], "grid lr (2)"),
+    (["train.lr=0.001,0.005", "tracking.experiment=x", "hydra/launcher=joblib"], "grid lr joblib (2)"),
     (["hparams_search=optuna"], "optuna (20)"),
     (["hparams_search=optuna", "hydra.sweeper.n_trials=200", "train.epochs=500"], "optuna epochs=500 (200)"),
 ])

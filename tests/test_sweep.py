@@ -58,7 +58,7 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     assert parent.data.tags["catnet.best_by"] == "val/balanced_accuracy"
     assert parent.data.params["sweep.objective"] == "val/balanced_accuracy (maximize)"
     # the parent's name tells it apart in the runs table: the search, what it varies, what it fixes, the count
-    assert parent.info.run_name == "grid lr×hidden epochs=12 check_learned=false val_fraction=0.2 (4)"
+    assert parent.info.run_name == "grid lr×hidden epochs=12 check_learned=false val_fraction=0.2 joblib (4)"
     assert parent.data.tags["mlflow.note.content"].startswith("grid sweep of 4 jobs: python -m pipeline -m train.lr=")
     # every child logs its weights and normalizer, and has its model, loadable as runs:/<id>/model
     import mlflow
