@@ -23,7 +23,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from catnet.errors import CatnetError  # noqa: E402
-from pipeline import curve, evaluate, load, normalize, sweep, tracking, train  # noqa: E402
+from pipeline import curve, evaluate, ledger, load, normalize, tracking, train  # noqa: E402
 from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, run_main, told  # noqa: E402
 from pipeline.config import prepare  # noqa: E402
 from pipeline.tracking.query import metric_order, objective_value  # noqa: E402
@@ -100,18 +100,18 @@ def _job(raw: DictConfig) -> float:
     from threadpoolctl import threadpool_limits
 
     worst = -math.inf if raw.sweep.direction == "maximize" else math.inf
-    entry = sweep.job_started()
+    entry = ledger.job_started()
     cfg = None  # until the values pass their checks
     with threadpool_limits(limits=_blas_threads()):
         try:
             cfg = prepare(raw, ROOT)
-            sweep.wait_for_store(cfg)
+            ledger.wait_for_store(cfg)
             metrics = run_all(cfg)
             value = objective(cfg, metrics)
-            sweep.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
+            ledger.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
             return worst if math.isnan(value) else value
         except (KeyboardInterrupt, Terminated) as e:
-            sweep.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
+            ledger.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
             raise
         except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
             reason = f"{type(e).__name__}: {told(e)}"
@@ -126,7 +126,7 @@ def _job(raw: DictConfig) -> float:
             if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
                 if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
                     unrecorded = tracking.run.job_record(cfg or raw)
-            sweep.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded)
+            ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded)
             return worst
 
 

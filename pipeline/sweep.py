@@ -19,14 +19,12 @@ Ctrl-C or SIGTERM marks the parent and every child still running KILLED (exit 13
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,108 +32,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from catnet.errors import CatnetError, ConfigError, check_choice
-from pipeline import common
+from pipeline import common, ledger
 from pipeline.config import SWEEP_WRITERS
+from pipeline.ledger import LEDGER_ENV, PARENT_FILE
 from pipeline.tracking import parent
-
-LEDGER_ENV = "CATNET_SWEEP_LEDGER"  # the folder where each job writes its outcome
 log = logging.getLogger("catnet")
 
-
-# ---- the job's side ----------------------------------------------------------------------------
-
-def job_started() -> Path | None:
-    """Enter this job in the sweep's ledger (as RUNNING until ``job_ended``)."""
-    ledger = os.environ.get(LEDGER_ENV)
-    if not ledger or not Path(ledger).is_dir():
-        return None
-    entry = Path(ledger) / f"{uuid.uuid4().hex}.json"
-    entry.write_text(json.dumps({"status": "RUNNING", "pid": os.getpid()}))
-    return entry
-
-
-def job_ended(entry: Path | None, status: str, reason: str | None = None, reused: str | None = None,
-              unfinished: str | None = None, unrecorded: dict | None = None, run: str | None = None) -> None:
-    """``reused``: the id of the FINISHED run the job stood for instead of training;
-    ``unfinished``: the id of its run, left RUNNING because the store did not take its status;
-    ``unrecorded``: its name and params, when the store was down and it has no run at all;
-    ``run``: the id of its own run (whose status in the store has the last word: parent.reconcile)."""
-    if entry is not None and entry.parent.is_dir():
-        outcome = {"status": status, "reason": reason, "reused": reused, "unfinished": unfinished,
-                   "unrecorded": unrecorded, "run": run}
-        common.atomic_write(entry, lambda f: json.dump(outcome, f), mode="w")
-
-
-class WithOutcome:
-    """A sweep's task function that returns, with its value, the outcome its job entered in a
-    ledger of its own: for launchers whose jobs run where the sweep's ledger folder is not
-    (another node of a Ray cluster). The launcher enters the outcome in the sweep's ledger
-    (``enter``) and hands the value to the sweeper."""
-
-    def __init__(self, task_function):
-        self.task_function = task_function
-
-    def __call__(self, cfg: DictConfig) -> tuple[Any, list[dict]]:
-        folder = Path(tempfile.mkdtemp(prefix="catnet-job-"))
-        previous = os.environ.get(LEDGER_ENV)
-        os.environ[LEDGER_ENV] = str(folder)
-        try:
-            value = self.task_function(cfg)
-            return value, _read(folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-            if previous is None:
-                os.environ.pop(LEDGER_ENV, None)
-            else:
-                os.environ[LEDGER_ENV] = previous
-
-
-def enter(outcomes: list[dict]) -> None:
-    """Enter, on the sweep's side, outcomes of jobs that ran elsewhere (``WithOutcome``)."""
-    ledger = os.environ.get(LEDGER_ENV)
-    for outcome in outcomes:
-        if ledger and Path(ledger).is_dir():
-            entry = Path(ledger) / f"{uuid.uuid4().hex}.json"
-            common.atomic_write(entry, lambda f, o=outcome: json.dump(o, f), mode="w")
-
-
-def _read(folder: Path) -> list[dict]:
-    outcomes = []
-    for entry in sorted(folder.glob("*.json")):
-        try:
-            outcomes.append(json.loads(entry.read_text()))
-        except (OSError, ValueError):
-            outcomes.append({"status": "RUNNING"})
-    return outcomes
-
-
-UNREACHABLE = "server-unreachable"  # in the ledger: a job gave up waiting for the tracking server
-PARENT_FILE = "parent-run-id"  # in the ledger: the parent run's id, for workers started before it existed
-
-
-def wait_for_store(cfg: DictConfig) -> None:
-    """A job whose tracking server does not answer waits for it up to ``tracking.retry_seconds``
-    (it answered when the sweep started: a restart, a short outage); once a job gave up, the
-    next ones ask only once, so a server gone for good fails the rest of the sweep quickly."""
-    from pipeline.tracking import store
-
-    uri = store.store_uri(cfg)[0] if cfg.tracking.enabled else ""
-    if not uri.startswith(("http://", "https://")):
-        return
-    ledger = os.environ.get(LEDGER_ENV)
-    marker = Path(ledger) / UNREACHABLE if ledger and Path(ledger).is_dir() else None
-    wait = 0.0 if marker is not None and marker.exists() else float(cfg.tracking.retry_seconds or 0)
-    try:
-        store.check_server(uri, wait)
-    except store.ServerUnreachable:
-        if marker is not None:
-            marker.touch()
-        raise
-    if marker is not None:
-        marker.unlink(missing_ok=True)
-
-
-# ---- the sweep's side ----------------------------------------------------------------------------
 
 def _optuna_logs_as_hydra_s(config: DictConfig) -> None:
     """Optuna's lines go through the sweep's logging, as Hydra's do: Optuna's own handler colours
@@ -149,11 +51,14 @@ def _optuna_logs_as_hydra_s(config: DictConfig) -> None:
 
 class MlflowSweep(Callback):
     def __init__(self) -> None:
-        self.client = None  # this process's client of the store, once it opened it
-        self.parent: dict | None = None  # the parent run (parent.describe)
-        self.parent_id: str | None = None
-        self.config: DictConfig | None = None
+        self.record: parent.Here | parent.Helped | None = None  # who writes the parent run, if tracked
+        self.parent_id: str | None = None  # until the parent run is closed
         self.ledger: Path | None = None
+
+    def __getstate__(self) -> dict:
+        """Hydra pickles its callbacks into joblib's workers, which call none of these hooks: the
+        record (a connection to this process's helper) stays here."""
+        return {**self.__dict__, "record": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:  # what every job would refuse is refused once, before any job starts
@@ -170,7 +75,6 @@ class MlflowSweep(Callback):
         except CatnetError as e:  # Hydra turns a callback's exception into a warning: exit here
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        self.config = config
         _optuna_logs_as_hydra_s(config)
         self.ledger = Path(tempfile.mkdtemp(prefix="catnet-sweep-"))
         os.environ[LEDGER_ENV] = str(self.ledger)
@@ -180,82 +84,46 @@ class MlflowSweep(Callback):
         if config.tracking.enabled:  # for the jobs: set now, inherited by workers started now
             from pipeline import tracking
 
-            os.environ[tracking.run.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
+            os.environ[tracking.names.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
             os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
-        helper = start_writer(config, on_lost=self._take_over)  # it imports MLflow and may hold the record
+        helper = start_writer(config)  # it imports MLflow and holds the record
         if helper is not None and _launcher(config).endswith("JoblibLauncher"):
             helper.serve_workers()  # joblib's workers, started now, hand it their jobs' records
         warm_joblib_workers(config, served=helper is not None)  # they start while the jobs' configs are composed
         if config.tracking.enabled:
-            self._open_parent(config, helper)
+            self._open_parent(config)
 
-    def _open_parent(self, config: DictConfig, helper) -> None:
+    def _open_parent(self, config: DictConfig) -> None:
         """The parent run: created by the helper that holds the sweep's record, if there is one
         (this process then never imports MLflow), else here."""
         from pipeline import tracking
 
         hc = config.hydra
-        overrides = list(hc.overrides.task)
         name, description = sweep_name(config)
-        self.parent = parent.describe(name, description, {
-            "sweep.overrides": " ".join(overrides),
+        top = parent.describe(name, description, {
+            "sweep.overrides": " ".join(hc.overrides.task),
             "sweep.sweeper": hc.sweeper._target_.rsplit(".", 1)[-1],
             "sweep.launcher": hc.launcher._target_.rsplit(".", 1)[-1],
             "sweep.ranking": f"{' > '.join(_order(config))} ({config.sweep.direction})",
             "sweep.dir": str(hc.sweep.dir),
         })
-        if helper is not None:
-            root = tracking.store.store_uri(config)[1]
-            helper.open(config.tracking.experiment, str(root) if root else None, self.parent)
-        else:
-            self.client = parent.open_parent(config, self.parent)
-        self.parent_id = self.parent["id"]
+        self.record = parent.sweep_record(config, top, before=lambda: ledger.wait_for_store(config))
+        self.record.open()
+        self.parent_id = top["id"]  # a server's, once made there
         os.environ[tracking.PARENT_ENV] = self.parent_id
         common.atomic_write(self.ledger / PARENT_FILE, lambda f: f.write(self.parent_id), mode="w")
         log.info("sweep: MLflow parent run %s", self.parent_id)
-
-    def _take_over(self) -> None:
-        """The helper that held the sweep's record ended: this process opens the store and
-        makes sure the parent run is there (the helper may have ended before creating it)."""
-        if self.parent_id is None:
-            return
-        try:
-            self._store_client()
-        except Exception as e:  # noqa: BLE001 - the sweep's end says what could not be recorded
-            log.error("tracking: the sweep's parent run %s could not be made here: %s", self.parent_id, e)
-
-    def _store_client(self):
-        """This process's client of the store, opened once, with the parent run made if missing."""
-        if self.client is None:
-            self.client = parent.open_parent(self.config, self.parent)
-        return self.client
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.tracking import writer
 
         outcomes = self._close_ledger()
-        order = _order(config)
         result = None
-        if self.parent_id is not None and (helper := writer.owner()) is not None:
-            try:  # once it wrote what the last jobs handed over and ended their runs
-                result = helper.ask("finish", self.parent_id, outcomes, order, config.sweep.direction)
-            except writer.RecordError as e:  # the store could not be opened, or the end not written
-                result = parent.unchecked(outcomes, str(e), self.parent_id)
-            except writer.WriterLost:
-                writer.lost_owner()
-        helped = writer.close()  # it writes what the last jobs handed over, and ends their runs
-        if result is None and self.parent_id is not None:
-            try:
-                client = self._store_client()
-            except Exception as e:  # noqa: BLE001 - the store cannot even be opened
-                result = parent.unchecked(outcomes, f"the tracking store could not be opened: {common.told(e)}",
-                                          self.parent_id)
-            else:  # a server that went away: waited for, within tracking.retry_seconds
-                result = parent.finish(client, self.parent_id, outcomes, order, config.sweep.direction, helped,
-                                       before=lambda: wait_for_store(config))
         if self.parent_id is not None:
+            result = self.record.finish(outcomes, _order(config), config.sweep.direction)
             self.parent_id = None
             _clear_env()
+        writer.close()  # a helper wrote the last jobs' records by then; one started early and unused goes
         if result is None:  # untracked
             counts = parent.count(outcomes)
             failed = counts["failed"] + counts["killed"] + counts["running"]
@@ -281,20 +149,13 @@ class MlflowSweep(Callback):
         from pipeline.tracking import writer
 
         self._close_ledger()
-        parent_id, self.parent_id = self.parent_id, None
-        done = False
-        if parent_id is not None and (helper := writer.owner()) is not None:
-            try:  # once it wrote what the jobs handed over
-                helper.ask("abort", parent_id, status, reason)
-                done = True
-            except (writer.WriterLost, writer.RecordError):
-                pass  # this process tries
+        if self.parent_id is not None:
+            self.parent_id = None
+            try:
+                self.record.abort(status, reason)
+            finally:
+                _clear_env()
         writer.close()
-        if parent_id is None:
-            return
-        _clear_env()
-        if not done:
-            parent.abort(self._store_client(), parent_id, status, reason)
 
     def _abandoned(self) -> None:
         if self.parent_id is not None:
@@ -303,7 +164,7 @@ class MlflowSweep(Callback):
     def _close_ledger(self) -> list[dict]:
         if self.ledger is None:
             return []
-        outcomes = _read(self.ledger)
+        outcomes = ledger.read(self.ledger)
         shutil.rmtree(self.ledger, ignore_errors=True)
         os.environ.pop(LEDGER_ENV, None)
         self.ledger = None
@@ -314,7 +175,7 @@ def _launcher(config: DictConfig) -> str:
     return str(config.hydra.launcher.get("_target_", ""))
 
 
-def start_writer(config: DictConfig, on_lost=None):
+def start_writer(config: DictConfig):
     """For a sweep whose jobs run one after another in this process (Hydra's basic launcher), or
     in joblib's workers on this machine, into a SQLite store, start the helper that holds their
     record and writes it beside the training (pipeline/tracking/writer.py; ``tracking.
@@ -330,7 +191,7 @@ def start_writer(config: DictConfig, on_lost=None):
             and launcher.endswith(("BasicLauncher", "JoblibLauncher")) and (os.cpu_count() or 1) > 1):
         writer.close_early()  # started first thing for a sweep that does not use it
         return None
-    return writer.start(uri, on_lost)
+    return writer.start(uri)
 
 
 def warm_joblib_workers(config: DictConfig, served: bool = False) -> None:
@@ -389,7 +250,7 @@ def _clear_env() -> None:
     from pipeline import tracking
 
     os.environ.pop(tracking.PARENT_ENV, None)
-    os.environ.pop(tracking.run.PARENT_FILE_ENV, None)
+    os.environ.pop(tracking.names.PARENT_FILE_ENV, None)
     os.environ.pop(tracking.SWEPT_ENV, None)
 
 
@@ -434,7 +295,7 @@ def sweep_name(config: DictConfig) -> tuple[str, str]:
     description (the run's note): the whole command line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from pipeline.tracking.run import short_keys, short_name
+    from pipeline.tracking.names import short_keys, short_name
 
     overrides = [o for o in config.hydra.overrides.task
                  if not o.lstrip("+~").startswith(("tracking.", "hydra", "paths.", "hparams_search="))]

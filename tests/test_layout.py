@@ -118,6 +118,34 @@ def test_the_circle_test_sees_an_import_inside_a_function():
         test_no_import_circle_between_modules({**graph, store: graph[store] | {run}})
 
 
+# the tracking package's layers (pipeline/tracking/__init__.py, docs/architecture.md): a module imports
+# only modules of the layers above its own
+TRACKING_LAYERS = [["store"], ["points", "model", "pyfunc", "query"], ["writer", "names"], ["record"],
+                   ["run", "reuse"], ["parent"], ["helper"]]
+
+
+def layer_breaks(graph: dict[Path, set[Path]]) -> list[str]:
+    layer = {ROOT / "pipeline/tracking" / f"{m}.py": i for i, ms in enumerate(TRACKING_LAYERS) for m in ms}
+    return [f"{p.name} imports {q.name}" for p, qs in graph.items() if p in layer
+            for q in qs if q in layer and layer[q] >= layer[p]]
+
+
+def test_the_tracking_package_forms_layers():
+    files = {p.stem for p in (ROOT / "pipeline/tracking").glob("*.py")} - {"__init__"}
+    assert files == {m for ms in TRACKING_LAYERS for m in ms}, "a tracking module missing from the layers"
+    graph = import_graph()
+    assert layer_breaks(graph) == []
+    run, record = ROOT / "pipeline/tracking/run.py", ROOT / "pipeline/tracking/record.py"
+    assert layer_breaks({**graph, record: graph[record] | {run}}) == ["record.py imports run.py"]  # it can fail
+
+
+def test_no_module_of_the_project_is_over_400_lines():
+    sources = [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("src/catnet/*.py"), *ROOT.glob("hydra_plugins/**/*.py"),
+               *ROOT.glob("benchmarks/*.py")]
+    assert len(sources) > 30
+    assert {str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > 400} == {}
+
+
 def test_the_library_knows_nothing_of_the_pipeline():
     """src/catnet imports no pipeline, Hydra, OmegaConf, MLflow or DVC, and its messages name
     its own parameters, not config keys (pipeline/config.py KNOBS maps one to the other)."""

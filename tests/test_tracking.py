@@ -62,7 +62,7 @@ def test_a_link_to_a_reused_run_stopped_while_written_is_killed_not_failed(cfg, 
     from mlflow import MlflowClient
 
     from pipeline.common import Terminated
-    from pipeline.tracking import reuse
+    from pipeline.tracking import query, reuse
 
     with tracking.open_run(cfg, tags={reuse.IDENTITY_TAG: "key"}) as run:
         original = run.run_id
@@ -72,7 +72,7 @@ def test_a_link_to_a_reused_run_stopped_while_written_is_killed_not_failed(cfg, 
         raise Terminated("SIGTERM")
 
     monkeypatch.setattr(MlflowClient, "log_batch", stopped)
-    earlier = reuse.search(client, client.get_run(original).info.experiment_id, "key")
+    earlier = query.identical(client, client.get_run(original).info.experiment_id, "key")
     assert earlier is not None and earlier.run_id == original
     with pytest.raises(Terminated):
         reuse.link(cfg, earlier)
@@ -129,21 +129,21 @@ def test_dataset_insert_race_is_retried_and_other_errors_are_not():
 
     race = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name"
     client = Client([race, race])
-    tracking.run._log_inputs(client, "run", [])
+    tracking.record._log_inputs(client, "run", [])
     assert client.calls == 3
     client = Client(["RESOURCE_DOES_NOT_EXIST: run"])
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
-        tracking.run._log_inputs(client, "run", [])
+        tracking.record._log_inputs(client, "run", [])
     assert client.calls == 1
     client = Client([race] * 5)
     with pytest.raises(MlflowException, match="UNIQUE"):
-        tracking.run._log_inputs(client, "run", [])
+        tracking.record._log_inputs(client, "run", [])
     assert client.calls == 5
     # a server killed in the middle of the request (seen in tests/test_cluster.py's short outage)
     cut = ("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-inputs failed with exception "
            "('Connection broken: IncompleteRead(0 bytes read, 2 more expected)')")
     client = Client([cut])
-    tracking.run._log_inputs(client, "run", [])
+    tracking.record._log_inputs(client, "run", [])
     assert client.calls == 2
 
 
@@ -185,7 +185,7 @@ def test_a_model_is_saved_without_mapping_every_installed_package(cfg, store, mo
                "image_shape": np.array([64, 64, 3])}
     normalizer = {"scale": np.array(255.0)}
     with tracking.open_run(cfg) as run:
-        uri = model.log_model(run.client, run.run_id, run.experiment_id, tmp_path, weights, normalizer,
+        uri = model.log_model(run.recorder.client, run.run_id, run.recorder.experiment_id, tmp_path, weights, normalizer,
                               np.zeros((2, 64, 64, 3), np.uint8), {})
     assert scans == []
     assert requirements_utils._MODULES_TO_PACKAGES is None and requirements_utils._PACKAGES_TO_MODULES is None

@@ -20,7 +20,7 @@ from pipeline.tracking import writer
 @pytest.fixture
 def helper(store):
     client, _ = runs_of(store["uri"])  # the store's tables exist before the helper opens it
-    w = writer.Writer(store["uri"])
+    w = writer.Helper.start(store["uri"])
     yield client, w
     w.close()
 
@@ -53,17 +53,15 @@ def test_every_point_handed_over_is_written_across_batches_and_runs_then_the_run
 
 
 def test_what_a_run_hands_over_is_written_in_order_and_its_end_comes_last(helper, tmp_path):
-    from mlflow.entities import Param, RunTag
-
     client, w = helper
     run = _run(client)
     folder = tmp_path / "private"
     folder.mkdir()
     (folder / "weights.npz").write_bytes(b"weights")
-    w.call(run, "log_batch", params=[Param("seed", "3")])
+    w.call(run, "params", {"seed": "3"})
     w.send(run, _points(1, 10))
     w.call(run, "log_artifact", str(folder / "weights.npz"))
-    w.call(run, "log_batch", tags=[RunTag("catnet.model_uri", "none")])
+    w.call(run, "tags", {"catnet.model_uri": "none"})
     w.end(run, "FINISHED", None, str(folder))
     w.close()
     record = client.get_run(run)
@@ -80,13 +78,14 @@ def test_a_run_whose_record_cannot_be_written_is_failed_with_the_reason_and_othe
     w.send(bad, _points(1, 5))
     w.send(bad, _points(6, 6, "bad/../name"))  # MLflow refuses this metric name
     w.send(good, _points(1, 5))
-    w.call(bad, "log_batch")  # after the failure: dropped, not written
+    w.call(bad, "tags", {"written": "no"})  # after the failure: dropped, not written
     w.end(bad, "FINISHED", None)
     w.end(good, "FINISHED", None)
     w.close()
     record = client.get_run(bad)
     assert record.info.status == "FAILED"
     assert "its record could not be written whole: MlflowException" in record.data.tags["catnet.failure"]
+    assert "written" not in record.data.tags
     assert client.get_run(good).info.status == "FINISHED"  # the helper goes on for the other runs
     assert len(client.get_metric_history(good, "train/error")) == 5
 
@@ -132,7 +131,7 @@ def test_a_job_does_not_wait_for_the_helper_to_import_mlflow(helper):
 
     client, _ = helper
     run = _run(client)
-    early = writer.Writer("")
+    early = writer.Helper.start("")
     try:
         def hand_over():
             for first in range(1, 8001, 1000):  # about 300 KB
@@ -143,7 +142,7 @@ def test_a_job_does_not_wait_for_the_helper_to_import_mlflow(helper):
         job.join(timeout=300)  # a hang guard only: a helper that does not read blocks it for good
         assert not job.is_alive(), "the hand-over waited for a helper that had no store yet"
         assert client.get_metric_history(run, "train/error") == []  # nothing written: the helper had no store
-        early._put(("uri", client.tracking_uri))
+        early.tell_store(client.tracking_uri)
         early.end(run, "FINISHED", None)
     finally:
         early.close()
@@ -183,7 +182,7 @@ def test_a_run_hands_its_whole_record_to_the_helper_which_ends_it_last(started, 
     from pipeline import tracking
 
     with tracking.open_run(started) as run:
-        assert run._helper is writer.for_store(tracking.store_uri(started)[0]) is not None
+        assert run.recorder.helper is writer.for_store(tracking.store_uri(started)[0]) is not None
         for epoch in range(1, 1501):
             run.log_epoch(epoch, {"train/error": 1.0 / epoch})
         run.log_metrics({"train/accuracy": 0.5})
@@ -457,7 +456,7 @@ def test_a_store_the_helper_cannot_open_fails_the_sweep_with_the_reason_on_one_l
 
 @needs_data
 def test_a_sequential_sweep_never_imports_mlflow_and_its_helper_writes_the_whole_record(store):
-    """The helper holds the sweep's record (Writer.open): the sweep's process trains its jobs
+    """The helper holds the sweep's record (Helper.open): the sweep's process trains its jobs
     without importing MLflow, and the store gets the record a sweep writing it itself gets
     (``tracking.sweep_writer=thread``): the parent with its summary and best child's model, every
     child FINISHED with its params, metrics, epochs, data and files, ends in order."""
@@ -632,7 +631,7 @@ def test_a_workers_connection_to_a_helper_that_died_is_seen_closed_before_a_job_
     import psutil
 
     _, w = helper
-    connected = writer.Connected(w.uri, w.socket, w.proc.pid)
+    connected = writer.Helper.connect(w.uri, w.socket, w.proc.pid)
     assert connected.alive()
     w.proc.kill()
     deadline = time.monotonic() + 30

@@ -41,7 +41,7 @@ class _RayClusterLauncher:
         from hydra.core.utils import configure_log, filter_overrides, setup_globals
         from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray
 
-        from pipeline import sweep
+        from pipeline import ledger
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -64,7 +64,7 @@ class _RayClusterLauncher:
                 sweep_config.hydra.job.num = idx
                 sweep_config.hydra.sweep.dir = str(sweep_dir)  # resolved here, once, for every node
             runs.append(launch_job_on_ray(self.hydra_context, self.ray_cfg.remote, sweep_config,
-                                          sweep.WithOutcome(self.task_function), Singleton.get_state()))
+                                          ledger.WithOutcome(self.task_function), Singleton.get_state()))
         return [self._returned(ray, run, overrides) for run, overrides in zip(runs, job_overrides)]
 
     def _returned(self, ray, run, overrides: Sequence[str]) -> JobReturn:
@@ -75,23 +75,23 @@ class _RayClusterLauncher:
 
         from hydra.core.utils import JobStatus
 
-        from pipeline import sweep
+        from pipeline import ledger
 
         try:
             job = ray.get(run)
         except Exception as e:  # noqa: BLE001 - ray.exceptions.RayError and what it wraps
             reason = f"the Ray task was lost: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
             log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
-            sweep.enter([{"status": "FAILED", "reason": reason}])
+            ledger.enter([{"status": "FAILED", "reason": reason}])
             job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
             job.return_value = -math.inf if self.config.sweep.direction == "maximize" else math.inf
             return job
         if job.status == JobStatus.COMPLETED:
             value, outcomes = job.return_value
-            sweep.enter(outcomes)
+            ledger.enter(outcomes)
             job.return_value = value
         else:
-            sweep.enter([{"status": "FAILED", "reason": repr(job._return_value)[:300]}])
+            ledger.enter([{"status": "FAILED", "reason": repr(job._return_value)[:300]}])
         return job
 
 

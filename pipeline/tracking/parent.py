@@ -1,19 +1,28 @@
 """A sweep's parent run: opened before any job starts, closed with the job counts and the best
-child (by the one ranking rule, query.rank), or KILLED with its running children."""
+child (by the one ranking rule, query.rank), or KILLED with its running children.
+
+``sweep_record`` chooses, once when the sweep opens, who writes it: this process (``Here``) or
+the record helper that holds the sweep's record (``Helped``, pipeline/tracking/writer.py), which
+hands it back to ``Here`` if it ends. The sweep (pipeline/sweep.py) only calls ``open``,
+``finish`` and ``abort``."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig
 
 from catnet.metrics import HEADLINE
-from pipeline.tracking import model, query, reuse, run, store
+from pipeline.tracking import model, names, query, reuse, store, writer
+from pipeline.tracking.record import write_to
+
+log = logging.getLogger("catnet")
 
 
 def describe(name: str, description: str, params: dict[str, str]) -> dict:
     """A sweep's parent run as ``open_parent`` and the sweep's helper (pipeline/tracking/writer.py:
-    Writer.open) create it: an id chosen now, its name, tags (``description`` as its note), params
+    Helper.open) create it: an id chosen now, its name, tags (``description`` as its note), params
     and start (ms)."""
     import time
     import uuid
@@ -21,7 +30,7 @@ def describe(name: str, description: str, params: dict[str, str]) -> dict:
     return {"id": uuid.uuid4().hex, "name": name[:250], "start": int(time.time() * 1000),
             "tags": {"catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
                      "mlflow.note.content": description[:5000],
-                     **run.provenance_tags(), **store.process_tags()},
+                     **names.provenance_tags(), **store.process_tags()},
             "params": {k: str(v)[:6000] for k, v in params.items()}}
 
 
@@ -35,10 +44,80 @@ def open_parent(config: DictConfig, parent: dict) -> Any:
     if not points.sql_store(client):
         parent["id"] = client.create_run(experiment_id, start_time=parent["start"], tags=parent["tags"],
                                          run_name=parent["name"]).info.run_id
-        run.write_to(client, parent["id"], "params", parent["params"])
+        write_to(client, parent["id"], "params", parent["params"])
     elif points.create_run(client, parent["id"], experiment_id, parent["name"], parent["tags"], parent["start"]):
-        run.write_to(client, parent["id"], "params", parent["params"])
+        write_to(client, parent["id"], "params", parent["params"])
     return client
+
+
+class Here:
+    """The sweep's parent run written by this process. ``helped``: a helper wrote the jobs'
+    records (``finish``); ``before()``: what to wait for before the end (a server's return)."""
+
+    def __init__(self, config: DictConfig, parent: dict, helped: bool = False, before: Callable | None = None):
+        self.config, self.parent, self.helped, self.before = config, parent, helped, before
+        self.client = None
+
+    def open(self) -> None:
+        """The store opened and the parent run made, unless it is there (``open_parent``)."""
+        if self.client is None:
+            self.client = open_parent(self.config, self.parent)
+
+    def finish(self, outcomes: list[dict], order: Sequence[str], direction: str) -> dict:
+        try:
+            self.open()
+        except Exception as e:  # noqa: BLE001 - the store cannot even be opened
+            return unchecked(outcomes, f"the tracking store could not be opened: {store.brief(e)}", self.parent["id"])
+        return finish(self.client, self.parent["id"], outcomes, order, direction, self.helped, before=self.before)
+
+    def abort(self, status: str, reason: str) -> None:
+        self.open()
+        abort(self.client, self.parent["id"], status, reason)
+
+
+class Helped:
+    """The sweep's parent run written by the record helper that holds the sweep's record; if it
+    ends, this process takes the parent over (``Here``: made if the helper had not made it)."""
+
+    def __init__(self, helper: writer.Helper, config: DictConfig, parent: dict, before: Callable | None = None):
+        self.helper, self.config, self.parent = helper, config, parent
+        self.here = Here(config, parent, helped=True, before=before)
+        writer.when_lost(self._take_over)
+
+    def open(self) -> None:
+        root = store.store_uri(self.config)[1]
+        self.helper.open(self.config.tracking.experiment, str(root) if root else None, self.parent)
+
+    def finish(self, outcomes: list[dict], order: Sequence[str], direction: str) -> dict:
+        """Once the helper wrote what the last jobs handed over and ended their runs."""
+        try:
+            return self.helper.ask("finish", self.parent["id"], outcomes, order, direction)
+        except writer.RecordError as e:  # the store could not be opened, or the end not written
+            return unchecked(outcomes, str(e), self.parent["id"])
+        except writer.WriterLost:
+            writer.close()
+            return self.here.finish(outcomes, order, direction)
+
+    def abort(self, status: str, reason: str) -> None:
+        """Once the helper wrote what the jobs handed over (a finished job's run stays FINISHED)."""
+        try:
+            self.helper.ask("abort", self.parent["id"], status, reason)
+        except (writer.WriterLost, writer.RecordError):
+            writer.close()
+            self.here.abort(status, reason)
+
+    def _take_over(self) -> None:
+        try:
+            self.here.open()
+        except Exception as e:  # noqa: BLE001 - the sweep's end says what could not be recorded
+            log.error("tracking: the sweep's parent run %s could not be made here: %s", self.parent["id"], e)
+
+
+def sweep_record(config: DictConfig, parent: dict, before: Callable | None = None) -> Here | Helped:
+    """Who writes the sweep's parent run ``parent`` (``describe``): the helper this process
+    started for the configured store, if it has one, else this process."""
+    helper = writer.for_store(store.store_uri(config)[0])
+    return Helped(helper, config, parent, before) if helper is not None else Here(config, parent, before=before)
 
 
 def close(client, run_id: str, status: str, reason: str | None, end_time: int | None = None) -> None:

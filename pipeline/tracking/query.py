@@ -8,13 +8,15 @@ metric never ranks, selects or picks anything: it is refused wherever one is nam
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 from pipeline.config import refuse_test_metric  # noqa: F401 - the rule lives with the config's checks
 
 CV_METRIC = "cv/balanced_accuracy"
 TRAIN_METRIC = "train/balanced_accuracy"
 T = TypeVar("T")
+IDENTITY_TAG = "catnet.identity"  # a run's identity (pipeline/tracking/reuse.py)
+REUSED_TAG = "catnet.reused_from"  # a reused job's run: the run it stands for
 
 
 def metric_order(objective: str, fallback: str | None = None,
@@ -94,3 +96,23 @@ def finished_runs_frame(experiment_id: str, parent: str | None = None, max_resul
 def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of every point of a run's metric, in step order."""
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+class Earlier(NamedTuple):
+    """A FINISHED run a job stands for (pipeline/tracking/reuse.py): what the job needs of it."""
+
+    run_id: str
+    run_name: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def identical(client, experiment_id: str, key: str) -> Earlier | None:
+    """The earliest FINISHED run of the experiment that trained with identity ``key``, or None."""
+    runs = client.search_runs([experiment_id], f"tags.`{IDENTITY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+                              max_results=100, order_by=["attributes.start_time ASC"])
+    trained = [r for r in runs if REUSED_TAG not in r.data.tags]
+    if not trained:
+        return None
+    run = trained[0]
+    return Earlier(run.info.run_id, run.info.run_name, dict(run.data.metrics), dict(run.data.tags))

@@ -1,66 +1,50 @@
-"""The record helper's clients: how a sweep's process, its jobs and joblib's workers hand a
-sweep's record to the helper process that writes it (its own side: pipeline/tracking/helper.py).
+"""The record helper as its clients reach it: how a sweep's process, its jobs and joblib's workers
+hand a sweep's record to the helper process that writes it (the helper's own side:
+pipeline/tracking/helper.py; what a run records through it: pipeline/tracking/record.py: Handed).
 
 Writing a run's 1,000 epoch points costs MLflow's SQL store about as long as training the
 default network (its ORM, in Python). A thread of the job's process cannot overlap the two: both
-need the interpreter's lock. So a sweep whose jobs run one after another in its own process
-(Hydra's basic launcher) into a SQLite store starts this helper when it starts (``start``), while it imports MLflow
-and creates the parent run itself. Each job's run (pipeline/tracking/run.py) creates itself, then
-hands the helper everything else it records, in order: its buffered points every ``SEND_SECONDS``
-while it trains (its BLAS leaves the helper a core: pipeline/__main__.py), its params, files,
-final metrics and tags (``call``), and last its end (``end``). The job does not wait: the next one
-starts while the helper writes. The helper sets a run's status only after everything handed over
-for it is written; what it could not write makes the run FAILED with the reason (tag
-catnet.failure). The sweep, once it closed the helper (``close``), takes each run's status in the
-store as the final word on its job (pipeline/tracking/parent.py: reconcile), so a job whose
-record failed after it ended is counted failed, and a run the helper never ended is closed FAILED.
+need the interpreter's lock. So a sweep whose jobs run in its own process (Hydra's basic launcher)
+or in joblib's workers, into a SQLite store, has a helper process hold its record: it imports
+MLflow, opens the store and creates the parent run (``Helper.open``), while the sweep's own
+process and its workers never import MLflow (about 1.5 s of a core each). Each job hands it what
+its run records, in order (its epochs every ``send_seconds`` while it trains, its params, files,
+final metrics and tags, its end last), and does not wait: the next job starts while the helper
+writes. A question (an identical earlier run, the sweep's end) is answered once everything handed
+over before it is written (``ask``).
 
-A sweep that starts the helper also hands it the whole record (``Writer.open``): the helper imports
-MLflow, opens the store and creates the parent run, while the sweep's own process goes straight to
-its jobs without importing MLflow at all (about 1.5 s of a sweep). A job's run then has an id its
-job chose (``create``; pipeline/tracking/points.py: create_run); a job asks the helper what it
-needs to know from the store (``ask``: an identical earlier run, pipeline/tracking/reuse.py), and
-the sweep's end asks it to check the jobs' runs and close the parent (pipeline/tracking/parent.py:
-finish). Should the helper end, the sweep's process opens the store and writes from then on.
+One transport: a connection of ``multiprocessing.connection`` over a Unix socket. The sweep's
+process holds one end of the socket pair the helper was started with (pipeline/early.py: spawn);
+a joblib worker connects to the socket the helper listens on (``HELPER_ENV`` names it). A message
+is its kind, a zero byte and a pickle, so the helper reads the kind without unpickling; a kind
+ending in ``?`` is answered ``ok`` as soon as it is in the helper's queue: a worker's job's last
+word (its run's end) is then ahead of the sweep's end, which comes through another connection.
 
-A joblib sweep into SQLite hands its record to the same helper: its workers' jobs reach it through
-a Unix socket the helper listens on (``HELPER_ENV`` names it; ``Connected``), so neither the sweep's
-process nor its workers import MLflow (about 1.5 s of a core each). A worker's job hands over its
-epochs every ``tracking.flush_seconds``, as a job writing its own record does (every store
-transaction takes from the cores that train), and returns once the helper has its run's end
-(or a link's, or a failed job's run) in its queue, ahead of the sweep's end, which therefore
-finds every job's record written, as a sequential sweep's does.
-
-The helper runs in a session of its own and ignores Ctrl-C and SIGTERM: the job decides, and what
-it handed over is still written (a stopped job's run is KILLED with it). It ends when its input
-ends: the sweep closes it, or the sweep's process died. A helper that dies fails the run it was
-writing for (WriterLost); the sweep's later jobs write from their own thread.
-
-The modules' layers: store (where the record is) < points, model (how a record is written) < this
-module (the helper's clients) < run, parent, reuse (what a run, a sweep, a reused job records) <
-helper (the helper's process, which writes with the functions of those).
+The helper ignores Ctrl-C and SIGTERM (the job decides; what it handed over is still written) and
+ends when the sweep's end of the pair closes: the sweep closed it, or the sweep's process died. A
+helper that ends fails the run it was writing for (``WriterLost``); the sweep's later jobs write
+their own records (record.Direct), and the sweep's process takes over the parent run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
-import select
 import shutil
-import struct
 import subprocess
 import time
+from typing import Callable
 
 from catnet.errors import CatnetError
 from pipeline import early
 
 log = logging.getLogger("catnet")
 HELPER_ENV = "CATNET_RECORD_HELPER"  # for a joblib sweep's workers: the helper's socket, store and process id
-SEND_SECONDS = 0.1  # a job hands its buffer to the helper at least this often while it trains
+SEND_SECONDS = 0.1  # a job of the sweep's process hands over its epochs at least this often while it trains
 CONNECT_SECONDS = 10  # what a joblib worker waits for the sweep's helper to listen
 CLOSE_SECONDS = 300  # what the sweep's end waits for the helper to write the last jobs' records
-_HEADER = struct.Struct("!I")
 
 
 class WriterLost(CatnetError):
@@ -71,41 +55,93 @@ class RecordError(CatnetError):
     """What the helper raised answering a question (its type and message)."""
 
 
-class Writer:
-    """A started helper writing to the store at ``uri``."""
+def message(kind: str, *fields) -> bytes:
+    """A message as it travels: its kind, a zero byte, the pickled (kind, *fields)."""
+    return kind.encode() + b"\0" + pickle.dumps((kind.rstrip("?"), *fields), protocol=pickle.HIGHEST_PROTOCOL)
 
-    def __init__(self, uri: str, started: tuple | None = None) -> None:
-        """``started``: a helper process started already (pipeline/early.py), else one now."""
-        self.uri = uri
-        self.proc, self.errors, self.socket = started or early.spawn(uri)
-        self.replies = _Frames(self.proc.stdout.fileno())  # answers to ``ask``, and a failed ``open``
-        self.reported = False  # whether the log said that it ended
-        self.owns = False  # whether it opened the store and holds the sweep's record (``open``)
+
+class Helper:
+    """The record helper as this process reaches it, through ``conn``. The sweep's process
+    started it (``proc``, whose stderr went to ``errors``); a joblib worker connected to it
+    (``pid``: for what the log says), and waits for the helper's ``ok`` on its jobs' last words."""
+
+    def __init__(self, uri: str, conn, *, proc: subprocess.Popen | None = None, errors=None,
+                 socket: str = "", pid: int | None = None) -> None:
+        self.uri, self.conn, self.proc, self.errors, self.socket = uri, conn, proc, errors, socket
+        self.pid = proc.pid if proc is not None else pid
+        self.worker = proc is None
+        # a worker's jobs hand over at tracking.flush_seconds, as a job writing its own record does:
+        # the workers take every core, so each write the helper makes takes from training
+        self.send_seconds = float("inf") if self.worker else SEND_SECONDS
         self.fatal: str | None = None  # why it could not open the store, once it said so
+        self.closed = False
+        self.reported = False  # whether the log said that it ended
+
+    @classmethod
+    def start(cls, uri: str, started: tuple | None = None) -> "Helper":
+        """A helper for the store at ``uri``: ``started`` (pipeline/early.py), else one started now."""
+        from multiprocessing.connection import Connection
+
+        proc, errors, socket, ours = started or early.spawn(uri)
+        return cls(uri, Connection(ours.detach()), proc=proc, errors=errors, socket=socket)
+
+    @classmethod
+    def connect(cls, uri: str, socket: str, pid: int) -> "Helper":
+        """A joblib worker's connection to the sweep's helper (which may not listen yet)."""
+        from multiprocessing.connection import Client
+
+        deadline = time.monotonic() + CONNECT_SECONDS
+        while True:
+            try:
+                return cls(uri, Client(socket, family="AF_UNIX"), socket=socket, pid=pid)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    # ---- what it is handed ----
+
+    def tell_store(self, uri: str) -> None:
+        """A helper started early learns its store."""
+        self.uri = uri
+        self._put("uri", uri)
 
     def open(self, experiment: str, artifact_root: str | None, parent: dict) -> None:
         """Hand it the sweep's record: it opens the store (the experiment, created if new; runs
         of dead processes closed) and creates the parent run ``parent`` (its ``id``, ``name``,
-        ``tags``, ``params``, ``start``)."""
-        self._put(("open", experiment, artifact_root, parent))
-        self.owns = True
+        ``tags``, ``params``, ``start``: parent.describe)."""
+        self._put("open", experiment, artifact_root, parent)
 
-    def hand(self, kind: str, run_id: str, experiment: str, name: str, tags: dict[str, str], start: int,
-             *record) -> None:
-        """Have it create run ``run_id`` (chosen by its job) in ``experiment``: ``create`` (a job's
-        run), ``link`` (a reused job's, FINISHED, with ``record``: params, metrics), ``failed`` (a
-        job that failed before its run started, with ``record``: params)."""
-        self._put((kind, run_id, experiment, name, tags, start, *record))
+    def create(self, run_id: str, experiment: str, name: str, tags: dict[str, str], start: int) -> None:
+        """Have it create run ``run_id`` (its job chose the id) in ``experiment``."""
+        self._put("create", run_id, experiment, name, tags, start)
 
-    def ask(self, *message):
-        """Its answer to ``message``, once it wrote everything handed over before it; what it
-        raised, as RecordError; WriterLost if it ended."""
-        self._put(message)
+    def call(self, run_id: str, kind: str, *args) -> None:
+        """Have it write ``kind`` of the run's record (record.write_to) after what came before."""
+        self._put("call", run_id, kind, args)
+
+    def send(self, run_id: str, points: list[tuple[str, float, float, int]]) -> None:
+        self._put("points", run_id, points)
+
+    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None,
+            end_time: int | None = None) -> None:
+        """Hand over the run's end: once everything handed over for it is written, the helper
+        sets ``status`` (FAILED, with why, if something could not be written) with the run's
+        ``end_time`` (ms: when the job ended, not when its record was written) and removes
+        ``folder`` (the run's private files, which it logged)."""
+        if self.worker:  # in its queue before the job returns: ahead of the sweep's end
+            self.ask("end?", run_id, status, reason, folder, end_time)
+        else:
+            self._put("end", run_id, status, reason, folder, end_time)
+
+    def ask(self, kind: str, *fields):
+        """Its answer to ``kind`` (find, finish, abort), once it wrote everything handed over
+        before; what it raised, as RecordError; WriterLost if it ended."""
+        self._put(kind, *fields)
         while True:
-            try:
-                reply = self._reply(block=True)
-            except EOFError:
-                raise WriterLost(self._ended()) from None
+            reply = self._reply(block=True)
+            if reply is None:
+                raise WriterLost(self._ended())
             if reply[0] == "fatal":
                 self.fatal = reply[1]
             elif reply[0] == "error":
@@ -115,70 +151,31 @@ class Writer:
 
     def failed(self) -> str | None:
         """Why it could not open the store, if it said so by now (it does not wait)."""
-        try:
-            while self.fatal is None and (reply := self._reply(block=False)) is not None:
-                if reply[0] == "fatal":
-                    self.fatal = reply[1]
-        except EOFError:
-            pass
+        while self.fatal is None and (reply := self._reply(block=False)) not in (None, False):
+            if reply[0] == "fatal":
+                self.fatal = reply[1]
         return self.fatal
 
-    def _reply(self, block: bool):
-        return self.replies.next(block)
+    def alive(self) -> bool:
+        """Whether it is still there (a helper that ended closed its connections)."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        self.failed()  # reads what is waiting: its end too
+        return not self.closed
 
     def serve_workers(self) -> None:
         """Have a joblib sweep's workers, started from now on, hand their jobs' records to it
         (``HELPER_ENV``, which they inherit)."""
-        import json
-
-        os.environ[HELPER_ENV] = json.dumps({"socket": self.socket, "uri": self.uri, "pid": self.proc.pid})
-
-    def send(self, run_id: str, points: list[tuple[str, float, float, int]]) -> None:
-        self._put(("points", run_id, points))
-
-    def send_every(self, flush_seconds: float) -> float:
-        """How often a job hands over its buffered epochs: often (``SEND_SECONDS``), for the
-        helper writes them on the core the job leaves it, as they come."""
-        return min(flush_seconds, SEND_SECONDS)
-
-    def call(self, run_id: str, method: str, *args, **kwargs) -> None:
-        """Have the helper call ``MlflowClient.<method>(run_id, *args, **kwargs)`` (MLflow's
-        entities pickle) after what was handed over before it."""
-        self._put(("call", run_id, method, args, kwargs))
-
-    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None,
-            end_time: int | None = None) -> None:
-        """Hand over the run's end: once everything handed over for it is written, the helper
-        sets ``status`` (FAILED, with why, if something could not be written) with the run's
-        ``end_time`` (ms; when the job ended, not when its record was written: None, then) and
-        removes ``folder`` (the run's private files, which it logged)."""
-        self._put(("end", run_id, status, reason, folder, end_time))
-
-    def _put(self, message: tuple) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            raise WriterLost(self._ended()) from None
-
-    def _ended(self) -> str:
-        code = self.proc.wait()
-        self.errors.seek(0)
-        last = (self.errors.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-        return f"the record helper ended (exit {code}: {last[:300]})"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        os.environ[HELPER_ENV] = json.dumps({"socket": self.socket, "uri": self.uri, "pid": self.pid})
 
     def close(self, timeout: float = CLOSE_SECONDS) -> None:
-        """End its input; it writes what it has, then exits (killed if that takes over
-        ``timeout`` seconds: the runs it did not end are then RUNNING, which the sweep closes)."""
-        if self.proc.stdin and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+        """End the connection. The sweep's: the helper writes what it has, then exits (killed
+        if that takes over ``timeout`` seconds: the runs it did not end stay RUNNING, which the
+        sweep closes)."""
+        self.closed = True
+        self.conn.close()
+        if self.proc is None:
+            return
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -187,231 +184,150 @@ class Writer:
             self.proc.kill()
             self.proc.wait()
         self.errors.close()
-        self.proc.stdout.close()
         shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
         os.environ.pop(HELPER_ENV, None)
 
+    # ---- the transport ----
 
-class Connected(Writer):
-    """The sweep's helper as a joblib worker's jobs reach it: through its socket (``HELPER_ENV``).
-    What ends a job's record (its run's end, a link, a failed job's run) waits for the helper's
-    word that it is in the helper's queue, ahead of anything the job's return leads to (the
-    sweep's end): the helper writes it while the worker goes on, and the sweep's end finds it."""
-
-    ACKED = ("end", "link", "failed")
-
-    def __init__(self, uri: str, socket: str, pid: int) -> None:
-        from multiprocessing.connection import Client
-
-        self.uri, self.socket, self.pid = uri, socket, pid  # pid: for what the log says
-        self.reported, self.owns, self.fatal = False, True, None
-        self.closed = False
-        deadline = time.monotonic() + CONNECT_SECONDS
-        while True:  # a helper started a moment ago may not listen yet
-            try:
-                self.conn = Client(socket, family="AF_UNIX")
-                return
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def hand(self, kind: str, run_id: str, *record) -> None:
-        if kind == "create":  # more of the run follows, its end last
-            super().hand(kind, run_id, *record)
-        else:
-            self.ask(kind, run_id, *record)
-
-    def end(self, run_id: str, status: str, reason: str | None, folder: str | None = None,
-            end_time: int | None = None) -> None:
-        self.ask("end", run_id, status, reason, folder, end_time)
-
-    def send_every(self, flush_seconds: float) -> float:
-        """``tracking.flush_seconds``, as a job that writes its own record: the workers take
-        every core, so each write the helper makes takes from training (a store transaction
-        for every 0.1 s of epochs cost a 20,000-epoch job 0.3 s of the helper's time)."""
-        return flush_seconds
-
-    def _put(self, message: tuple) -> None:
-        try:  # its kind readable without unpickling (_Inbox)
-            self.conn.send_bytes(message[0].encode() + b"\0" + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    def _put(self, kind: str, *fields) -> None:
+        try:
+            self.conn.send_bytes(message(kind, *fields))
         except (OSError, ValueError):
             self.closed = True
             raise WriterLost(self._ended()) from None
 
     def _reply(self, block: bool):
+        """The next reply; False if none is waiting (``block`` False); None once the helper ended."""
         try:
             if not block and not self.conn.poll():
-                return None
+                return False
             return pickle.loads(self.conn.recv_bytes())
         except (OSError, EOFError):
             self.closed = True
-            raise EOFError from None
+            return None
 
     def _ended(self) -> str:
-        return f"the sweep's record helper (process {self.pid}) is gone"
+        if self.proc is None:
+            return f"the sweep's record helper (process {self.pid}) is gone"
+        try:
+            code = self.proc.wait(timeout=CONNECT_SECONDS)
+        except subprocess.TimeoutExpired:  # this process closed the connection: the helper is finishing
+            return f"the record helper (process {self.pid}) was closed"
+        if self.errors.closed:
+            return f"the record helper ended (exit {code})"
+        self.errors.seek(0)
+        last = (self.errors.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        return f"the record helper ended (exit {code}: {last[:300]})"
 
-    def alive(self) -> bool:
-        """Whether its connection is still open (a helper that ended, even one not yet reaped
-        by the sweep's process, closed it): what is waiting there is a notice (``failed``)."""
-        self.failed()  # reads what is waiting: its end too
-        return not self.closed
-
-    def close(self, timeout: float = 0) -> None:
-        self.closed = True
-        self.conn.close()
-
-
-_STARTED: list[Writer] = []  # this process's helper, if a sweep started one
-
-
-_LOST: list = []  # what to do once when the helper that owned the record is found ended
+    def __reduce__(self):
+        raise TypeError("a record helper's connection belongs to its process (a copy elsewhere would keep "
+                        "the helper from seeing the sweep's end)")
 
 
-_EARLY: list[Writer] = []  # the helper started first thing (pipeline/early.py), until a sweep takes it
+class _Here:
+    """This process's record helper: the one started first thing (pipeline/early.py) until a
+    sweep takes it, the one its sweep started, or (in a joblib worker) its connection to the
+    sweep's; and what to do, once, when the helper is found ended."""
+
+    def __init__(self) -> None:
+        self.early: Helper | None = None
+        self.started: Helper | None = None
+        self.connected: Helper | None = None
+        self.on_lost: list[Callable[[], None]] = []
+
+
+_HERE = _Here()
 
 
 def start_early() -> None:
     """Take the helper ``python -m pipeline -m`` started first thing (pipeline/early.py), if it
     did: ``start`` hands it its store; a sweep that turns out not to use it closes it."""
-    if not early.STARTED or _EARLY or _STARTED:
-        return
-    import atexit
-
-    _EARLY.append(Writer("", early.STARTED.pop()))
-    atexit.register(close)
-
-
-def start(uri: str, on_lost=None) -> Writer:
-    """Start this process's helper for the store at ``uri`` (closed when the process exits), or
-    take the one started early; ``on_lost()``: called once if it owned the record (``open``)
-    and is found ended."""
-    if not _STARTED:
+    if early.STARTED and _HERE.early is None and _HERE.started is None:
         import atexit
 
-        if _EARLY:
-            w = _EARLY.pop()
-            w.uri = uri
-            w._put(("uri", uri))
-            _STARTED.append(w)
-        else:
-            _STARTED.append(Writer(uri))
+        _HERE.early = Helper.start("", early.STARTED.pop())
         atexit.register(close)
-    if on_lost is not None:
-        _LOST.append(on_lost)
-    return _STARTED[0]
 
 
-_CONNECTED: list[Connected] = []  # in a joblib worker: its connection to the sweep's helper
+def start(uri: str) -> Helper:
+    """Start this process's helper for the store at ``uri`` (closed when the process exits), or
+    take the one started early."""
+    if _HERE.started is None:
+        import atexit
+
+        if _HERE.early is not None:
+            _HERE.started, _HERE.early = _HERE.early, None
+            _HERE.started.tell_store(uri)
+        else:
+            _HERE.started = Helper.start(uri)
+        atexit.register(close)
+    return _HERE.started
 
 
-def _connected(uri: str) -> Connected | None:
+def when_lost(do: Callable[[], None]) -> None:
+    """Call ``do()`` once when this process finds its helper ended (it takes the record over)."""
+    _HERE.on_lost.append(do)
+
+
+def _connected(uri: str) -> Helper | None:
     """In a joblib worker of a sweep whose helper holds the record of the store at ``uri``: the
     connection to it (made once per worker); None elsewhere, or if it cannot be reached (the
     jobs then write their records themselves)."""
-    import json
-
     spec = json.loads(os.environ.get(HELPER_ENV) or "{}")
-    if spec.get("uri") != uri or _STARTED:
+    if spec.get("uri") != uri or _HERE.started is not None:
         return None
-    for c in _CONNECTED:
-        if c.socket == spec["socket"]:
-            return c
+    if _HERE.connected is not None and _HERE.connected.socket == spec["socket"]:
+        return _HERE.connected
     try:
-        c = Connected(uri, spec["socket"], spec["pid"])
+        _HERE.connected = Helper.connect(uri, spec["socket"], spec["pid"])
     except OSError as e:
         log.warning("tracking: the sweep's record helper could not be reached (%s); this worker's jobs "
                     "write their records themselves", e)
         os.environ.pop(HELPER_ENV, None)
         return None
-    _CONNECTED[:] = [c]
-    return c
+    return _HERE.connected
 
 
-def for_store(uri: str) -> Writer | None:
-    """The helper started for ``uri``, if it is still there (if it ended, the log says so once:
-    the jobs write their records themselves from then on); in a joblib worker, the connection
-    to the sweep's helper."""
-    for w in [*_STARTED, *filter(None, [_connected(uri)])]:
-        if w.uri != uri:
-            continue
-        if w.alive():
-            return w
-        if not w.reported:
-            w.reported = True
-            log.warning("tracking: %s; the sweep's jobs write their records themselves from now on",
-                        w._ended())
-            if w.owns:
-                lost_owner()
+def for_store(uri: str) -> Helper | None:
+    """The helper that holds the record of the store at ``uri`` for this process, if it is
+    still there (if it ended, the log says so once, and this process takes the record over:
+    ``when_lost``); in a joblib worker, the connection to the sweep's helper."""
+    helper = _HERE.started if _HERE.started is not None else _connected(uri)
+    if helper is None or helper.uri != uri:
+        return None
+    if helper.alive():
+        return helper
+    if not helper.reported:
+        helper.reported = True
+        log.warning("tracking: %s; the sweep's jobs write their records themselves from now on", helper._ended())
+        lost()
     return None
 
 
-def lost_owner() -> None:
-    """The helper that owned the record ended: this process takes the record over (once)."""
-    while _LOST:
-        _LOST.pop(0)()
-
-
-def owner(uri: str | None = None) -> Writer | None:
-    """The living helper that owns the sweep's record (of the store at ``uri``, if given; in a
-    joblib worker, reached through its socket)."""
-    w = for_store(uri) if uri is not None else next((w for w in _STARTED if w.alive()), None)
-    return w if w is not None and w.owns else None
+def lost() -> None:
+    """The helper that held the record ended: this process takes the record over (once)."""
+    while _HERE.on_lost:
+        _HERE.on_lost.pop(0)()
 
 
 def running() -> bool:
-    """Whether this process has a helper that is still there."""
-    return any(w.alive() for w in _STARTED)
+    """Whether this process started a helper that is still there."""
+    return _HERE.started is not None and _HERE.started.alive()
 
 
 def close() -> bool:
     """Close this process's helper, once it wrote what it was handed; whether there was one."""
-    had = bool(_STARTED)
-    while _STARTED:
-        _STARTED.pop().close()
-    _LOST.clear()
+    had = _HERE.started is not None
+    if had:
+        helper, _HERE.started = _HERE.started, None
+        helper.close()
+    _HERE.on_lost.clear()
     close_early()
     return had
 
 
 def close_early() -> None:
     """Close the helper started early, if no sweep took it."""
-    while _EARLY:
-        _EARLY.pop().close()
-
-
-class _Frames:
-    """Length-prefixed pickles from a file descriptor, with a look at whether one is waiting."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.buf, self.eof = fd, bytearray(), False
-
-    def _read(self, block: bool) -> bytes | None:
-        if not block and not select.select([self.fd], [], [], 0)[0]:
-            return None
-        return os.read(self.fd, 1 << 20)
-
-    def _complete(self) -> bool:
-        return len(self.buf) >= _HEADER.size and len(self.buf) >= _HEADER.size + _HEADER.unpack_from(self.buf)[0]
-
-    def next(self, block: bool):
-        """The next message; None if none is waiting (``block`` False); EOFError at the end."""
-        data = self.next_bytes(block)
-        return None if data is None else pickle.loads(data)
-
-    def next_bytes(self, block: bool) -> bytes | None:
-        """The next message, pickled (``next``)."""
-        while not self._complete():
-            if self.eof:
-                raise EOFError
-            chunk = self._read(block)
-            if chunk is None:
-                return None
-            if not chunk:
-                self.eof = True
-                continue
-            self.buf += chunk
-        size = _HEADER.unpack_from(self.buf)[0]
-        data = bytes(self.buf[_HEADER.size:_HEADER.size + size])
-        del self.buf[:_HEADER.size + size]
-        return data
+    if _HERE.early is not None:
+        helper, _HERE.early = _HERE.early, None
+        helper.close()
