@@ -12,11 +12,13 @@ run: data
 	python -m pipeline.params
 	dvc repro
 
+# the suite on TEST_JOBS processes (pytest-xdist); the cluster tests share one of them
+TEST_JOBS ?= 2
 test: data
-	python -m pytest
+	python -m pytest -n $(TEST_JOBS) --dist loadgroup
 
 test-fast: data
-	python -m pytest -m "not slow"
+	python -m pytest -n $(TEST_JOBS) --dist loadgroup -m "not slow"
 
 setup: $(VENV)/.installed
 

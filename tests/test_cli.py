@@ -45,6 +45,7 @@ def test_one_process_run_is_fully_recorded(store):
     assert (store["out"] / "reports/train_history.csv").read_text().count("\n") == 31
 
 
+@pytest.mark.slow
 def test_stages_in_separate_processes_share_one_run(store):
     for stage in ("load", "normalize", "train", "evaluate"):
         run_cli("train.epochs=5", "train.check_learned=false", "model.hidden_sizes=[4,2]", *store["args"], module=f"pipeline.{stage}")
@@ -98,6 +99,7 @@ def test_same_seed_gives_identical_weights(tmp_path):
     assert all(np.array_equal(arrays[0][k], arrays[1][k]) for k in arrays[0])
 
 
+@pytest.mark.slow
 def test_runs_on_another_dataset_in_the_same_schema(tmp_path, store):
     rng = np.random.default_rng(5)
     train = write_h5(tmp_path / "mine_train.h5", *make_images(30, rng), "train")
@@ -141,6 +143,7 @@ def test_wrong_type_fails_before_any_work(store):
     assert not store["out"].exists()
 
 
+@pytest.mark.slow
 def test_minibatch_mode_through_the_cli(store):
     run_cli("train.batch_size=64", "train.epochs=3", "train.check_learned=false", *store["args"])
     client, runs = runs_of(store["uri"])
@@ -148,6 +151,7 @@ def test_minibatch_mode_through_the_cli(store):
     assert len(client.get_metric_history(runs[0].info.run_id, "train/error")) == 3
 
 
+@pytest.mark.slow
 def test_long_runs_log_every_kth_epoch_to_mlflow_and_every_epoch_to_the_csv(store):
     from pipeline.train import epoch_stride
 
@@ -162,6 +166,7 @@ def test_long_runs_log_every_kth_epoch_to_mlflow_and_every_epoch_to_the_csv(stor
     assert runs[0].data.metrics["train/error"] == pytest.approx(float(rows[-1].split(",")[1]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hflip_augmentation_trains_on_twice_the_images(store):
     proc = run_cli("train.augment=hflip", "train.epochs=3", "train.check_learned=false", "model.hidden_sizes=[4,2]", "data.cv_folds=2",
                    *store["args"])
@@ -175,6 +180,7 @@ def test_hflip_augmentation_trains_on_twice_the_images(store):
     assert sum(metrics["train"]["confusion"].values()) == 209
 
 
+@pytest.mark.slow
 def test_hflip_full_batch_and_one_mini_batch_train_the_same_network(tmp_path):
     """Mini-batch mode reads the mirrored images on demand, full batch all at once: with one
     batch holding all 418 they must make the same updates (float64, the direct update)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, import_or_skip, needs_data, run_cli, runs_of
 
-pytestmark = needs_data
+pytestmark = [needs_data, pytest.mark.xdist_group("cluster")]  # one worker: one Ray head, one PostgreSQL at a time
 
 
 def wait_until_up(answers, proc: subprocess.Popen, log: Path, what: str, seconds: float = 120) -> None:

@@ -40,6 +40,7 @@ def test_a_helper_whose_run_is_gone_ends_at_the_end_of_its_input():
         assert drawer.proc.stdout.read() == b""
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("tracked", [True, False])
 def test_a_single_run_leaves_matplotlib_to_the_helper(store, tracked):

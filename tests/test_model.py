@@ -34,6 +34,7 @@ def _test_images():
         return f["test_set_x"][()], f["test_set_y"][()]
 
 
+@pytest.mark.slow
 def test_logged_model_reproduces_the_network_and_its_accuracy(trained):
     import mlflow
 
@@ -107,6 +108,7 @@ def test_predict_on_png_and_jpeg_files_skips_a_bad_one(trained):
         assert by_path[str(folder / f"img{i}.png")] == pytest.approx(direct["probability"][i], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_mlflow_models_predict_cli_on_the_champion(trained):
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"]}
     source = trained["tmp"] / "cli_input.json"  # the format pipeline.predict json=... writes
@@ -121,6 +123,7 @@ def test_mlflow_models_predict_cli_on_the_champion(trained):
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]  # e.g. MLflow's "add type hints to predict"
 
 
+@pytest.mark.slow
 def test_predict_takes_one_path_and_says_what_it_converted(trained):
     """``images=<one path>`` without brackets is the list of that path; an image of another size or
     mode is predicted, and its line (and csv=) say what the model saw of it."""

@@ -129,6 +129,7 @@ def single(tmp_path_factory):
     return {"uri": uri, "tmp": tmp, "client": client, "run": runs[0]}
 
 
+@pytest.mark.slow
 def test_the_model_lives_in_the_runs_experiment_and_loads_by_run_and_alias(single):
     import mlflow
 
@@ -213,6 +214,7 @@ def test_the_weights_file_rebuilds_the_network_it_came_from(tmp_path, store):
     assert metrics["test"]["loss"] == pytest.approx(sse, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_data_digest_names_the_data_used(tmp_path, store):
     """The digest is of the arrays the run used: a validation split changes it, a rerun does not;
     it is the md5 of the splits' bytes, checked here from the stage's own output files."""
@@ -278,6 +280,7 @@ def test_a_sweep_with_a_failed_job_says_so_and_exits_non_zero(tmp_path):
     assert parent.data.metrics["sweep/failed"] == 1 and parent.data.metrics["sweep/finished"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
 def test_sigterm_marks_the_sweep_and_its_running_children_killed(tmp_path, launcher):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -352,6 +355,7 @@ def _stages(store, *stages, extra=(), check=True):
     return procs
 
 
+@pytest.mark.slow
 def test_evaluate_never_continues_a_failed_training_run(store):
     _stages(store, "load", "normalize")
     _stages(store, "train", extra=["train.epochs=100"])
@@ -367,6 +371,7 @@ def test_evaluate_never_continues_a_failed_training_run(store):
     assert all("FINISHED" != r.info.status for r in runs)
 
 
+@pytest.mark.slow
 def test_evaluate_alone_after_a_finished_run_opens_a_new_run(store):
     _stages(store, "load", "normalize", "train", "evaluate", extra=["train.epochs=100"])
     _stages(store, "evaluate", extra=["train.epochs=100"])
@@ -379,6 +384,7 @@ def test_evaluate_alone_after_a_finished_run_opens_a_new_run(store):
     assert len(client.get_metric_history(first.info.run_id, "train/error")) == 100
 
 
+@pytest.mark.slow
 def test_evaluate_after_the_store_was_made_anew_opens_a_new_run(store):
     _stages(store, "load", "normalize", "train", extra=["train.epochs=100"])
     trained_in = json.loads((store["out"] / "reports/mlflow_run.json").read_text())["run_id"]
@@ -416,6 +422,7 @@ def test_the_check_compares_with_the_best_constant():
 
 # ---- 8. runs of dead processes -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_is_closed_by_the_next_command(store):
     _init_store(store["uri"])
     proc = _popen("train.epochs=3000000", "tracking.flush_seconds=0.2", *store["args"])
@@ -466,6 +473,7 @@ def test_runs_of_live_processes_other_hosts_and_handoffs_are_left_alone(store, c
 
 # ---- 10. what DVC and the UI show -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dvc_metrics_show_reads_the_metrics_cleanly(store, tmp_path):
     """DVC takes a key named "error" in a metrics file for a failure to read it: the file a run
     writes, shown by DVC in a project of its own (this checkout may have none yet)."""

@@ -23,6 +23,7 @@ from pipeline.common import ROOT
 pytestmark = needs_data
 
 
+@pytest.mark.slow
 def test_divergence_fails_the_run_at_that_epoch_and_publishes_nothing(store):
     proc = run_cli("train.lr=1e10", "train.epochs=500", *store["args"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -48,6 +49,7 @@ def _points_in(db: Path, key: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interruption_marks_the_run_killed_with_the_epochs_so_far(store, sig, code):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -98,6 +100,7 @@ def test_parallel_sweeps_on_one_sqlite_store_lose_nothing(tmp_path):
         assert len(client.get_metric_history(r.info.run_id, "train/error")) == 25
 
 
+@pytest.mark.slow
 def test_remote_tracking_server_records_the_same_run(tmp_path):
     port = free_port()
     server = subprocess.Popen(
@@ -177,6 +180,7 @@ def test_an_outage_is_told_from_other_store_errors():
     assert not unreachable(ValueError("Connection string"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds, retries", [(3, 2), (12, 3), (0, 1)])
 def test_retry_seconds_bounds_mlflow_s_retries_of_a_request(seconds, retries):
     """tracking.retry_seconds bounds each MLflow request to a server that does not answer (its

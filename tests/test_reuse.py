@@ -191,6 +191,7 @@ def test_compare_draws_a_reused_jobs_curve_from_the_run_that_trained():
     assert _trained_by({"run_id": "run"}) == "run"
 
 
+@pytest.mark.slow
 def test_a_job_whose_data_changed_trains_again(project):
     """The data is part of a job's identity: the same config and commit on other data (the same
     files rewritten) trains again; on the same data again, it is reused."""

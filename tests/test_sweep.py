@@ -78,6 +78,7 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
     assert len({c.data.tags["catnet.model_uri"] for c in children}) == 4
 
 
+@pytest.mark.slow
 def test_register_picks_by_rank_or_takes_the_run_the_user_chose(sweep_store, tmp_path):
     """register picks the best child by a metric (either direction), or registers the run named by
     ``run_id``; each version is that run's model, which predicts from image files."""
@@ -139,6 +140,7 @@ def _get(url: str, body: dict | None = None):
         return json.load(r)
 
 
+@pytest.mark.slow
 def test_mlflow_server_serves_the_sweep_over_rest(sweep_store):
     port = free_port()
     server = subprocess.Popen(
@@ -172,6 +174,7 @@ def test_mlflow_server_serves_the_sweep_over_rest(sweep_store):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli("-m", "train.lr=0.005,-1", "train.epochs=3", "train.check_learned=false", f"tracking.uri={uri}",
@@ -184,6 +187,7 @@ def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     assert [r.info.run_name for r in runs if r.info.status == "FAILED" and r is not parent] == ["#1 lr=-1"]
 
 
+@pytest.mark.slow
 def test_a_sweep_reads_its_data_once_per_process_and_anew_when_the_data_config_changes(tmp_path):
     """Four jobs in one process, two data configs: the files are read and checked twice, each
     job records the digest of its own splits (the same as a single run of that config), and no
@@ -207,6 +211,7 @@ def test_a_sweep_reads_its_data_once_per_process_and_anew_when_the_data_config_c
     assert len(list((tmp_path / "multirun").glob("*/models/weights.npz"))) == 4
 
 
+@pytest.mark.slow
 def test_a_sweeps_jobs_share_their_inputs_and_train_what_each_would_train_alone(tmp_path):
     """Jobs of one process train on the inputs an earlier job made (pipeline/normalize.py:
     KeptInputs; catnet.train keeps their Gram matrix), made anew when the normalizer or the
@@ -281,6 +286,7 @@ def test_ray_launcher_sweep_lands_as_children(tmp_path):
     assert all(len(client.get_metric_history(c.info.run_id, "train/error")) == 6 for c in children)
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
     """`dvc exp run -S train.lr=...` in a copy of the project: the MLflow run and `dvc exp show`
     both carry the value."""
@@ -306,6 +312,7 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
     assert "0.0123" in show.stdout and exp_name in show.stdout
 
 
+@pytest.mark.slow
 def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false",
@@ -324,6 +331,7 @@ def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     assert parent.data.tags["catnet.best_by"] == "cv/balanced_accuracy"
 
 
+@pytest.mark.slow
 def test_compare_plots_the_curves_of_the_top_runs_of_its_table(sweep_store, monkeypatch):
     from hydra import compose, initialize_config_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hydra._internal.callbacks import Callbacks
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
@@ -79,6 +80,7 @@ def _containers(once, loader, master, jobs):
                OmegaConf.is_readonly(composed.hydra))
 
 
+@pytest.mark.slow
 def test_a_job_that_changes_only_values_gets_the_config_hydra_would_compose(tmp_path, monkeypatch):
     """The first job's config with another job's values is, to the last Hydra field, the config
     Hydra composes for that job; a job that changes a config group, adds a key or sets a dict

@@ -266,11 +266,14 @@ def _said_counts(out: str) -> tuple[int, int]:
     return int(said[1]), int(said[2])
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_helper_fails_its_job(store):
     """The helper writes every job's record; killed while a job trains, that job is FAILED with the
     reason, the sweep goes on with the next jobs (written by themselves) and exits 1; what the
-    sweep says of each job is what the store holds of its run."""
+    sweep says of each job is what the store holds of its run. (The store's tables exist: a helper
+    killed while MLflow creates them leaves a half-made store, which no process can open.)"""
+    runs_of(store["uri"])
     proc = _sweep(store)
     lines, killed, training = [], None, None
     for line in proc.stdout:
@@ -307,6 +310,7 @@ def test_a_sequential_sweep_writes_its_epochs_through_the_helper_and_a_dead_help
     assert (top[0].data.metrics["sweep/finished"], top[0].data.metrics["sweep/failed"]) == _said_counts(out)
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("knob", ["process", "thread"])
 def test_a_job_whose_points_the_store_refuses_is_failed_though_it_trained_whoever_writes_them(store, knob):
@@ -333,6 +337,7 @@ def test_a_job_whose_points_the_store_refuses_is_failed_though_it_trained_whoeve
     assert "catnet: error: sweep: 1 of 4 jobs failed" in out, out[-3000:]
 
 
+@pytest.mark.slow
 @needs_data
 def test_the_helper_ends_with_its_sweep_and_thread_writes_without_one(store):
     env = {**os.environ}
@@ -374,6 +379,7 @@ def test_a_bad_sweep_writer_is_refused_on_one_line(store):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_sweep_stopped_after_a_job_ended_keeps_that_job_finished_and_kills_the_next(store):
     """SIGTERM as the second job starts, while the helper still writes the first job's record (the
@@ -454,6 +460,7 @@ def test_a_store_the_helper_cannot_open_fails_the_sweep_with_the_reason_on_one_l
     assert runs == []
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_sequential_sweep_never_imports_mlflow_and_its_helper_writes_the_whole_record(store):
     """The helper holds the sweep's record (Helper.open): the sweep's process trains its jobs
@@ -508,6 +515,7 @@ def _assert_alike(records: dict) -> None:
     assert records["process"]["parent"] == records["thread"]["parent"]
 
 
+@pytest.mark.slow
 def test_the_early_helper_starts_only_for_a_sweep_that_may_use_it_and_ends_with_its_process():
     """``python -m pipeline -m`` starts the helper before its imports (pipeline/early.py) unless the
     command line says the sweep will not use it; a process that ends without handing it anything
@@ -571,6 +579,7 @@ def _joblib_record(store, knob: str, tmp) -> tuple[dict, list[str]]:
     return record, [p.read_text() for p in marks.iterdir()]
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_joblib_sweep_imports_mlflow_only_in_its_helper_which_writes_the_whole_record(store, tmp_path):
     """A joblib sweep into SQLite hands its workers' records to the sweep's helper through its
@@ -586,6 +595,7 @@ def test_a_joblib_sweep_imports_mlflow_only_in_its_helper_which_writes_the_whole
     _assert_alike(records)
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_joblib_sweeps_helper_killed_mid_sweep_fails_only_what_it_lost_and_the_workers_go_on(store):
     """The helper is killed while both workers train: a job that had handed it part of its record
