@@ -22,7 +22,7 @@ import os  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from catnet.errors import CatnetError  # noqa: E402
+from catnet.errors import CatnetError, TrainingDiverged  # noqa: E402
 from pipeline import curve, evaluate, ledger, load, normalize, tracking, train  # noqa: E402
 from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, run_main, told  # noqa: E402
 from pipeline.config import prepare  # noqa: E402
@@ -95,8 +95,9 @@ def _job(raw: DictConfig) -> float:
     """One job of a sweep: a bad value or file, or a diverging run, fails this job (its run
     FAILED with the reason, one line in the log, FAILED in the sweep's ledger) and the sweep
     goes on; any other error too, with its traceback. The sweeper then gets the worst possible
-    objective (-inf when maximizing: Optuna stops the whole study on a NaN); the sweep's
-    summary and exit status still count the job as failed."""
+    objective (-inf when maximizing: Optuna stops the whole study on a NaN). The sweep's summary
+    counts a job whose training diverged or collapsed apart (a result of its configuration: the
+    sweep still exits 0), any other failure as failed (exit 1)."""
     from threadpoolctl import threadpool_limits
 
     worst = -math.inf if raw.sweep.direction == "maximize" else math.inf
@@ -126,7 +127,8 @@ def _job(raw: DictConfig) -> float:
             if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
                 if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
                     unrecorded = tracking.run.job_record(cfg or raw)
-            ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded)
+            ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded,
+                             diverged=isinstance(e, TrainingDiverged))
             return worst
 
 

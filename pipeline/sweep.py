@@ -126,14 +126,14 @@ class MlflowSweep(Callback):
         writer.close()  # a helper wrote the last jobs' records by then; one started early and unused goes
         if result is None:  # untracked
             counts = parent.count(outcomes)
-            failed = counts["failed"] + counts["killed"] + counts["running"]
+            failed = parent.failures(counts)
             result = {"counts": counts, "status": "FAILED" if failed else "FINISHED", "summary": {}, "lost": [],
                       "reason": f"{failed} of {counts['jobs']} jobs failed" if failed else None}
         counts, status, reason, summary, lost = (result[k] for k in ("counts", "status", "reason", "summary", "lost"))
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
-        log.info("sweep: %d jobs, %d finished, %d failed; %d trained, %d reused%s", counts["jobs"], counts["finished"],
-                 counts["failed"] + counts["killed"] + counts["running"], counts["finished"] - counts["reused"],
+        log.info("sweep: %d jobs, %d finished, %d failed, %d diverged; %d trained, %d reused%s", counts["jobs"],
+                 counts["finished"], parent.failures(counts), counts["diverged"], counts["finished"] - counts["reused"],
                  counts["reused"], best)
         if lost:
             reason = (f"{reason}; not in the tracking store: {'; '.join(lost)} (once it answers, a later catnet "

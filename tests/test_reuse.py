@@ -62,7 +62,7 @@ def sweep(project, *args, popen=False):
 
 def counts(log: str) -> tuple[int, int]:
     """(trained, reused) from the sweep's summary line."""
-    m = re.search(r"sweep: \d+ jobs, \d+ finished, \d+ failed; (\d+) trained, (\d+) reused", log)
+    m = re.search(r"sweep: \d+ jobs, \d+ finished, \d+ failed, \d+ diverged; (\d+) trained, (\d+) reused", log)
     assert m, log[-2000:]
     return int(m.group(1)), int(m.group(2))
 

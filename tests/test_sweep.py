@@ -188,6 +188,30 @@ def test_a_bad_job_fails_alone_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_job_that_diverges_is_a_result_counted_apart_not_a_failed_sweep(tmp_path):
+    """A configuration whose training diverges (or learns nothing) is what a search finds out: its
+    run is FAILED with the reason, the sweep counts it as diverged, apart from failed, and exits 0;
+    a bad value beside it still fails the sweep."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["train.epochs=100", f"tracking.uri={uri}", "tracking.experiment=test"]
+    proc = run_cli("-m", "train.lr=0.005,1e10", *common, f"hydra.sweep.dir={tmp_path / 'a'}", check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "sweep: 2 jobs, 1 finished, 0 failed, 1 diverged" in log, log[-3000:]
+    _, runs = runs_of(uri)
+    parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.metrics["sweep/failed"], parent.data.metrics["sweep/diverged"]) == (0, 1)
+    diverged = next((r for r in runs if r.info.run_name == "#1 lr=1e+10"), None)
+    assert diverged is not None, [r.info.run_name for r in runs]
+    assert diverged.info.status == "FAILED" and "TrainingDiverged" in diverged.data.tags["catnet.failure"]
+
+    proc = run_cli("-m", "train.lr=1e10,-1", *common, f"hydra.sweep.dir={tmp_path / 'b'}", check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "sweep: 2 jobs, 0 finished, 1 failed, 1 diverged" in log, log[-3000:]
+
+
+@pytest.mark.slow
 def test_a_sweep_reads_its_data_once_per_process_and_anew_when_the_data_config_changes(tmp_path):
     """Four jobs in one process, two data configs: the files are read and checked twice, each
     job records the digest of its own splits (the same as a single run of that config), and no

@@ -149,10 +149,19 @@ def abort(client, parent_id: str, status: str, reason: str) -> None:
 
 
 def count(outcomes: list[dict]) -> dict[str, int]:
+    """The jobs by outcome. ``diverged``: FAILED because the training diverged or collapsed (a
+    result of the configuration, not a failure of the sweep); ``failed``: FAILED for another reason."""
     statuses = [o.get("status") for o in outcomes]
-    return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
-            "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING"),
+    diverged = sum(1 for o in outcomes if o.get("status") == "FAILED" and o.get("diverged"))
+    return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED") - diverged,
+            "diverged": diverged, "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING"),
             "reused": sum(1 for o in outcomes if o.get("status") == "FINISHED" and o.get("reused"))}
+
+
+def failures(counts: dict[str, int]) -> int:
+    """The jobs that make a sweep fail: failed for a reason other than their training's result (a bad
+    value, a bug, an outage), stopped, or never ended."""
+    return counts["failed"] + counts["killed"] + counts["running"]
 
 
 def unsettled(outcomes: list[dict]) -> list[str]:
@@ -167,7 +176,7 @@ def unchecked(outcomes: list[dict], why: str, parent_id: str) -> dict:
     outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
                 if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
     counts = count(outcomes)
-    failed = counts["failed"] + counts["killed"] + counts["running"]
+    failed = failures(counts)
     reason = "; ".join(filter(None, [failed and f"{failed} of {counts['jobs']} jobs failed", why]))
     return {"counts": counts, "status": "FAILED", "reason": reason, "summary": {},
             "lost": unsettled(outcomes) + [f"the sweep's parent run {parent_id}"]}
@@ -193,7 +202,7 @@ def finish(client, parent_id: str, outcomes: list[dict], order: Sequence[str], d
                         if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
     counts = count(outcomes)
     status, reason = "FINISHED", None
-    failed = counts["failed"] + counts["killed"] + counts["running"]
+    failed = failures(counts)
     if failed:
         status, reason = "FAILED", f"{failed} of {counts['jobs']} jobs failed"
     summary: dict[str, Any] = {}
@@ -220,9 +229,9 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
     from mlflow.entities import Metric, Param, RunTag
 
     finished = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
-    failed = counts["failed"] + counts["killed"] + counts["running"]
     metrics = [Metric("sweep/jobs", counts["jobs"], 0, 0), Metric("sweep/finished", counts["finished"], 0, 0),
-               Metric("sweep/failed", failed, 0, 0), Metric("sweep/reused", counts.get("reused", 0), 0, 0),
+               Metric("sweep/failed", failures(counts), 0, 0), Metric("sweep/diverged", counts["diverged"], 0, 0),
+               Metric("sweep/reused", counts.get("reused", 0), 0, 0),
                Metric("sweep/trained", counts["finished"] - counts.get("reused", 0), 0, 0)]
     key, ranked = query.rank(finished, lambda r: r.data.metrics, order, direction)
     summary: dict[str, Any] = {"objective": key}
