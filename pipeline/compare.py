@@ -53,7 +53,8 @@ def compare(cfg: DictConfig):
     runs = query.finished_runs_frame(experiment_id, cfg.parent, cfg.max_runs)
     if runs.empty:
         raise ConfigError(f"no finished runs in experiment {cfg.experiment!r}"
-                          + (f" under parent {cfg.parent}" if cfg.parent else ""))
+                          + (f" under parent {cfg.parent}" if cfg.parent else "")
+                          + f" of {client.tracking_uri} (another store, a team's server: tracking.uri=http://<server>:5000)")
 
     # the one ranking rule: the runs that have its metric, best first, then the others
     rows = [r for _, r in runs.iterrows()]

@@ -307,3 +307,18 @@ def test_bad_override_is_one_line_from_hydra_too(store, module, override, expect
         full = subprocess.run([sys.executable, "-m", module, *store["args"], override], cwd=ROOT,
                               env={**os.environ, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True)
         assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigCompositionException" in full.stderr
+
+
+@pytest.mark.parametrize("experiment", ["made", "never-made"])
+def test_compare_with_nothing_to_compare_says_which_store_it_looked_in(tmp_path, experiment):
+    """A user who swept into a team's server and runs compare without ``tracking.uri`` is told
+    which store it read (the local one) and how to name another, in one line."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, _ = runs_of(uri)
+    client.create_experiment("made")
+    proc = run_cli(f"tracking.uri={uri}", f"experiment={experiment}", f"out_dir={tmp_path / 'compare'}",
+                   module="pipeline.compare", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-1500:]
+    assert str(tmp_path / "mlflow.db") in lines[0] and "tracking.uri=http://<server>:5000" in lines[0], lines
+    assert ("no finished runs" if experiment == "made" else "no such MLflow experiment") in lines[0]

@@ -217,7 +217,8 @@ def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = Tr
     else:
         exp = c.get_experiment_by_name(name)
         if exp is None:
-            raise ConfigError(f"experiment={name!r}: no such MLflow experiment in {c.tracking_uri}")
+            raise ConfigError(f"experiment={name!r}: no such MLflow experiment in {c.tracking_uri} (another store, "
+                              "a team's server: tracking.uri=http://<server>:5000)")
         experiment_id = exp.experiment_id
     close_orphans(c, experiment_id)
     if create:
