@@ -4,15 +4,15 @@
 process that launches the sweep. Before any job starts it creates the SQLite store, the
 experiment and the parent run, so parallel jobs never race to create them (a sweep into SQLite
 on the basic or joblib launcher hands that, with the rest of its record, to its helper process:
-pipeline/tracking/writer.py), and hands the parent's id to the jobs through the environment (inherited by local Ray
-workers), or, for joblib's workers, started while the parent is created, through a file in the
-ledger named there.
-Every job also leaves its outcome in the sweep's ledger, a folder private to the sweep, so the
-sweep knows how many jobs finished and failed even with tracking off or the store down.
+pipeline/tracking/writer.py), and hands the parent's id to the jobs through the environment
+(inherited by local Ray workers), or, for joblib's workers, started while the parent is created,
+through a file in the sweep's ledger (pipeline/ledger.py), where every job also leaves its outcome,
+so the sweep knows how many jobs finished and failed even with tracking off or the store down.
 
-When the sweep ends the parent records the number of jobs, finished and failed, and the best
-child by the one ranking rule (pipeline/tracking/query.py: validation, then cross-validation,
-then training metrics, never test). A sweep in which any job failed is FAILED and exits 1;
+When the sweep ends the parent records the number of jobs, finished, failed and diverged, and the
+best child by the one ranking rule (pipeline/tracking/query.py: validation, then cross-validation,
+then training metrics, never test). A sweep in which any job failed (a diverged one is a result,
+not a failure: parent.failures) is FAILED and exits 1;
 Ctrl-C or SIGTERM marks the parent and every child still running KILLED (exit 130 / 143).
 """
 
