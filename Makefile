@@ -43,7 +43,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.lock
 	touch $@
 
 bench: setup-bench data
-	python -m benchmarks.bench --torch --scale --sweeps
+	python -m benchmarks.bench --torch --scale --sweeps --search
 
 data: setup
 	dvc pull data/raw.dvc

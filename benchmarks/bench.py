@@ -210,6 +210,7 @@ def measure() -> None:
     parser.add_argument("--torch", action="store_true", help="include the PyTorch peer")
     parser.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py")
     parser.add_argument("--sweeps", action="store_true", help="also run benchmarks/sweeps.py (whole commands)")
+    parser.add_argument("--search", action="store_true", help="also run benchmarks/search.py (Optuna, pruned vs not)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
@@ -261,6 +262,10 @@ def measure() -> None:
         from benchmarks import sweeps
 
         sweeps.report()
+    if args.search:
+        from benchmarks import search
+
+        search.report()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import os  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from catnet.errors import CatnetError, TrainingDiverged  # noqa: E402
-from pipeline import curve, evaluate, ledger, load, normalize, tracking, train  # noqa: E402
+from catnet.errors import CatnetError, TrainingDiverged, TrialPruned  # noqa: E402
+from pipeline import curve, evaluate, ledger, load, normalize, search, tracking, train  # noqa: E402
 from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, run_main, told  # noqa: E402
 from pipeline.config import prepare  # noqa: E402
 from pipeline.tracking.query import metric_order, objective_value  # noqa: E402
@@ -42,11 +42,12 @@ def run_all(cfg: DictConfig) -> dict:
     metrics, with the key ``REUSED`` naming it; otherwise the key ``RUN`` names the job's run."""
     splits = load.run(cfg)
     digest = load.digest(splits)
+    trial = search.trial_of(cfg, ROOT) if is_multirun() else None  # an Optuna search's
     key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None
     if key and cfg.sweep.reuse and is_multirun():
         earlier = tracking.reuse.find(cfg, key)
         if earlier is not None:
-            link = tracking.reuse.link(cfg, earlier)
+            link = tracking.reuse.link(cfg, earlier, trial.tags() if trial else None)
             log.info("reused %s (%s): same config, commit and data; linked as run %s", earlier.run_id,
                      earlier.run_name, link)
             return {**earlier.metrics, REUSED: earlier.run_id, RUN: link}
@@ -55,9 +56,10 @@ def run_all(cfg: DictConfig) -> dict:
     # (pipeline/curve.py), which the run's BLAS leaves a core; a sweep's jobs draw none
     with (curve.helper(not is_multirun()) as drawer,
           _leave_a_core(drawer is not None),
-          tracking.open_run(cfg, tags=tracking.reuse.run_tags(digest, key)) as mlrun):
+          tracking.open_run(cfg, tags={**tracking.reuse.run_tags(digest, key), **(trial.tags() if trial else {})})
+          as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
-        net, cv = train.run(cfg, splits, normalizer, mlrun, drawer)
+        net, cv = train.run(cfg, splits, normalizer, mlrun, drawer, trial)
         return {**cv, **evaluate.mlflow_metrics(evaluate.run(cfg, splits, normalizer, net, mlrun)), RUN: mlrun.run_id}
 
 
@@ -91,16 +93,16 @@ def _leave_a_core(helper: bool):
     return threadpool_limits(limits=cores - 1) if helper and cores > 1 else nullcontext()
 
 
-def _job(raw: DictConfig) -> float:
+def _job(raw: DictConfig) -> float | dict:
     """One job of a sweep: a bad value or file, or a diverging run, fails this job (its run
     FAILED with the reason, one line in the log, FAILED in the sweep's ledger) and the sweep
-    goes on; any other error too, with its traceback. The sweeper then gets the worst possible
-    objective (-inf when maximizing: Optuna stops the whole study on a NaN). The sweep's summary
-    counts a job whose training diverged or collapsed apart (a result of its configuration: the
-    sweep still exits 0), any other failure as failed (exit 1)."""
+    goes on; any other error too, with its traceback. The sweeper gets the objective, or how the
+    job ended instead (pipeline/search.py: ``ended``). The sweep's summary counts a job whose
+    training diverged or collapsed apart (a result of its configuration: the sweep still exits
+    0), and one an Optuna search pruned (its run KILLED, tagged with the step), any other
+    failure as failed (exit 1)."""
     from threadpoolctl import threadpool_limits
 
-    worst = -math.inf if raw.sweep.direction == "maximize" else math.inf
     entry = ledger.job_started()
     cfg = None  # until the values pass their checks
     with threadpool_limits(limits=_blas_threads()):
@@ -110,7 +112,11 @@ def _job(raw: DictConfig) -> float:
             metrics = run_all(cfg)
             value = objective(cfg, metrics)
             ledger.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
-            return worst if math.isnan(value) else value
+            return search.ended("failed", reason=f"{cfg.sweep.objective} is NaN") if math.isnan(value) else value
+        except TrialPruned as e:
+            log.info("%s", e)
+            ledger.job_ended(entry, "KILLED", str(e), unfinished=tracking.run.unfinished(e), pruned=e.step)
+            return search.ended("pruned", value=e.value, step=e.step)
         except (KeyboardInterrupt, Terminated) as e:
             ledger.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
             raise
@@ -127,9 +133,10 @@ def _job(raw: DictConfig) -> float:
             if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
                 if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
                     unrecorded = tracking.run.job_record(cfg or raw)
+            diverged = isinstance(e, TrainingDiverged)
             ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded,
-                             diverged=isinstance(e, TrainingDiverged))
-            return worst
+                             diverged=diverged)
+            return search.ended("failed", reason=reason, diverged=diverged)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -187,6 +187,9 @@ def _report_bad_overrides_on_one_line() -> bool:
             except CompactHydraException as e:
                 print(f"catnet: error: {one_line(e)}", file=sys.stderr)
                 sys.exit(2)
+            except CatnetError as e:  # a sweeper's refusal (a job's are its own: pipeline/__main__.py)
+                print(f"catnet: error: {told(e)}", file=sys.stderr)
+                sys.exit(2)
 
         try:
             return report(guarded)

@@ -34,15 +34,17 @@ def job_started() -> Path | None:
 
 def job_ended(entry: Path | None, status: str, reason: str | None = None, reused: str | None = None,
               unfinished: str | None = None, unrecorded: dict | None = None, run: str | None = None,
-              diverged: bool = False) -> None:
+              diverged: bool = False, pruned: int | None = None) -> None:
     """``diverged``: FAILED because its training diverged or collapsed (a result: counted apart);
+    ``pruned``: KILLED by an Optuna search's pruner at this step (a result: counted apart);
     ``reused``: the id of the FINISHED run the job stood for instead of training;
     ``unfinished``: the id of its run, left RUNNING because the store did not take its status;
     ``unrecorded``: its name and params, when the store was down and it has no run at all;
     ``run``: the id of its own run (whose status in the store has the last word: parent.reconcile)."""
     if entry is not None and entry.parent.is_dir():
         outcome = {"status": status, "reason": reason, "reused": reused, "unfinished": unfinished,
-                   "unrecorded": unrecorded, "run": run, "diverged": diverged}
+                   "unrecorded": unrecorded, "run": run, "diverged": diverged,
+                   "pruned": pruned}
         common.atomic_write(entry, lambda f: json.dump(outcome, f), mode="w")
 
 

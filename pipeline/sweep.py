@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from catnet.errors import CatnetError, ConfigError, check_choice
-from pipeline import common, ledger
+from pipeline import common, ledger, search
 from pipeline.config import SWEEP_WRITERS
 from pipeline.ledger import LEDGER_ENV, PARENT_FILE
 from pipeline.tracking import parent
@@ -66,6 +66,8 @@ class MlflowSweep(Callback):
             check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
             check_choice("tracking.sweep_writer", config.tracking.sweep_writer, SWEEP_WRITERS)
             refuse_unreachable_store(config)
+            if config.hydra.sweeper.get("study_name"):  # an Optuna search's pruner and sampler
+                search.check(config.hydra.sweeper)
             if config.tracking.enabled:  # a server that does not answer now: no job would wait for it
                 from pipeline.tracking import store
 
@@ -106,6 +108,8 @@ class MlflowSweep(Callback):
             "sweep.launcher": hc.launcher._target_.rsplit(".", 1)[-1],
             "sweep.ranking": f"{' > '.join(_order(config))} ({config.sweep.direction})",
             "sweep.dir": str(hc.sweep.dir),
+            **({"sweep.study": str(hc.sweeper.study_name), "sweep.storage": search.shown(hc.sweeper.storage),
+                "sweep.pruner": str(hc.sweeper.pruner)} if hc.sweeper.get("study_name") else {}),
         })
         self.record = parent.sweep_record(config, top, before=lambda: ledger.wait_for_store(config))
         self.record.open()
@@ -132,9 +136,9 @@ class MlflowSweep(Callback):
         counts, status, reason, summary, lost = (result[k] for k in ("counts", "status", "reason", "summary", "lost"))
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
-        log.info("sweep: %d jobs, %d finished, %d failed, %d diverged; %d trained, %d reused%s", counts["jobs"],
-                 counts["finished"], parent.failures(counts), counts["diverged"], counts["finished"] - counts["reused"],
-                 counts["reused"], best)
+        log.info("sweep: %d jobs, %d finished, %d failed, %d diverged, %d pruned; %d trained, %d reused%s",
+                 counts["jobs"], counts["finished"], parent.failures(counts), counts["diverged"], counts["pruned"],
+                 counts["finished"] - counts["reused"], counts["reused"], best)
         if lost:
             reason = (f"{reason}; not in the tracking store: {'; '.join(lost)} (once it answers, a later catnet "
                       "command on the host of a run's ended process marks that run KILLED)")

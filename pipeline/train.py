@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 import hydra
 import numpy as np
@@ -39,9 +40,11 @@ def recipe(cfg: DictConfig) -> catnet_train.Recipe:
 
 
 def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tracking.NullRun,
-        drawer: curve.Helper | None = None) -> tuple[Network, dict[str, float]]:
+        drawer: curve.Helper | None = None, trial: Any = None) -> tuple[Network, dict[str, float]]:
     """Train; return the network and the cross-validation metrics (empty unless data.cv_folds).
-    ``drawer``: the helper process started to draw the learning curve (pipeline/curve.py)."""
+    ``drawer``: the helper process started to draw the learning curve (pipeline/curve.py);
+    ``trial``: the Optuna search's trial this job is (pipeline.search.Trial), told the running cross-validation score after
+    each fold (or the validation error every few epochs), which raises TrialPruned to stop it."""
     out = Outputs.of(cfg)
     epochs = cfg.train.epochs
     show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()
@@ -59,12 +62,14 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
             first_epoch_at.append(process_age())
         if epoch % stride == 0 or epoch == epochs:
             mlrun.log_epoch(epoch, {METRIC[k]: v for k, v in errors.items()})
+        if trial is not None:
+            trial.on_epoch(epoch, errors)
         if bar is not None:
             bar.update()
             if epoch % 10 == 0 or epoch == epochs:
                 bar.set_postfix_str(" ".join(f"{k}={v:.4f}" for k, v in errors.items()), refresh=False)
 
-    cv = cross_validate(cfg, splits.train) if cfg.data.cv_folds else {}
+    cv = cross_validate(cfg, splits.train, trial.on_fold if trial else None) if cfg.data.cv_folds else {}
     if cv:
         mlrun.log_metrics(cv)
     start = time.perf_counter()
@@ -124,7 +129,7 @@ def process_age() -> float:
         return float("nan")
 
 
-def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
+def cross_validate(cfg: DictConfig, train: Split, on_fold=None) -> dict[str, float]:
     """Mean validation metrics of the configured recipe over ``data.cv_folds`` stratified folds
     of the training set (catnet.cv.cross_validate; split by ``data.split_seed``, ``data.cv_repeats``
     times), each fold's normalization fitted as the normalize stage fits it. A steadier ranking
@@ -134,7 +139,8 @@ def cross_validate(cfg: DictConfig, train: Split) -> dict[str, float]:
 
     result = cv(recipe(cfg), train.x, train.y,
                 lambda rows: preprocess.fit(rows, cfg.normalize.method, divisor=cfg.normalize.divisor),
-                folds=cfg.data.cv_folds, repeats=cfg.data.cv_repeats, split_seed=cfg.data.split_seed, seed=cfg.seed)
+                folds=cfg.data.cv_folds, repeats=cfg.data.cv_repeats, split_seed=cfg.data.split_seed, seed=cfg.seed,
+                on_fold=on_fold)
     log.info("train: %d-fold cross-validation%s: balanced accuracy %.3f, accuracy %.3f", cfg.data.cv_folds,
              f" x {cfg.data.cv_repeats} repeats" if cfg.data.cv_repeats > 1 else "",
              result["cv/balanced_accuracy"], result["cv/accuracy"])

@@ -264,3 +264,35 @@ def test_a_short_outage_loses_nothing(mlflow_server, tmp_path):
     assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
     assert "sweep: 4 jobs, 4 finished, 0 failed" in out.read_text()
     _whole_sweep(server.uri, epochs=2000)
+
+
+@pytest.mark.slow
+def test_an_optuna_search_on_the_cluster_keeps_its_study_in_the_teams_postgresql(ray_head, mlflow_server, tmp_path):
+    """hparams_search=optuna on hydra/launcher=ray_cluster, its study in a PostgreSQL database beside
+    the mlflow server's: the trials (two at a time on the cluster's workers) report to the study
+    from there, each trial one child run tagged with its number, and the same command again
+    continues the study."""
+    import psycopg
+
+    with psycopg.connect(mlflow_server.backend, autocommit=True) as db:
+        db.execute("CREATE DATABASE optuna")
+    storage = mlflow_server.backend.rsplit("/", 1)[0] + "/optuna"
+    args = ("-m", "hparams_search=optuna", "hydra/launcher=ray_cluster", f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_startup_trials=1", "hydra.sweeper.n_warmup_steps=1",
+            "train.epochs=100", "train.check_learned=false", "data.cv_folds=2", "data.cv_repeats=1",
+            f"tracking.uri={mlflow_server.uri}", "tracking.experiment=test")
+    first = run_cli(*args, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert "sweep: 3 jobs, " in first.stdout + first.stderr
+    more = run_cli(*args, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path / 'more'}")
+    log = more.stdout + more.stderr
+    assert "3 trials ended, 1 to run (n_trials=4)" in log and "sweep: 1 jobs, " in log, log[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="catnet", storage=storage)
+    assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
+    assert all(t.intermediate_values for t in study.trials)  # reported from the cluster's workers
+    _, runs = runs_of(mlflow_server.uri)
+    children = [r for r in runs if "optuna.trial" in r.data.tags]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
+    parents = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
+    assert {p.data.params["sweep.storage"] for p in parents} == {storage}

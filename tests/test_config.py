@@ -35,7 +35,7 @@ def test_the_search_preset_composes():
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
-    assert cfg.hydra.sweeper.sampler.seed is not None and "train.lr" in cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper.seed is not None and "train.lr" in cfg.hydra.sweeper.params
     assert cfg.data.cv_folds >= 2 and cfg.sweep.objective.startswith("cv/")
 
 

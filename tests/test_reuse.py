@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -62,7 +61,7 @@ def sweep(project, *args, popen=False):
 
 def counts(log: str) -> tuple[int, int]:
     """(trained, reused) from the sweep's summary line."""
-    m = re.search(r"sweep: \d+ jobs, \d+ finished, \d+ failed, \d+ diverged; (\d+) trained, (\d+) reused", log)
+    m = re.search(r"sweep: \d+ jobs, \d+ finished, \d+ failed, \d+ diverged, \d+ pruned; (\d+) trained, (\d+) reused", log)
     assert m, log[-2000:]
     return int(m.group(1)), int(m.group(2))
 
@@ -142,43 +141,21 @@ def test_a_job_identical_to_the_one_before_it_is_reused_while_the_helper_still_w
 
 
 @pytest.mark.slow
-def test_an_interrupted_optuna_search_rerun_finishes_the_study_without_repeating_a_trial(project):
-    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=1", "train.epochs=3000",
-              "train.check_learned=false", "train.divergence_ratio=null", "data.cv_folds=2", "data.cv_repeats=1"]
-    proc = sweep(project, *search, popen=True)
-    lines: list[str] = []
-    # the signal comes when the 4th trial's run exists (its log line: created, params written) and
-    # trains (3000 epochs and 2 folds: a second or more), as the sweep's own log says, not from a
-    # look at the store, which the trial may have left by the time the signal comes
-    for line in proc.stdout:
-        lines.append(line)
-        if sum("tracking: MLflow run " in seen for seen in lines) == 4:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, out[-2000:]
-    done = len(trained_runs(project["uri"]))
-    _, runs = runs_of(project["uri"])
-    killed = [r for r in runs if r.info.status == "KILLED" and "catnet.identity" in r.data.tags]
-    seen = [(r.info.status, r.data.tags.get("mlflow.runName"), r.data.tags.get("catnet.failure")) for r in runs]
-    assert done == 3 and len(killed) == 1, (seen, out[-3000:])  # a trial stopped mid-way: it must train again
-
+def test_an_optuna_trial_identical_to_a_finished_run_is_linked_not_trained(project):
+    """A second study with the same sampler seed proposes the first study's trials again: each is
+    identical to a FINISHED run, so it is linked (with its own trial's tags) instead of trained."""
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1", "hydra/launcher=basic",
+              "train.epochs=20", "train.check_learned=false", "data.cv_folds=2", "data.cv_repeats=1",
+              f"hydra.sweeper.storage={project['tmp'] / 'study.log'}", "hydra.sweeper.pruner=none"]
     log, _ = sweep(project, *search)
-    assert counts(log) == (8 - done, done)
-    runs = trained_runs(project["uri"])
-    identities = [r.data.tags["catnet.identity"] for r in runs]
-    assert len(runs) == 8 and len(set(identities)) == 8  # 8 trials in all, none trained twice
-    assert killed[0].data.tags["catnet.identity"] in identities  # the interrupted trial ran again
-    client, everything = runs_of(project["uri"])
-    parents = sorted((r for r in everything if r.data.tags.get("catnet.sweep") == "parent"),
-                     key=lambda r: r.info.start_time)
-    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
-    children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
-    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
-    # the rerun proposed the same first trials (the sampler is seeded and saw the same values)
-    first = {r.data.params["train.lr"] for r in everything if r.data.tags.get("mlflow.parentRunId")
-             == parents[0].info.run_id and r.info.status == "FINISHED"}
-    assert first <= {c.data.params["train.lr"] for c in children}
+    assert counts(log) == (3, 0)
+    log, _ = sweep(project, *search, "hydra.sweeper.study_name=again")
+    assert counts(log) == (0, 3), log[-3000:]
+    _, runs = runs_of(project["uri"])
+    links = [r for r in runs if "catnet.reused_from" in r.data.tags]
+    assert sorted((r.data.tags["optuna.study"], r.data.tags["optuna.trial"]) for r in links) == [
+        ("again", "0"), ("again", "1"), ("again", "2")]
+    assert len(trained_runs(project["uri"], runs)) == 3
 
 
 def test_compare_draws_a_reused_jobs_curve_from_the_run_that_trained():

@@ -340,6 +340,7 @@ def test_dvc_exp_run_set_param_reaches_the_code(tmp_path):
 def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "train.epochs=8", "train.check_learned=false",
+                   f"hydra.sweeper.storage={tmp_path / 'study.log'}",
                    "data.cv_folds=2", f"tracking.uri={uri}", "tracking.experiment=test",
                    f"hydra.sweep.dir={tmp_path / 'multirun'}")
     log = proc.stderr + proc.stdout
@@ -350,7 +351,7 @@ def test_optuna_search_lands_as_children_ranked_by_cross_validation(tmp_path):
     assert parent.info.run_name == "optuna epochs=8 check_learned=false cv_folds=2 (3)"
     assert parent.data.params["sweep.launcher"] == "JoblibLauncher"  # the preset's trials side by side
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.data.params["sweep.sweeper"] == "OptunaSweeper" and len(children) == 3
+    assert parent.data.params["sweep.sweeper"] == "OptunaSearch" and len(children) == 3
     assert all("cv/balanced_accuracy" in c.data.metrics for c in children if c.info.status == "FINISHED")
     assert parent.data.tags["catnet.best_by"] == "cv/balanced_accuracy"
 

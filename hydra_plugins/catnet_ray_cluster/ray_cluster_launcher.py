@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +33,7 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 CARRIED_ENV = ("CATNET_MLFLOW_PARENT_RUN_ID", "CATNET_SWEPT_KEYS")  # set by pipeline/sweep.py
+_CONNECTING = threading.Lock()  # the Optuna search launches its trials from several threads
 
 
 class _RayClusterLauncher:
@@ -51,9 +53,10 @@ class _RayClusterLauncher:
         env = dict((init.get("runtime_env") or {}).get("env_vars") or {})
         env.update({k: os.environ[k] for k in CARRIED_ENV if k in os.environ})
         init["runtime_env"] = {**(init.get("runtime_env") or {}), "env_vars": env}
-        if not ray.is_initialized():
-            log.info("Ray: connecting to the cluster at %s", init.get("address"))
-            ray.init(**init)
+        with _CONNECTING:
+            if not ray.is_initialized():
+                log.info("Ray: connecting to the cluster at %s", init.get("address"))
+                ray.init(**init)
         log.info("Ray cluster launcher: %d jobs, sweep output dir %s", len(job_overrides), sweep_dir)
         runs = []
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
@@ -71,11 +74,9 @@ class _RayClusterLauncher:
         """The job's return, its outcome entered in the sweep's ledger (the job ran where that
         folder may not be). A task Ray lost (its worker or node died) is a FAILED job, its
         objective the worst, and the sweep goes on."""
-        import math
-
         from hydra.core.utils import JobStatus
 
-        from pipeline import ledger
+        from pipeline import ledger, search
 
         try:
             job = ray.get(run)
@@ -84,7 +85,7 @@ class _RayClusterLauncher:
             log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
             ledger.enter([{"status": "FAILED", "reason": reason}])
             job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-            job.return_value = -math.inf if self.config.sweep.direction == "maximize" else math.inf
+            job.return_value = search.ended("failed", reason=reason)
             return job
         if job.status == JobStatus.COMPLETED:
             value, outcomes = job.return_value

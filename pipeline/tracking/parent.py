@@ -150,11 +150,14 @@ def abort(client, parent_id: str, status: str, reason: str) -> None:
 
 def count(outcomes: list[dict]) -> dict[str, int]:
     """The jobs by outcome. ``diverged``: FAILED because the training diverged or collapsed (a
-    result of the configuration, not a failure of the sweep); ``failed``: FAILED for another reason."""
+    result of the configuration, not a failure of the sweep); ``failed``: FAILED for another reason;
+    ``pruned``: KILLED by the search's pruner (a result); ``killed``: KILLED otherwise (stopped)."""
     statuses = [o.get("status") for o in outcomes]
     diverged = sum(1 for o in outcomes if o.get("status") == "FAILED" and o.get("diverged"))
+    pruned = sum(1 for o in outcomes if o.get("status") == "KILLED" and o.get("pruned") is not None)
     return {"jobs": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED") - diverged,
-            "diverged": diverged, "killed": statuses.count("KILLED"), "running": statuses.count("RUNNING"),
+            "diverged": diverged, "pruned": pruned, "killed": statuses.count("KILLED") - pruned,
+            "running": statuses.count("RUNNING"),
             "reused": sum(1 for o in outcomes if o.get("status") == "FINISHED" and o.get("reused"))}
 
 
@@ -231,6 +234,7 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
     finished = [r for r in children(client, parent_id) if r.info.status == "FINISHED"]
     metrics = [Metric("sweep/jobs", counts["jobs"], 0, 0), Metric("sweep/finished", counts["finished"], 0, 0),
                Metric("sweep/failed", failures(counts), 0, 0), Metric("sweep/diverged", counts["diverged"], 0, 0),
+               Metric("sweep/pruned", counts["pruned"], 0, 0),
                Metric("sweep/reused", counts.get("reused", 0), 0, 0),
                Metric("sweep/trained", counts["finished"] - counts.get("reused", 0), 0, 0)]
     key, ranked = query.rank(finished, lambda r: r.data.metrics, order, direction)

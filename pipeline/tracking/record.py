@@ -22,6 +22,7 @@ import uuid
 
 from omegaconf import DictConfig
 
+from catnet.errors import TrialPruned
 from pipeline.common import Terminated, told
 from pipeline.tracking import model as tracking_model
 from pipeline.tracking import points as tracking_points
@@ -32,8 +33,9 @@ UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates u
 
 
 def status_after(error: BaseException) -> str:
-    """The status of a run that ``error`` stopped: KILLED for Ctrl-C / SIGTERM, else FAILED."""
-    return "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED"
+    """The status of a run that ``error`` stopped: KILLED for Ctrl-C / SIGTERM and for a search's
+    pruner, else FAILED."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated, TrialPruned)) else "FAILED"
 
 
 class Recorder:

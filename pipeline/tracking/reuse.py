@@ -62,9 +62,10 @@ def find(cfg: DictConfig, key: str) -> Earlier | None:
     return record.recorder(cfg).find(key)
 
 
-def link(cfg: DictConfig, original: Earlier) -> str:
-    """A FINISHED child of this sweep's parent standing for ``original``; returns its id."""
-    tags = {"mlflow.source.name": "pipeline", REUSED_TAG: original.run_id,
+def link(cfg: DictConfig, original: Earlier, tags: dict[str, str] | None = None) -> str:
+    """A FINISHED child of this sweep's parent standing for ``original`` (with ``tags`` of its
+    own: an Optuna trial's); returns its id."""
+    tags = {**(tags or {}), "mlflow.source.name": "pipeline", REUSED_TAG: original.run_id,
             IDENTITY_TAG: original.tags[IDENTITY_TAG], **store.process_tags()}
     for key in ("catnet.model_uri", "catnet.trained", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
         if key in original.tags:

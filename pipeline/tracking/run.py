@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from catnet.errors import ConfigError, TrainingDiverged
+from catnet.errors import ConfigError, TrainingDiverged, TrialPruned
 from pipeline import config
 from pipeline.common import atomic_write, told
 from pipeline.tracking import record, store, writer
@@ -31,6 +31,8 @@ from pipeline.tracking.names import parent_run_id, provenance_tags, run_name
 from pipeline.tracking.record import status_after
 
 log = logging.getLogger("catnet")
+PRUNED_TAG = "catnet.pruned_step"  # a run an Optuna search's pruner stopped (KILLED): at which step
+
 
 class NullRun:
     """What the stages log to when ``tracking.enabled=false``: nothing; outputs are written."""
@@ -339,6 +341,8 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
             run.flush()
             if isinstance(e, TrainingDiverged):
                 run.set_tags({"catnet.diverged_epoch": str(e.epoch)})
+            elif isinstance(e, TrialPruned):
+                run.set_tags({PRUNED_TAG: str(e.step)})
         except Exception as lost:  # noqa: BLE001 - the store is down: the status is what matters now
             log.error("tracking: run %s: its last points could not be written (%s)", run.run_id, store.brief(lost))
         _end_after(run, e, status, f"{type(e).__name__}: {told(e)}")

@@ -70,3 +70,12 @@ class TrainingCollapsed(TrainingDiverged):
 
     def _what(self) -> str:
         return f"training failed after epoch {self.epoch}: {self.why} (error {self.error:.6g})"
+
+
+class TrialPruned(Exception):
+    """A search stopped this trial at ``step`` (its intermediate ``value`` could not win): a result
+    of the search, neither an error nor a failure."""
+
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+        super().__init__(f"pruned by the search at step {step} (intermediate value {value:.4g})")
