@@ -26,6 +26,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@# Hydra's own Optuna sweeper (optuna < 3), which an older checkout installed: its plugin would not import
+	$(BIN)/python -m pip uninstall --quiet --disable-pip-version-check -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@
 
 # the optional `cluster` extra: Ray and SLURM (submitit) launchers for sweeps

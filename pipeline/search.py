@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from catnet.errors import BadValue, TrialPruned, check_choice
+from pipeline.common import Terminated
 
 log = logging.getLogger("catnet")
 PRUNERS = ("median", "hyperband", "none")
@@ -49,7 +50,8 @@ def storage_of(spec: str | None, root: Path):
 def pruner_of(conf: Mapping[str, Any]):
     """``hydra.sweeper.pruner``: median (a trial whose running value is worse than the median of
     the earlier trials' at the same step stops, once ``n_startup_trials`` trials ran whole and
-    after ``n_warmup_steps`` steps), hyperband, or none."""
+    from step ``n_warmup_steps`` on), hyperband (successive halving from step 1, a third kept at
+    each rung), or none."""
     import optuna
 
     name = str(conf.get("pruner") or "none")
@@ -58,7 +60,7 @@ def pruner_of(conf: Mapping[str, Any]):
         return optuna.pruners.MedianPruner(n_startup_trials=int(conf.get("n_startup_trials") or 0),
                                            n_warmup_steps=int(conf.get("n_warmup_steps") or 0))
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, int(conf.get("n_warmup_steps") or 1)))
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -101,6 +103,11 @@ def ended(state: str, *, value: float | None = None, step: int | None = None, re
     return {"state": state, "value": value, "step": step, "reason": reason, "diverged": diverged}
 
 
+class SearchStopped(Terminated):
+    """This job's trial was ended by its search, which was stopped: the job stops as on SIGTERM
+    (its run KILLED)."""
+
+
 class Trial:
     """This job's trial of the search: reports intermediate values of the objective to the study
     and raises ``TrialPruned`` when the study's pruner stops it."""
@@ -129,8 +136,8 @@ class Trial:
         try:
             self.trial.report(float(value), step)
         except UpdateFinishedTrialError:  # its search was stopped, and the trial marked FAIL since
-            raise RuntimeError(f"trial {self.number} of study {self.study_name!r} was ended by its search "
-                               "(stopped while this job ran)") from None
+            raise SearchStopped(f"trial {self.number} of study {self.study_name!r} was ended by its search "
+                                "(stopped while this job ran)") from None
         if self.trial.should_prune():
             raise TrialPruned(step, float(value))
 

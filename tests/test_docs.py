@@ -17,7 +17,7 @@ COMMIT = re.compile(r"(?<![0-9A-Za-z_/.-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0
 def test_the_readme_is_short_and_says_what_to_type():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 300
-    for command in ("make run", "make test", "python -m pipeline -m hparams_search=optuna", "hydra.sweeper.n_trials",
+    for command in ("make run", "make test", "python -m pipeline -m hparams_search=optuna", "hydra.sweeper.n_trials", "optuna-dashboard",
                     "mlflow ui", "dvc exp run", "dvc plots show", "pipeline.register run_id=", "pipeline.predict"):
         assert command in text, command
     assert "| knob | default | meaning |" in text

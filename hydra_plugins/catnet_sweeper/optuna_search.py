@@ -55,8 +55,8 @@ class OptunaSearchConf:
     sampler: str = "tpe"  # tpe | random
     seed: Optional[int] = None  # the sampler's
     pruner: str = "median"  # median | hyperband | none
-    n_startup_trials: int = 5  # median: trials that run whole before any is pruned
-    n_warmup_steps: int = 4  # no pruning before this step (a fold; or an epoch with a validation split)
+    n_startup_trials: int = 3  # median: trials that run whole before any is pruned
+    n_warmup_steps: int = 2  # median: no pruning before this step (a network of the CV; an epoch with a validation split)
     report_every: int = 50  # epochs between reports of a validation metric
     trial: Optional[int] = None  # set for each job: its trial's id in the storage
     params: Optional[Dict[str, str]] = None
@@ -217,11 +217,17 @@ class OptunaSearch(Sweeper):
                 number, returned, error = results.get()
                 self._tell(study, running.pop(number), returned, error)
         except BaseException:
-            for trial in running.values():  # stopped: what was running is not a result
-                study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            while not results.empty():  # trials that ended before the stop are results
+                number, returned, error = results.get()
+                self._tell(study, running.pop(number), returned, error)
             if running and not basic:
-                self._stop_workers()
+                self._stop_workers()  # before the trials are marked: their jobs would report to them
+            for trial in running.values():  # stopped: what was running is not a result
+                try:
+                    study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                except Exception as e:  # noqa: BLE001 - the next run of the command marks it
+                    log.error("Optuna: trial %d could not be marked failed: %s", trial.number, e)
             raise
 
     def _launch(self, job: List[str], idx: int) -> tuple:
