@@ -194,3 +194,26 @@ def test_a_bad_search_setting_is_refused_in_one_line_before_any_trial(tmp_path):
     assert log.strip().splitlines()[-1] == ("catnet: error: hydra.sweeper.pruner='sometimes': must be one of "
                                             "median, hyperband, none")
     assert "Traceback" not in log and not (tmp_path / "study.log").exists()
+
+
+@pytest.mark.slow
+def test_a_search_on_joblib_stopped_by_sigterm_marks_its_running_trials_and_continues(tmp_path):
+    """Two trials at a time in joblib's workers: SIGTERM stops the workers, marks the trials they ran
+    FAIL (no trial left RUNNING, no job's traceback), and the rerun completes the study."""
+    args = ("hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.launcher.n_jobs=2",
+            "train.lr=tag(log,interval(0.0001,0.002))", "train.epochs=1500", "hydra.sweeper.pruner=none")
+    proc, lines = _run_until(tmp_path, " ended: ", *args)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    from optuna.trial import TrialState
+
+    trials = optuna_study(tmp_path / "study.log").trials
+    assert TrialState.RUNNING not in [t.state for t in trials]
+    stopped = [t for t in trials if t.user_attrs.get("catnet.interrupted")]
+    assert stopped and all(t.state == TrialState.FAIL for t in stopped)
+    _, runs = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "RUNNING" not in [r.info.status for r in runs]
+    log = search(tmp_path, *args)
+    assert "sweep: " in log and len([t for t in optuna_study(tmp_path / "study.log").trials
+                                     if t.state == TrialState.COMPLETE]) == 4

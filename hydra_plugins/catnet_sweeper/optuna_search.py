@@ -105,16 +105,25 @@ def live_here(trial: Any) -> bool:
 
 @contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait until the block is done (then act as they would have)."""
-    held = {signal.SIGINT, signal.SIGTERM}
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have. (Python runs
+    a signal's handler in the main thread whichever thread the signal reached: the handlers are
+    swapped, not the signal mask.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: List[int] = []
+    previous = {s: signal.signal(s, lambda number, frame: caught.append(number)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for number in caught[:1]:
+            handler = previous[number]
+            if callable(handler):
+                handler(number, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), number)
 
 
 class OptunaSearch(Sweeper):
@@ -215,14 +224,15 @@ class OptunaSearch(Sweeper):
                         threading.Thread(target=lambda n=trial.number, j=job: results.put((n, *self._launch(j, n))),
                                          name=f"catnet-trial-{trial.number}", daemon=True).start()
                 number, returned, error = results.get()
-                self._tell(study, running.pop(number), returned, error)
+                with _signals_held():  # told, or still running: never neither
+                    self._tell(study, running.pop(number), returned, error)
         except BaseException:
             while not results.empty():  # trials that ended before the stop are results
                 number, returned, error = results.get()
                 self._tell(study, running.pop(number), returned, error)
-            if running and not basic:
-                self._stop_workers()  # before the trials are marked: their jobs would report to them
-            for trial in running.values():  # stopped: what was running is not a result
+            # what was running is not a result: its job stops at its next report (pipeline/search.py:
+            # SearchStopped), its run KILLED; joblib's workers are not killed mid-write of the journal
+            for trial in running.values():
                 try:
                     study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
                     study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
@@ -262,12 +272,3 @@ class OptunaSearch(Sweeper):
             trial.set_user_attr("catnet.diverged", True)
         study.tell(trial, state=TrialState.FAIL)
         log.info("Optuna: trial %d failed: %s", trial.number, reason)
-
-    def _stop_workers(self) -> None:
-        """Stop the jobs still running in joblib's workers (Ray's stop with the driver)."""
-        try:
-            from joblib.externals.loky import get_reusable_executor
-
-            get_reusable_executor().shutdown(wait=False, kill_workers=True)
-        except Exception:  # noqa: BLE001 - nothing to stop
-            pass
