@@ -4,7 +4,7 @@ job, which reports intermediate values to the same study and stops when its prun
 
 The study lives in ``hydra.sweeper.storage``: a file path (Optuna's journal file, relative to the
 project; every process of one machine can share it) or a database URL (``sqlite:///...``,
-``postgresql+psycopg://...``: a team's, which every node of a cluster reaches). The sweeper hands
+``postgresql://...``: a team's, which every node of a cluster reaches). The sweeper hands
 each job its trial through ``hydra.sweeper.trial`` (the trial's id in the storage), a Hydra
 setting, so it is in neither the job's identity nor its name.
 

@@ -295,7 +295,8 @@ def refuse_unreachable_store(config: DictConfig) -> None:
 def sweep_name(config: DictConfig) -> tuple[str, str]:
     """A sweep parent's name, which tells it apart from the experiment's other sweeps in the UI's
     runs table (its first 24 characters or so): the search, what it varies, what it sets apart
-    from the defaults, and its job count (``grid lr×hidden seed=7 (4)``, ``optuna (12)``); and its
+    from the defaults, and its job count (``grid lr×hidden seed=7 (4)``, ``optuna (12)``, ``optuna
+    my-study (40)``); and its
     description (the run's note): the whole command line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -307,8 +308,9 @@ def sweep_name(config: DictConfig) -> tuple[str, str]:
     swept = [o for o in parsed if o.is_sweep_override()]
     fixed = [text for text, o in zip(overrides, parsed) if not o.is_sweep_override()]
     n_trials = config.hydra.sweeper.get("n_trials")
-    if n_trials is not None:
-        kind, jobs = "optuna", int(n_trials)
+    if n_trials is not None:  # an Optuna search: its study, unless the preset's
+        study = str(config.hydra.sweeper.get("study_name") or "catnet")
+        kind, jobs = "optuna" if study == "catnet" else f"optuna {study}", int(n_trials)
     else:
         kind, jobs = "grid", 1
         for o in swept:

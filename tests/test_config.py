@@ -176,8 +176,9 @@ def _sweep_config(*overrides: str):
         cfg.hydra.overrides.task = [o for o in overrides if not o.startswith("hydra")]
         cfg.hydra.overrides.hydra = ["hydra.mode=MULTIRUN", *(o for o in overrides if o.startswith("hydra"))]
         for o in overrides:
-            if o.startswith("hydra.sweeper.n_trials="):
-                cfg.hydra.sweeper.n_trials = int(o.split("=")[1])
+            if o.startswith("hydra.sweeper."):
+                key, value = o[len("hydra.sweeper."):].split("=", 1)
+                cfg.hydra.sweeper[key] = int(value) if value.isdigit() else value
     return cfg
 
 
@@ -197,6 +198,7 @@ def test_names_keep_numbers_short():
     (["train.lr=0.001,0.005", "tracking.experiment=x", "hydra/launcher=joblib"], "grid lr joblib (2)"),
     (["hparams_search=optuna"], "optuna (20)"),
     (["hparams_search=optuna", "hydra.sweeper.n_trials=200", "train.epochs=500"], "optuna epochs=500 (200)"),
+    (["hparams_search=optuna", "hydra.sweeper.study_name=wide", "hydra.sweeper.n_trials=40"], "optuna wide (40)"),
 ])
 def test_a_sweep_parent_is_named_by_what_sets_it_apart(overrides, name):
     from pipeline.sweep import sweep_name
