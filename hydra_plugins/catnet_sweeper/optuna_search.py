@@ -3,7 +3,9 @@ persists, pruning, and a new trial as soon as a worker is free.
 
 - **The study** lives in ``storage`` (pipeline/search.py: a journal file of the project by default,
   or a database URL). Running the same command again continues it: ``n_trials`` counts the
-  trials of the study that ended (complete, pruned, failed), so only the rest run. A trial left
+  trials of the study that ended (complete, pruned, failed), so only the rest run; the sampler's
+  seed is then ``seed`` plus the study's number of trials, so that it does not draw the first
+  trials' values again. A trial left
   RUNNING by a search that was stopped (Ctrl-C, SIGTERM, ``kill -9``) is marked FAIL (attribute
   ``catnet.interrupted``), not counted, and its parameters are proposed again first.
 - **Trials** are asked for one at a time and each launched alone, by the configured launcher, from
@@ -161,6 +163,9 @@ class OptunaSearch(Sweeper):
             study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         trials = study.get_trials(deepcopy=False)
+        if trials and self.conf.get("seed") is not None:  # a continued study draws anew: the seed alone
+            # would propose the study's first trials again (TPE's first trials are random draws)
+            study.sampler = search.sampler_of({**self.conf, "seed": int(self.conf["seed"]) + len(trials)})
         retried = {t.user_attrs.get("catnet.retry_of") for t in trials}
         for trial in trials:
             if trial.user_attrs.get(INTERRUPTED) and trial.number not in retried:
