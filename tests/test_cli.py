@@ -30,7 +30,7 @@ def test_one_process_run_is_fully_recorded(store):
     # the tags and input that make the run reproducible
     digest = run.data.tags["catnet.data.md5"]  # of the arrays used (tests/test_record.py checks its value)
     assert len(digest) == 32 and run.inputs.dataset_inputs[0].dataset.digest == digest
-    assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
+    assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40 and " threads" in run.data.tags["catnet.blas"]
     names = {a.path for a in client.list_artifacts(rid)}
     assert {"weights.npz", "config.yaml", "learning_curve.png"} <= names
     local = client.download_artifacts(rid, "weights.npz", str(store["out"].parent))
@@ -320,3 +320,17 @@ def test_standardize_is_fitted_on_the_training_images_only(tmp_path, how):
     with np.load(tmp_path / "models/normalizer.npz", allow_pickle=False) as n:
         np.testing.assert_allclose(n["shift"], train.mean(axis=0), rtol=1e-9)
         np.testing.assert_allclose(n["scale"], train.std(axis=0), rtol=1e-9)
+
+
+def test_a_run_records_which_blas_computed_it_and_with_how_many_threads():
+    """catnet.blas: threadpoolctl's report (library, version, kernel) and the threads BLAS may use
+    when the run opens, which the sums, and so the weights' last bits, may depend on."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from pipeline.tracking.names import blas
+
+    lib = next(i for i in threadpool_info() if i["user_api"] == "blas")
+    with threadpool_limits(limits=1):
+        one = blas()
+    assert one.startswith(f"{lib['internal_api']} {lib['version']}") and one.endswith(" 1 threads"), one
+    assert blas().endswith(f" {lib['num_threads']} threads")

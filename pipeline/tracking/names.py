@@ -43,7 +43,7 @@ _PROVENANCE: dict[str, str] = {}  # a sweep's jobs in one process run the code i
 
 
 def provenance_tags() -> dict[str, str]:
-    """What it takes to reproduce a run: the code's commit and the package versions (asked of
+    """What it takes to reproduce a run: the code's commit, the package versions and the BLAS (asked of
     git once per process in a sweep, whose jobs all run the code the process imported)."""
     if not (_PROVENANCE and is_multirun()):
         _PROVENANCE.clear()
@@ -51,11 +51,25 @@ def provenance_tags() -> dict[str, str]:
     return dict(_PROVENANCE)
 
 
+BLAS_TAG = "catnet.blas"  # which BLAS computed the run, its kernel and thread count: float sums depend on them
+
+
+def blas() -> str:
+    """The BLAS libraries NumPy uses as threadpoolctl reports them, with the threads they may use
+    now (``openblas 0.3.31 Haswell 2 threads``)."""
+    from threadpoolctl import threadpool_info
+
+    found = [" ".join(str(part) for part in (i.get("internal_api"), i.get("version"), i.get("architecture"))
+                      if part) + f" {i.get('num_threads')} threads"
+             for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "; ".join(found) or "no BLAS found"
+
+
 def _provenance() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "h5py", "hydra-core", "mlflow"))
-    tags = {"catnet.versions": f"python {platform.python_version()}, {versions}"}
+    tags = {"catnet.versions": f"python {platform.python_version()}, {versions}", BLAS_TAG: blas()}
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
