@@ -91,10 +91,9 @@ def check(conf: Mapping[str, Any]) -> None:
     sampler_of(conf)
     if not conf.get("storage"):
         storage_of(None, Path("."))
-    if int(conf.get("n_trials") or 0) < 1 or int(conf.get("n_jobs") or 0) < 1:
-        raise BadValue("hydra.sweeper.n_trials" if int(conf.get("n_trials") or 0) < 1 else "hydra.sweeper.n_jobs",
-                       conf.get("n_trials") if int(conf.get("n_trials") or 0) < 1 else conf.get("n_jobs"),
-                       "must be a whole number of 1 or more")
+    for key in ("n_trials", "n_jobs"):
+        if int(conf.get(key) or 0) < 1:
+            raise BadValue(f"hydra.sweeper.{key}", conf.get(key), "must be a whole number of 1 or more")
 
 
 def ended(state: str, *, value: float | None = None, step: int | None = None, reason: str | None = None,

@@ -43,8 +43,9 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
         drawer: curve.Helper | None = None, trial: Any = None) -> tuple[Network, dict[str, float]]:
     """Train; return the network and the cross-validation metrics (empty unless data.cv_folds).
     ``drawer``: the helper process started to draw the learning curve (pipeline/curve.py);
-    ``trial``: the Optuna search's trial this job is (pipeline.search.Trial), told the running cross-validation score after
-    each fold (or the validation error every few epochs), which raises TrialPruned to stop it."""
+    ``trial``: the Optuna search's trial this job is (pipeline.search.Trial), told the running
+    cross-validation score after each fold (or the validation error every few epochs); it raises
+    TrialPruned to stop the job."""
     out = Outputs.of(cfg)
     epochs = cfg.train.epochs
     show = cfg.train.progress and sys.stderr.isatty() and not is_multirun()

@@ -194,6 +194,8 @@ def test_a_bad_search_setting_is_refused_in_one_line_before_any_trial(tmp_path):
     assert log.strip().splitlines()[-1] == ("catnet: error: hydra.sweeper.pruner='sometimes': must be one of "
                                             "median, hyperband, none")
     assert "Traceback" not in log and not (tmp_path / "study.log").exists()
+    log = search(tmp_path, "hydra.sweeper.n_jobs=0", code=2)
+    assert log.strip().splitlines()[-1] == "catnet: error: hydra.sweeper.n_jobs=0: must be a whole number of 1 or more"
 
 
 @pytest.mark.slow

@@ -72,8 +72,8 @@ class _RayClusterLauncher:
 
     def _returned(self, ray, run, overrides: Sequence[str]) -> JobReturn:
         """The job's return, its outcome entered in the sweep's ledger (the job ran where that
-        folder may not be). A task Ray lost (its worker or node died) is a FAILED job, its
-        objective the worst, and the sweep goes on."""
+        folder may not be). A task Ray lost (its worker or node died) is a FAILED job (its return:
+        pipeline.search.ended), and the sweep goes on."""
         from hydra.core.utils import JobStatus
 
         from pipeline import ledger, search

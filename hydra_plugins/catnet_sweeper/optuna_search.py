@@ -5,9 +5,9 @@ persists, pruning, and a new trial as soon as a worker is free.
   or a database URL). Running the same command again continues it: ``n_trials`` counts the
   trials of the study that ended (complete, pruned, failed), so only the rest run; the sampler's
   seed is then ``seed`` plus the study's number of trials, so that it does not draw the first
-  trials' values again. A trial left
-  RUNNING by a search that was stopped (Ctrl-C, SIGTERM, ``kill -9``) is marked FAIL (attribute
-  ``catnet.interrupted``), not counted, and its parameters are proposed again first.
+  trials' values again. A trial left RUNNING by a search that was stopped (Ctrl-C, SIGTERM,
+  ``kill -9``) is marked FAIL (attribute ``catnet.interrupted``), not counted, and its parameters
+  are proposed again first.
 - **Trials** are asked for one at a time and each launched alone, by the configured launcher, from
   one of ``n_jobs`` threads: when a trial ends, the next starts, whatever the others do (Hydra's
   own Optuna sweeper waits for a whole batch). With Hydra's basic launcher, which runs a job in
@@ -37,9 +37,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
 
 from catnet.errors import BadValue
-from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "catnet.interrupted"  # a trial's attribute: marked FAIL because its search was stopped
@@ -131,12 +131,9 @@ def _signals_held():
 class OptunaSearch(Sweeper):
     def __init__(self, **conf: Any) -> None:
         self.conf = conf
-        self.config: Optional[DictConfig] = None
         self.launcher: Any = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config = config
-        self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
 
