@@ -196,6 +196,19 @@ def test_each_dvc_stage_depends_on_every_module_it_runs(stage):
     assert unused == [], f"dvc.yaml stage {stage} lists code it does not import: {unused}"
 
 
+def test_dvc_lock_matches_the_code_and_config_it_was_made_from():
+    """A commit that edits a stage's code or config without its dvc.lock leaves `dvc repro` in a
+    fresh clone rewriting dvc.lock (and the run tagged dirty): caught here, in the fast suite."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        status = repo.status()
+    stale = sorted({f"{stage}: {path}" for stage, entries in status.items() for entry in entries
+                    if isinstance(entry, dict)
+                    for path, state in entry.get("changed deps", {}).items() if state == "modified"})
+    assert stale == [], f"dvc.lock is stale (run `make run` and commit dvc.lock): {stale}"
+
+
 def test_the_hydra_patch_is_applied_only_to_the_hydra_it_was_written_for(monkeypatch):
     """A Hydra whose run_and_report takes other arguments, or of another version, keeps its own
     report: the patch must never turn a config error into a TypeError."""
