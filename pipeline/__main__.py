@@ -53,9 +53,9 @@ def run_all(cfg: DictConfig) -> dict:
             return {**earlier.metrics, REUSED: earlier.run_id, RUN: link}
     normalizer = normalize.kept(normalize.run(cfg, splits.train), splits)  # a sweep's inputs: made once
     # a single run's learning curve is drawn by a helper process started first thing
-    # (pipeline/curve.py), which the run's BLAS leaves a core; a sweep's jobs draw none
+    # (pipeline/curve.py); a sweep's jobs draw none. The BLAS keeps its threads: their number
+    # changes the bits of a float sum, and a run must give the weights `dvc repro` gives
     with (curve.helper(not is_multirun()) as drawer,
-          _leave_a_core(drawer is not None),
           tracking.open_run(cfg, tags={**tracking.reuse.run_tags(digest, key), **(trial.tags() if trial else {})})
           as mlrun):
         mlrun.record_data(digest, load.sources(cfg))
@@ -79,18 +79,6 @@ def _blas_threads() -> int | None:
     if not n_jobs:
         return max(1, cores - 1) if tracking.writer.running() else None
     return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))
-
-
-def _leave_a_core(helper: bool):
-    """BLAS on all cores but one while a helper process works beside this one (OpenBLAS's idle
-    threads spin after each call, and would take the helper's core: a single run's curve came
-    0.05-0.1 s later, its training no faster on 2 cores)."""
-    from contextlib import nullcontext
-
-    from threadpoolctl import threadpool_limits
-
-    cores = os.cpu_count() or 1
-    return threadpool_limits(limits=cores - 1) if helper and cores > 1 else nullcontext()
 
 
 def _job(raw: DictConfig) -> float | dict:

@@ -77,6 +77,13 @@ def finished_runs(client, experiment_id: str, parent: str | None = None, with_mo
     return client.search_runs([experiment_id], _filter(parent, with_model), max_results=max_results)
 
 
+def runs_since(client, experiment_id: str, started_ms: int, name: str, tags: dict[str, str]) -> list[str]:
+    """Ids of the runs named ``name`` with ``tags`` that started at or after ``started_ms``, newest first."""
+    where = [f"attributes.start_time >= {int(started_ms)}"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = client.search_runs([experiment_id], " and ".join(where), order_by=["attributes.start_time DESC"])
+    return [r.info.run_id for r in runs if r.info.run_name == name]
+
+
 def finished_runs_frame(experiment_id: str, parent: str | None = None, max_results: int = 200):
     """The same as a pandas DataFrame (MLflow's columns: run_id, params.*, metrics.*, tags.*),
     without sweep parents, which summarize runs rather than being runs to compare. Across a whole
