@@ -226,13 +226,13 @@ def train(tree: Path, config_file: Path, client, run, experiment: str, threads: 
     own ``config`` (Hydra's settings) and whose values are all the recorded ones. The BLAS gets
     ``threads`` threads: their number changes the bits of its sums."""
     recorded = yaml.safe_load(config_file.read_text())
-    primary = config_file.parent / "reproduce.yaml"
+    primary = config_file.parent / "recorded_run.yaml"  # a name conf/ does not use
     primary.write_text(yaml.safe_dump({"defaults": ["config", "_self_"], **recorded}, sort_keys=False))
     name = f"reproduce {run.info.run_name}".replace("'", "")
     overrides = [f"tracking.uri='{client.tracking_uri}'", f"tracking.experiment='{experiment}'", f"tracking.run_name='{name}'"]
     started = int(time.time() * 1000) - 1
     out = subprocess.run([sys.executable, "-m", "pipeline", "--config-dir", str(config_file.parent),
-                          "--config-name", "reproduce", *overrides], cwd=tree, env=worktree_env(tree, threads))
+                          "--config-name", "recorded_run", *overrides], cwd=tree, env=worktree_env(tree, threads))
     if out.returncode != 0:
         raise ConfigError(f"training at commit {run.data.tags['mlflow.source.git.commit'][:12]} failed "
                           f"(exit {out.returncode}; its messages are above)")
