@@ -85,9 +85,10 @@ def reproduce(cfg: DictConfig) -> int:
         imported, md5 = in_worktree(tree, config_file)
         print(f"  code: the worktree's, {tree} (pipeline from {imported['pipeline']}, catnet from {imported['catnet']})")
         if md5 != digest:
-            raise ConfigError(f"run {run.info.run_id}: the data of commit {commit[:12]} (md5 {md5}) is not the data the "
-                              f"run read (catnet.data.md5 {digest}): it read files not committed to DVC")
-        print(f"  data: commit {commit[:12]}'s data/raw through DVC, md5 {md5} = the run's catnet.data.md5")
+            raise ConfigError(f"run {run.info.run_id}: the data its config reads at commit {commit[:12]} (md5 {md5}) "
+                              f"is not the data the run read (catnet.data.md5 {digest}): files changed since")
+        print(f"  data: md5 {md5} = the run's catnet.data.md5 (the DVC-tracked data of commit {commit[:12]}, "
+              "and any files its config names)")
         threads = cfg.threads or recorded_threads(run)
         print(f"  BLAS threads: {threads or 'the default'}" + (" (the run's)" if threads and not cfg.threads else ""))
         new_id = train(tree, config_file, client, run, experiment, threads)
