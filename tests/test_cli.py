@@ -334,3 +334,19 @@ def test_a_run_records_which_blas_computed_it_and_with_how_many_threads():
         one = blas()
     assert one.startswith(f"{lib['internal_api']} {lib['version']}") and one.endswith(" 1 threads"), one
     assert blas().endswith(f" {lib['num_threads']} threads")
+
+
+@pytest.mark.slow
+def test_python_m_pipeline_gives_the_weights_the_dvc_stages_give(tmp_path):
+    """One config, one seed, one machine: the same bits whether the stages run in one process or as
+    DVC runs them. The BLAS's thread count changes a float sum's last bits, so neither may narrow it."""
+    args = ["train.epochs=300", "tracking.enabled=false"]
+    for stage in ("load", "normalize", "train"):
+        run_cli(*args, f"paths.out_dir={tmp_path / 'stages'}", module=f"pipeline.{stage}")
+    run_cli(*args, f"paths.out_dir={tmp_path / 'one'}")
+    arrays = []
+    for name in ("stages", "one"):
+        with np.load(tmp_path / name / "models/weights.npz", allow_pickle=False) as f:
+            arrays.append({k: f[k] for k in f})
+    assert arrays[0].keys() == arrays[1].keys()
+    assert all(arrays[0][k].tobytes() == arrays[1][k].tobytes() for k in arrays[0])
