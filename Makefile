@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 # dvc.yaml's stage commands call `python`: make it the project's
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-fast setup setup-cluster setup-bench bench data clean
+.PHONY: run test test-fast setup setup-cluster setup-bench bench data clean team-up team-down
 
 run: data
 	python -m pipeline.params
@@ -46,6 +46,14 @@ $(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.lock
 
 bench: setup-bench data
 	python -m benchmarks.bench --torch --scale --sweeps --search
+
+# a team's stack on this machine, on loopback: PostgreSQL, an mlflow server on it, a Ray head (docs/team.md);
+# other ports or folder: make team-up TEAM_ARGS="--mlflow-port 5001 --pg-port 5434 --ray-port 6380 --dir <folder>"
+team-up: setup-cluster data
+	python -m pipeline.team up $(TEAM_ARGS)
+
+team-down:
+	python -m pipeline.team down $(TEAM_ARGS)
 
 data: setup
 	dvc pull data/raw.dvc

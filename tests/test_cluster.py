@@ -297,3 +297,95 @@ def test_an_optuna_search_on_the_cluster_keeps_its_study_in_the_teams_postgresql
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
     parents = [r for r in runs if r.data.tags.get("catnet.sweep") == "parent"]
     assert {p.data.params["sweep.storage"] for p in parents} == {storage}
+
+
+def _session_members(leaders: list[int]) -> dict[int, int]:
+    """{pid: session} of the live processes in the sessions of ``leaders``."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter():
+        try:
+            sid = os.getsid(p.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+        if sid in leaders:
+            out[p.pid] = sid
+    return out
+
+
+@pytest.mark.slow
+def test_make_team_up_starts_a_loopback_stack_that_a_sweep_uses_and_team_down_stops_exactly_it(ray_head, tmp_path):
+    """make team-up: PostgreSQL, an mlflow server on it and a Ray head, every port on loopback, with
+    Ray's token authentication; a ray_cluster sweep through it after `source team/env`; a second
+    team-up changes nothing; make team-down stops its processes by id, and another Ray head on this
+    machine (the fixture's) keeps running."""
+    import glob
+    import json
+    import shutil
+    import tempfile
+
+    import psutil
+
+    import_or_skip("psycopg", reason="the cluster extra is not installed (make setup-cluster)")
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        if os.environ.get("CI"):
+            raise AssertionError("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    from pipeline.common import ROOT
+
+    folder = Path(tempfile.mkdtemp(prefix="catnet-team-"))  # not pytest's root-only tmp: postgres writes in it
+    folder.chmod(0o755)  # as a project's team/ is
+    ports = {name: free_port() for name in ("pg", "mlflow", "ray", "ray-client", "dashboard")}
+    args = f"--dir {folder} " + " ".join(f"--{name}-port {port}" for name, port in ports.items())
+    make = ["make", "--no-print-directory", "-C", str(ROOT)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    other_ray = _session_members([ray_head.pid])
+    try:
+        up = subprocess.run([*make, "team-up", f"TEAM_ARGS={args}"], env=env, capture_output=True, text=True,
+                            timeout=600)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert f"tracking.uri=http://127.0.0.1:{ports['mlflow']}" in up.stdout
+        assert f"Ray address: 127.0.0.1:{ports['ray']}, token authentication on" in up.stdout
+        assert "listening beyond loopback: nothing (every port on 127.0.0.1)" in up.stdout
+        state = json.loads((folder / "stack.json").read_text())
+        leaders = [s["pid"] for s in state["services"]]
+        assert [s["name"] for s in state["services"]] == ["postgresql", "mlflow server", "ray head"]
+        members = _session_members(leaders) | {pid: pid for pid in leaders}
+        listening = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in members]
+        assert {p for _, p in listening} >= {ports["pg"], ports["mlflow"], ports["ray"], ports["dashboard"]}
+        assert all(ip.removeprefix("::ffff:").startswith("127.") for ip, _ in listening), listening
+        assert oct((folder / "ray_token").stat().st_mode & 0o777) == "0o600"
+
+        # a sweep as the README says: source the env file, then the ray_cluster launcher, into the server
+        sweep = subprocess.run(["bash", "-c", f"source {folder / 'env'} && exec {sys.executable} -m pipeline -m "
+                                f"hydra/launcher=ray_cluster seed=0,1 train.epochs=20 train.check_learned=false "
+                                f"tracking.uri=http://127.0.0.1:{ports['mlflow']} tracking.experiment=test "
+                                f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+        assert sweep.returncode == 0, sweep.stderr[-3000:]
+        assert "sweep: 2 jobs, 2 finished, 0 failed" in sweep.stdout + sweep.stderr
+        _, runs = runs_of(f"http://127.0.0.1:{ports['mlflow']}")
+        assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+
+        again = subprocess.run([*make, "team-up", f"TEAM_ARGS={args}"], env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert again.returncode == 0 and "the stack is up already" in again.stdout
+        assert [s["pid"] for s in json.loads((folder / "stack.json").read_text())["services"]] == leaders
+
+        members = _session_members(leaders) | {pid: pid for pid in leaders}
+        down = subprocess.run([*make, "team-down", f"TEAM_ARGS=--dir {folder}"], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert down.stdout.count("team: stopped ") == 3
+        assert not [pid for pid in members if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not (folder / "stack.json").exists() and not (folder / "env").exists()
+        assert ray_head.poll() is None and set(_session_members([ray_head.pid])) >= set(other_ray)
+        again = subprocess.run([*make, "team-down", f"TEAM_ARGS=--dir {folder}"], env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert again.returncode == 0 and "nothing to stop" in again.stdout
+    finally:
+        subprocess.run([sys.executable, "-m", "pipeline.team", "down", "--dir", str(folder)], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
