@@ -389,3 +389,186 @@ def test_make_team_up_starts_a_loopback_stack_that_a_sweep_uses_and_team_down_st
     finally:
         subprocess.run([sys.executable, "-m", "pipeline.team", "down", "--dir", str(folder)], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class Slurm:
+    """A one-node SLURM cluster of Debian's packages, in ``folder``, on loopback ports: munged (its
+    own key and socket), MariaDB and slurmdbd (the accounting submitit reads job states from, with
+    sacct), slurmctld and slurmd. Clients find it through ``env`` (SLURM_CONF)."""
+
+    DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
+
+    def __init__(self, folder: Path):
+        import shutil
+        import socket
+
+        missing = [d for d in (*self.DAEMONS, "mariadb-install-db", "sacct") if not shutil.which(d) and
+                   not Path("/usr/sbin", d).exists()]
+        if missing:
+            if os.environ.get("CI"):
+                raise AssertionError(f"SLURM is not installed ({missing}): .ci/run installs slurm-wlm, slurmdbd, "
+                                     "munge and mariadb-server")
+            pytest.skip(f"SLURM is not installed ({', '.join(missing)}): apt-get install slurm-wlm slurmdbd munge "
+                        "mariadb-server")
+        self.folder, self.node = folder, socket.gethostname().split(".")[0]
+        self.procs: list[subprocess.Popen] = []
+        self.env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
+
+    def _start(self, name: str, cmd: list[str], answers) -> None:
+        log = self.folder / f"{name}.out"
+        proc = subprocess.Popen(cmd, cwd=self.folder, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        wait_until_up(answers, proc, log, name, seconds=60)
+
+    def _ok(self, *cmd: str) -> bool:
+        return subprocess.run(cmd, env=self.env, capture_output=True).returncode == 0
+
+    def start(self) -> None:
+        f = self.folder
+        db_port, dbd_port, ctld_port, slurmd_port = (free_port() for _ in range(4))
+        (f / "munge.key").write_bytes(os.urandom(1024))
+        (f / "munge.key").chmod(0o400)
+        munge = ["--socket", str(f / "munge.sock")]
+        self._start("munged", ["munged", "-F", *munge, "--key-file", str(f / "munge.key"), "--pid-file",
+                               str(f / "munged.pid"), "--log-file", str(f / "munged.log"), "--seed-file",
+                               str(f / "munged.seed")], lambda: (f / "munge.sock").exists())
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={f / 'db'}", "--user=root",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"], check=True, capture_output=True)
+        sock = f / "db.sock"
+        self._start("mariadbd", ["mariadbd", "--no-defaults", f"--datadir={f / 'db'}", f"--socket={sock}",
+                                 f"--port={db_port}", "--bind-address=127.0.0.1", "--user=root",
+                                 f"--pid-file={f / 'db.pid'}", "--skip-name-resolve"],
+                    lambda: self._ok("mariadb", "--no-defaults", "-S", str(sock), "-uroot", "-e", "select 1"))
+        subprocess.run(["mariadb", "--no-defaults", "-S", str(sock), "-uroot", "-e",
+                        "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'catnet'; "
+                        "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"], check=True)
+        auth = f"AuthType=auth/munge\nAuthInfo=socket={f / 'munge.sock'}\n"
+        (f / "slurmdbd.conf").write_text(
+            f"{auth}DbdHost=localhost\nDbdAddr=127.0.0.1\nDbdPort={dbd_port}\nSlurmUser=root\n"
+            f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={db_port}\n"
+            f"StorageUser=slurm\nStoragePass=catnet\nStorageLoc=slurm_acct_db\nPidFile={f / 'slurmdbd.pid'}\n"
+            f"LogFile={f / 'slurmdbd.log'}\n")
+        (f / "slurmdbd.conf").chmod(0o600)
+        (f / "slurm.conf").write_text(
+            f"ClusterName=catnet\nSlurmctldHost={self.node}(127.0.0.1)\nSlurmUser=root\n"
+            f"SlurmctldPort={ctld_port}\nSlurmdPort={slurmd_port}\n{auth}CredType=cred/munge\n"
+            f"StateSaveLocation={f / 'state'}\nSlurmdSpoolDir={f / 'spool'}\n"
+            f"SlurmctldPidFile={f / 'slurmctld.pid'}\nSlurmdPidFile={f / 'slurmd.pid'}\n"
+            f"SlurmctldLogFile={f / 'slurmctld.log'}\nSlurmdLogFile={f / 'slurmd.log'}\n"
+            "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nSelectType=select/cons_tres\n"
+            "SelectTypeParameters=CR_Core\nJobAcctGatherType=jobacct_gather/none\nMpiDefault=none\n"
+            f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
+            f"AccountingStoragePort={dbd_port}\nAccountingStoragePass={f / 'munge.sock'}\n"
+            "CommunicationParameters=NoInAddrAny\nReturnToService=2\nKillWait=10\n"
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory=2048 State=UNKNOWN\n"
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
+        (f / "state").mkdir()
+        (f / "spool").mkdir()
+        self._start("slurmdbd", ["slurmdbd", "-D"], lambda: self._ok("sacctmgr", "-n", "list", "cluster"))
+        subprocess.run(["sacctmgr", "-i", "add", "cluster", "catnet"], env=self.env, check=True, capture_output=True)
+        self._start("slurmctld", ["slurmctld", "-D"], lambda: self._ok("scontrol", "ping"))
+        self._start("slurmd", ["slurmd", "-D", "-N", self.node],
+                    lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True,
+                                                     text=True).stdout)
+
+    def stop(self) -> None:
+        """Each daemon by its process id, the last started first; then any process left in its session."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            for pid in _session_members([proc.pid]):
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+
+    def sacct(self) -> dict[str, str]:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State"], env=self.env, capture_output=True,
+                             text=True, check=True).stdout
+        return dict(line.split("|", 1) for line in out.splitlines() if line)
+
+
+@pytest.fixture
+def slurm():
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="catnet-slurm-"))
+    folder.chmod(0o755)  # munged wants its socket reachable by every user
+    cluster = Slurm(folder)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _slurm_sweep(slurm: Slurm, uri: str, tmp_path: Path, *args: str, background: bool = False):
+    cmd = [sys.executable, "-m", "pipeline", "-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.mem_gb=1", "train.check_learned=false", f"tracking.uri={uri}", "tracking.experiment=test",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", *args]
+    env = {k: v for k, v in slurm.env.items() if k != "HYDRA_FULL_ERROR"}
+    if background:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        out = tmp_path / "sweep.log"
+        return subprocess.Popen(cmd, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT), out
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_sweep_on_slurm_lands_each_job_with_its_slurm_job_id(slurm, mlflow_server, tmp_path):
+    """hydra/launcher=slurm on a real one-node SLURM cluster, into an mlflow server: 4 jobs of one
+    job array, 4 FINISHED children under one parent, each tagged with the job SLURM ran it as."""
+    import re
+
+    proc = _slurm_sweep(slurm, mlflow_server.uri, tmp_path, "seed=0,1,2,3", "train.epochs=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep: 4 jobs, 4 finished, 0 failed" in proc.stdout + proc.stderr
+    parent = _whole_sweep(mlflow_server.uri, epochs=20)
+    _, runs = runs_of(mlflow_server.uri)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    ids = sorted(r.data.tags["catnet.slurm.job_id"] for r in children)
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_{i}" for i in range(4)] and re.fullmatch(r"\d+", array)
+    accounted = slurm.sacct()
+    assert all(accounted[i] == "COMPLETED" for i in ids), accounted
+
+
+@pytest.mark.slow
+def test_a_failed_or_cancelled_slurm_job_is_counted_and_its_run_ends_killed(slurm, mlflow_server, tmp_path):
+    """A job with a bad value fails alone (exit 1); `scancel` of a running job: its run KILLED
+    (SIGTERM reached catnet, not submitit's handler), the sweep goes on with the other job and
+    exits 1, counting the cancelled one failed with its SLURM state."""
+    proc = _slurm_sweep(slurm, mlflow_server.uri, tmp_path / "a", "train.lr=0.01,-1", "train.epochs=20")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "sweep: 2 jobs, 1 finished, 1 failed" in proc.stdout + proc.stderr
+
+    sweep, log = _slurm_sweep(slurm, mlflow_server.uri, tmp_path / "b", "train.epochs=200000,300",
+                              background=True)
+    try:
+        client, target = None, None
+        deadline = time.time() + 180
+        while target is None:  # job _0's run, training
+            assert sweep.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+            client, runs = runs_of(mlflow_server.uri)
+            target = next((r for r in runs if r.info.status == "RUNNING"
+                           and r.data.params.get("train.epochs") == "200000"), None)
+        job = target.data.tags["catnet.slurm.job_id"]
+        subprocess.run(["scancel", job], env=slurm.env, check=True)
+        assert sweep.wait(timeout=300) == 1, log.read_text()[-3000:]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    text = log.read_text()
+    assert f"SLURM job {job} ended CANCELLED" in text and "sweep: 2 jobs, 1 finished, 1 failed" in text
+    run = client.get_run(target.info.run_id)
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags.get("catnet.failure", ""), run.data.tags
+    assert slurm.sacct()[job].startswith("CANCELLED")

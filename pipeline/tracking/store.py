@@ -27,6 +27,7 @@ EXPERIMENT_DESCRIPTION = (
     "(tag catnet.sweep=parent) with one child per job. Jobs are ranked on validation, "
     "cross-validation or training metrics, never on test/."
 )
+SLURM_TAG = "catnet.slurm.job_id"  # the SLURM job a run ran in
 HANDOFF_TAG = "catnet.handoff"  # a train stage's run waiting for the evaluate stage (dvc repro)
 
 
@@ -260,11 +261,17 @@ def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
 # ---- runs left RUNNING by a process that died (kill -9, a crashed machine) ----------------------
 
 def process_tags() -> dict[str, str]:
-    """Where this run runs: host, process id and that process's start time (a pid is reused)."""
+    """Where this run runs: host, process id and that process's start time (a pid is reused), and
+    in a SLURM job its id (``<array job>_<task>`` for a sweep's job, as squeue and sacct name it)."""
     import psutil
 
-    return {"catnet.host": socket.gethostname(), "catnet.pid": str(os.getpid()),
+    tags = {"catnet.host": socket.gethostname(), "catnet.pid": str(os.getpid()),
             "catnet.pid_started": f"{psutil.Process().create_time():.3f}"}
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        tags[SLURM_TAG] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    elif os.environ.get("SLURM_JOB_ID"):
+        tags[SLURM_TAG] = os.environ["SLURM_JOB_ID"]
+    return tags
 
 
 def process_alive(pid: int, started: float) -> bool:

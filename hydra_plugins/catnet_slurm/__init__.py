@@ -1,0 +1,1 @@
+"""catnet's Hydra launcher for a SLURM cluster (hydra/launcher=slurm)."""
