@@ -18,7 +18,8 @@ def test_the_readme_is_short_and_says_what_to_type():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 300
     for command in ("make run", "make test", "python -m pipeline -m hparams_search=optuna", "hydra.sweeper.n_trials", "optuna-dashboard",
-                    "mlflow ui", "dvc exp run", "dvc plots show", "pipeline.register run_id=", "pipeline.predict"):
+                    "mlflow ui", "dvc exp run", "dvc plots show", "pipeline.register run_id=", "pipeline.predict",
+                    "pipeline.reproduce run_id=", "make team-up", "make team-down", "source team/env", "hydra/launcher=slurm"):
         assert command in text, command
     assert "| knob | default | meaning |" in text
 
