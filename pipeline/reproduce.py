@@ -106,8 +106,9 @@ def _run(client, run_id: str):
     try:
         return client.get_run(run_id)
     except Exception as e:  # noqa: BLE001 - MlflowException: no such run in this store
-        raise ConfigError(f"run_id={run_id}: no such run in {client.tracking_uri} ({str(e).splitlines()[0]}; "
-                          "a team's server: tracking.uri=http://<server>:5000)") from None
+        hint = "" if client.tracking_uri.startswith("http") else "; a team's server: tracking.uri=http://<server>:5000"
+        raise ConfigError(f"run_id={run_id}: no such run in {client.tracking_uri} "
+                          f"({str(e).splitlines()[0]}{hint})") from None
 
 
 def refusal(run, client) -> tuple[str, str]:
