@@ -53,6 +53,7 @@ class ReproduceConfig:
     run_id: Optional[str] = None  # the run to make again
     keep: bool = False  # keep the worktree (its path is printed) instead of removing it
     threads: Optional[int] = None  # BLAS threads; null: as many as the run's catnet.blas says it had
+    # (OpenBLAS's kernel too is the run's: OPENBLAS_CORETYPE)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -89,9 +90,11 @@ def reproduce(cfg: DictConfig) -> int:
                               f"is not the data the run read (catnet.data.md5 {digest}): files changed since")
         print(f"  data: md5 {md5} = the run's catnet.data.md5 (the DVC-tracked data of commit {commit[:12]}, "
               "and any files its config names)")
-        threads = cfg.threads or recorded_threads(run)
-        print(f"  BLAS threads: {threads or 'the default'}" + (" (the run's)" if threads and not cfg.threads else ""))
-        new_id = train(tree, config_file, client, run, experiment, threads)
+        kernel, recorded = recorded_blas(run)
+        threads = cfg.threads or recorded
+        print(f"  BLAS: {threads or 'default'} threads" + (" (the run's)" if threads and not cfg.threads else "")
+              + (f", OpenBLAS kernel {kernel} (the run's)" if kernel else ""))
+        new_id = train(tree, config_file, client, run, experiment, worktree_env(tree, threads, kernel))
     new = client.get_run(new_id)
     same, report = compare(client, run, new)
     client.set_tag(new_id, REPRODUCES_TAG, run.info.run_id)
@@ -188,23 +191,29 @@ print(json.dumps({"pipeline": pipeline.__file__, "catnet": catnet.__file__, "md5
 """
 
 
-def worktree_env(tree: Path, threads: int | None = None) -> dict[str, str]:
+def worktree_env(tree: Path, threads: int | None = None, kernel: str | None = None) -> dict[str, str]:
     """The environment that makes Python import the worktree's ``pipeline``, ``catnet`` and
     Hydra plugins before the project's own (the editable install's finder comes after sys.path),
-    with ``threads`` BLAS threads."""
+    with ``threads`` BLAS threads and OpenBLAS's ``kernel``."""
     path = os.pathsep.join([str(tree), str(tree / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": path}
     if threads:
         env.update({k: str(threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    if kernel:
+        env["OPENBLAS_CORETYPE"] = kernel
     return env
 
 
-def recorded_threads(run) -> int | None:
-    """The BLAS threads the run had when it opened (its tag catnet.blas: ``openblas 0.3.31 Haswell 2 threads``)."""
+def recorded_blas(run) -> tuple[str | None, int | None]:
+    """(OpenBLAS kernel, threads) the run had when it opened, from its tag catnet.blas
+    (``openblas 0.3.31 Haswell 2 threads``); None for what it does not say."""
     import re
 
-    found = re.search(r"(\d+) threads", run.data.tags.get("catnet.blas", ""))
-    return int(found.group(1)) if found else None
+    found = re.match(r"openblas \S+ (\w+) (\d+) threads", run.data.tags.get("catnet.blas", ""))
+    if found:
+        return found.group(1), int(found.group(2))
+    threads = re.search(r"(\d+) threads", run.data.tags.get("catnet.blas", ""))
+    return None, int(threads.group(1)) if threads else None
 
 
 def in_worktree(tree: Path, config_file: Path) -> tuple[dict[str, str], str]:
@@ -222,11 +231,11 @@ def in_worktree(tree: Path, config_file: Path) -> tuple[dict[str, str], str]:
     return imported, answer["md5"]
 
 
-def train(tree: Path, config_file: Path, client, run, experiment: str, threads: int | None) -> str:
+def train(tree: Path, config_file: Path, client, run, experiment: str, env: dict[str, str]) -> str:
     """Train and evaluate the recorded config in the worktree, into the run's store and
     experiment; the new run's id. The config is a primary config whose defaults are the commit's
-    own ``config`` (Hydra's settings) and whose values are all the recorded ones. The BLAS gets
-    ``threads`` threads: their number changes the bits of its sums."""
+    own ``config`` (Hydra's settings) and whose values are all the recorded ones; ``env`` sets the
+    BLAS's threads and kernel, which change the bits of its sums."""
     recorded = yaml.safe_load(config_file.read_text())
     primary = config_file.parent / "recorded_run.yaml"  # a name conf/ does not use
     primary.write_text(yaml.safe_dump({"defaults": ["config", "_self_"], **recorded}, sort_keys=False))
@@ -234,7 +243,7 @@ def train(tree: Path, config_file: Path, client, run, experiment: str, threads: 
     overrides = [f"tracking.uri='{client.tracking_uri}'", f"tracking.experiment='{experiment}'", f"tracking.run_name='{name}'"]
     started = int(time.time() * 1000) - 1
     out = subprocess.run([sys.executable, "-m", "pipeline", "--config-dir", str(config_file.parent),
-                          "--config-name", "recorded_run", *overrides], cwd=tree, env=worktree_env(tree, threads))
+                          "--config-name", "recorded_run", *overrides], cwd=tree, env=env)
     if out.returncode != 0:
         raise ConfigError(f"training at commit {run.data.tags['mlflow.source.git.commit'][:12]} failed "
                           f"(exit {out.returncode}; its messages are above)")
