@@ -243,7 +243,7 @@ def up(pg_port: int, mlflow_port: int, ray_port: int, client_port: int, dashboar
         if not _port_free(port):
             raise ConfigError(f"port {port} ({what}) is taken on {LOOPBACK}: choose another, e.g. "
                               "make team-up TEAM_ARGS='--mlflow-port 5001'")
-    HOME.mkdir(exist_ok=True)
+    HOME.mkdir(parents=True, exist_ok=True)
     services: list[dict] = []
     state = {"services": services}
     try:

@@ -83,7 +83,6 @@ def test_a_single_run_trains_on_the_blas_threads_the_dvc_stages_have(small_data,
                                                                       monkeypatch):
     """The number of BLAS threads changes the bits of a sum: a single run, whose curve a helper
     draws beside it, keeps every thread the DVC stages train with, so both give the same weights."""
-
     from threadpoolctl import threadpool_info
 
     import pipeline.__main__ as main
