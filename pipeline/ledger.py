@@ -81,6 +81,34 @@ def enter(outcomes: list[dict]) -> None:
             common.atomic_write(entry, lambda f, o=outcome: json.dump(o, f), mode="w")
 
 
+def returned(job):
+    """A launcher's side of a ``WithOutcome`` job: its Hydra JobReturn with the job's own value,
+    its outcome entered in the sweep's ledger."""
+    from hydra.core.utils import JobStatus
+
+    if job.status == JobStatus.COMPLETED:
+        value, outcomes = job.return_value
+        enter(outcomes)
+        job.return_value = value
+    else:
+        enter([{"status": "FAILED", "reason": repr(job._return_value)[:300]}])
+    return job
+
+
+def lost(overrides, reason: str):
+    """A job its launcher lost (a Ray task, a SLURM job ended without a result): FAILED with
+    ``reason`` in the ledger, and its return to the sweeper (pipeline.search.ended), so the sweep goes on."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from pipeline import search
+
+    common.log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
+    enter([{"status": "FAILED", "reason": reason}])
+    job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    job.return_value = search.ended("failed", reason=reason)
+    return job
+
+
 def read(folder: Path) -> list[dict]:
     outcomes = []
     for entry in sorted(folder.glob("*.json")):

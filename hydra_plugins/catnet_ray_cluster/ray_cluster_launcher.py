@@ -72,28 +72,16 @@ class _RayClusterLauncher:
 
     def _returned(self, ray, run, overrides: Sequence[str]) -> JobReturn:
         """The job's return, its outcome entered in the sweep's ledger (the job ran where that
-        folder may not be). A task Ray lost (its worker or node died) is a FAILED job (its return:
-        pipeline.search.ended), and the sweep goes on."""
-        from hydra.core.utils import JobStatus
-
-        from pipeline import ledger, search
+        folder may not be). A task Ray lost (its worker or node died) is a FAILED job, and the
+        sweep goes on."""
+        from pipeline import ledger
 
         try:
             job = ray.get(run)
         except Exception as e:  # noqa: BLE001 - ray.exceptions.RayError and what it wraps
-            reason = f"the Ray task was lost: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-            log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
-            ledger.enter([{"status": "FAILED", "reason": reason}])
-            job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-            job.return_value = search.ended("failed", reason=reason)
-            return job
-        if job.status == JobStatus.COMPLETED:
-            value, outcomes = job.return_value
-            ledger.enter(outcomes)
-            job.return_value = value
-        else:
-            ledger.enter([{"status": "FAILED", "reason": repr(job._return_value)[:300]}])
-        return job
+            return ledger.lost(overrides, f"the Ray task was lost: {type(e).__name__}: "
+                                          f"{(str(e).splitlines() or [''])[0][:300]}")
+        return ledger.returned(job)
 
 
 if RayLauncher is not None:

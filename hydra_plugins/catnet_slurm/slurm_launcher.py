@@ -87,27 +87,14 @@ class _CatnetSlurm:
     def _returned(self, job, overrides: Sequence[str]) -> JobReturn:
         """The job's return, its outcome entered in the sweep's ledger; a job SLURM ended without
         a result (cancelled, timed out, killed on its node) is a FAILED job, and the sweep goes on."""
-        from hydra.core.utils import JobStatus
-
-        from pipeline import ledger, search
+        from pipeline import ledger
 
         try:
             returned = job.results()[0]
         except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError, FailedJobError
             state = job.watcher.get_state(job.job_id, mode="force")
-            reason = f"SLURM job {job.job_id} ended {state}: {_last_error(str(e))[:300]}"
-            log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
-            ledger.enter([{"status": "FAILED", "reason": reason}])
-            returned = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-            returned.return_value = search.ended("failed", reason=reason)
-            return returned
-        if returned.status == JobStatus.COMPLETED:
-            value, outcomes = returned.return_value
-            ledger.enter(outcomes)
-            returned.return_value = value
-        else:
-            ledger.enter([{"status": "FAILED", "reason": repr(returned._return_value)[:300]}])
-        return returned
+            return ledger.lost(overrides, f"SLURM job {job.job_id} ended {state}: {_last_error(str(e))[:300]}")
+        return ledger.returned(returned)
 
 
 def _last_error(text: str) -> str:
