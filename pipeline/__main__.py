@@ -24,7 +24,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from catnet.errors import CatnetError, TrainingDiverged, TrialPruned  # noqa: E402
 from pipeline import curve, evaluate, ledger, load, normalize, search, tracking, train  # noqa: E402
-from pipeline.common import CONF_DIR, ROOT, Terminated, is_multirun, run_cli, run_main, told  # noqa: E402
+from pipeline.common import CONF_DIR, ROOT, Terminated, blas_settled, is_multirun, run_cli, run_main, told  # noqa: E402
 from pipeline.config import prepare  # noqa: E402
 from pipeline.tracking.query import metric_order, objective_value  # noqa: E402
 
@@ -53,8 +53,7 @@ def run_all(cfg: DictConfig) -> dict:
             return {**earlier.metrics, REUSED: earlier.run_id, RUN: link}
     normalizer = normalize.kept(normalize.run(cfg, splits.train), splits)  # a sweep's inputs: made once
     # a single run's learning curve is drawn by a helper process started first thing
-    # (pipeline/curve.py); a sweep's jobs draw none. The BLAS keeps its threads: their number
-    # changes the bits of a float sum, and a run must give the weights `dvc repro` gives
+    # (pipeline/curve.py); a sweep's jobs draw none
     with (curve.helper(not is_multirun()) as drawer,
           tracking.open_run(cfg, tags={**tracking.reuse.run_tags(digest, key), **(trial.tags() if trial else {})})
           as mlrun):
@@ -68,19 +67,6 @@ def objective(cfg: DictConfig, metrics: dict) -> float:
     return objective_value(metrics, metric_order(cfg.sweep.objective, cfg.sweep.fallback))[1]
 
 
-def _blas_threads() -> int | None:
-    """Cores per job when a launcher runs jobs side by side, so they do not oversubscribe; in a
-    sequential sweep whose epochs a helper process writes (pipeline/tracking/writer.py), all
-    cores but one, left to the helper (OpenBLAS's idle threads spin and would take it)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    cores = os.cpu_count() or 1
-    n_jobs = HydraConfig.get().launcher.get("n_jobs")
-    if not n_jobs:
-        return max(1, cores - 1) if tracking.writer.running() else None
-    return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))
-
-
 def _job(raw: DictConfig) -> float | dict:
     """One job of a sweep: a bad value or file, or a diverging run, fails this job (its run
     FAILED with the reason, one line in the log, FAILED in the sweep's ledger) and the sweep
@@ -89,42 +75,40 @@ def _job(raw: DictConfig) -> float | dict:
     training diverged or collapsed apart (a result of its configuration: the sweep still exits
     0), and one an Optuna search pruned (its run KILLED, tagged with the step), any other
     failure as failed (exit 1)."""
-    from threadpoolctl import threadpool_limits
-
     entry = ledger.job_started()
     cfg = None  # until the values pass their checks
-    with threadpool_limits(limits=_blas_threads()):
-        try:
-            cfg = prepare(raw, ROOT)
-            ledger.wait_for_store(cfg)
-            metrics = run_all(cfg)
-            value = objective(cfg, metrics)
-            ledger.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
-            return search.ended("failed", reason=f"{cfg.sweep.objective} is NaN") if math.isnan(value) else value
-        except TrialPruned as e:
-            log.info("%s", e)
-            ledger.job_ended(entry, "KILLED", str(e), unfinished=tracking.run.unfinished(e), pruned=e.step)
-            return search.ended("pruned", value=e.value, step=e.step)
-        except (KeyboardInterrupt, Terminated) as e:
-            ledger.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
-            reason = f"{type(e).__name__}: {told(e)}"
-            if isinstance(e, CatnetError):
-                log.error("catnet: error: %s", told(e))
-            elif raw.tracking.enabled and tracking.store.unreachable(e):  # an outage, not a bug: one line
-                reason = f"the tracking server did not answer: {tracking.store.brief(e)}"
-                log.error("catnet: error: %s", reason)
-            else:
-                log.exception("catnet: job failed")
-            unrecorded = None
-            if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
-                if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
-                    unrecorded = tracking.run.job_record(cfg or raw)
-            diverged = isinstance(e, TrainingDiverged)
-            ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded,
-                             diverged=diverged)
-            return search.ended("failed", reason=reason, diverged=diverged)
+    blas_settled()
+    try:
+        cfg = prepare(raw, ROOT)
+        ledger.wait_for_store(cfg)
+        metrics = run_all(cfg)
+        value = objective(cfg, metrics)
+        ledger.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
+        return search.ended("failed", reason=f"{cfg.sweep.objective} is NaN") if math.isnan(value) else value
+    except TrialPruned as e:
+        log.info("%s", e)
+        ledger.job_ended(entry, "KILLED", str(e), unfinished=tracking.run.unfinished(e), pruned=e.step)
+        return search.ended("pruned", value=e.value, step=e.step)
+    except (KeyboardInterrupt, Terminated) as e:
+        ledger.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
+        reason = f"{type(e).__name__}: {told(e)}"
+        if isinstance(e, CatnetError):
+            log.error("catnet: error: %s", told(e))
+        elif raw.tracking.enabled and tracking.store.unreachable(e):  # an outage, not a bug: one line
+            reason = f"the tracking server did not answer: {tracking.store.brief(e)}"
+            log.error("catnet: error: %s", reason)
+        else:
+            log.exception("catnet: job failed")
+        unrecorded = None
+        if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
+            if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
+                unrecorded = tracking.run.job_record(cfg or raw)
+        diverged = isinstance(e, TrainingDiverged)
+        ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded,
+                         diverged=diverged)
+        return search.ended("failed", reason=reason, diverged=diverged)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

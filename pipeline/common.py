@@ -218,6 +218,21 @@ def run_main(main: Callable[[], Any]) -> None:
         gc.freeze()
 
 
+_BLAS_TOLD: list[str] = []  # what blas_settled said in this process (once is enough)
+
+
+def blas_settled() -> None:
+    """Hold the BLAS to catnet's choice (pipeline/blas.py) and say once per process, as a
+    warning, what still differs from it: this process's numbers may then differ from another
+    entry point's (its tag catnet.blas and its identity say which BLAS computed it)."""
+    from pipeline import blas
+
+    why = blas.settle()
+    if why and why not in _BLAS_TOLD:
+        _BLAS_TOLD.append(why)
+        log.warning("%s: results may differ from other entry points' (dvc repro's, a sweep's)", why)
+
+
 def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool = True) -> Any:
     """Run a stage from its Hydra entry point: check the config's values, then do the work.
 
@@ -227,6 +242,7 @@ def run_cli(task: Callable[[DictConfig], Any], cfg: DictConfig, validate: bool =
     not at all).
     """
     signal.signal(signal.SIGTERM, raise_terminated)
+    blas_settled()
     try:
         if validate:
             cfg = config.prepare(cfg, ROOT)

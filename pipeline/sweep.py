@@ -86,6 +86,9 @@ class MlflowSweep(Callback):
         if config.tracking.enabled:  # for the jobs: set now, inherited by workers started now
             from pipeline import tracking
 
+            if config.sweep.reuse and (why := tracking.reuse.why_none()):
+                log.warning("sweep: no job is reused from an earlier run: %s (commit it, or sweep.reuse=false)", why)
+
             os.environ[tracking.names.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
             os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
         helper = start_writer(config)  # it imports MLflow and holds the record

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pipeline  # noqa: F401 - first: it chooses the BLAS kernel and threads before NumPy loads (pipeline/blas.py)
 import h5py
 import numpy as np
 import pytest

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REAL_TRAIN, make_images, needs_data, read_json, run_cli, runs_of, write_h5
+
+from pipeline.common import ROOT
 
 
 pytestmark = needs_data
@@ -337,16 +343,65 @@ def test_a_run_records_which_blas_computed_it_and_with_how_many_threads():
 
 
 @pytest.mark.slow
-def test_python_m_pipeline_gives_the_weights_the_dvc_stages_give(tmp_path):
-    """One config, one seed, one machine: the same bits whether the stages run in one process or as
-    DVC runs them. The BLAS's thread count changes a float sum's last bits, so neither may narrow it."""
+def test_every_entry_point_gives_the_same_weights_whatever_kernel_the_cpu_would_pick(tmp_path):
+    """One config, one seed, one machine: the same bits from the DVC stages (their commands as
+    dvc.yaml has them), python -m pipeline, and a sweep's job on the basic and on the joblib
+    launcher (jobs side by side), started from a shell that chose no BLAS kernel or thread count,
+    on a CPU whose OpenBLAS would pick its own kernel (SkylakeX on an AVX-512 machine, whose sums
+    round otherwise)."""
+    import shlex
+
+    import yaml
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}
+    env.pop("HYDRA_FULL_ERROR", None)
     args = ["train.epochs=300", "tracking.enabled=false"]
-    for stage in ("load", "normalize", "train"):
-        run_cli(*args, f"paths.out_dir={tmp_path / 'stages'}", module=f"pipeline.{stage}")
-    run_cli(*args, f"paths.out_dir={tmp_path / 'one'}")
-    arrays = []
-    for name in ("stages", "one"):
-        with np.load(tmp_path / name / "models/weights.npz", allow_pickle=False) as f:
-            arrays.append({k: f[k] for k in f})
-    assert arrays[0].keys() == arrays[1].keys()
-    assert all(arrays[0][k].tobytes() == arrays[1][k].tobytes() for k in arrays[0])
+
+    def run(*cmd: str) -> None:
+        proc = subprocess.run(list(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python`, as make run has it
+    for name in ("load", "normalize", "train"):  # in a shell, as DVC runs a stage's command
+        run("sh", "-c", " ".join([stages[name]["cmd"], *map(shlex.quote, [*args, f"paths.out_dir={tmp_path / 'stages'}"])]))
+    run(sys.executable, "-m", "pipeline", *args, f"paths.out_dir={tmp_path / 'one'}")
+    for launcher in ("basic", "joblib"):
+        run(sys.executable, "-m", "pipeline", "-m", *args, "seed=0,1", f"hydra/launcher={launcher}",
+            f"hydra.sweep.dir={tmp_path / launcher}", "hydra.sweep.subdir=${seed}")
+
+    def weights(folder):
+        with np.load(folder / "models/weights.npz", allow_pickle=False) as f:
+            return {k: f[k].tobytes() for k in f}
+
+    made = {name: weights(tmp_path / name) for name in ("stages", "one")}
+    made.update({launcher: weights(tmp_path / launcher / "0") for launcher in ("basic", "joblib")})
+    assert all(w == made["stages"] for w in made.values()), [n for n, w in made.items() if w != made["stages"]]
+    assert weights(tmp_path / "joblib" / "1") != made["stages"]  # another seed: the comparison can see a difference
+
+
+def test_the_blas_is_chosen_before_numpy_loads_it():
+    """A process that imports pipeline first runs OpenBLAS on one thread, and on an x86-64 CPU
+    with AVX2 on the Haswell kernels, whatever it would pick itself; a value the environment
+    sets is kept (pipeline.reproduce sets a run's own)."""
+    from pipeline import blas
+
+    code = "import pipeline, numpy; from pipeline import blas; print(blas.describe()); print(blas.check())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    described, problem = shown.stdout.strip().splitlines()
+    assert described.endswith(" 1 threads") and problem == "None", shown.stdout
+    if blas.has_avx2():
+        assert " Haswell 1 threads" in described, described
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                            capture_output=True, text=True, check=True)
+    assert chosen.stdout.splitlines()[0].endswith(" 2 threads")
+    # NumPy loaded first (a notebook, a test): the threads are still held to one, and a kernel
+    # other than the chosen one is said, not hidden
+    late = "import numpy, pipeline; from pipeline import blas; print(blas.in_use()[0]['architecture']); " \
+           "print(blas.settle()); print(blas.describe())"
+    native, problem, described = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True,
+                                                check=True).stdout.strip().splitlines()
+    assert described.endswith(" 1 threads"), described
+    if blas.has_avx2() and native != "Haswell":
+        assert f"runs its {native} kernels, not OPENBLAS_CORETYPE=Haswell" in problem, problem

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import free_port, import_or_skip, needs_data, run_cli, runs_of
 
@@ -251,19 +252,54 @@ def test_a_server_back_before_the_sweep_ends_gets_every_failed_job_as_a_failed_r
 
 
 @pytest.mark.slow
-def test_a_short_outage_loses_nothing(mlflow_server, tmp_path):
-    """The server is killed while job #1 runs and restarted: the jobs wait it out (MLflow's
-    retries, bounded by tracking.retry_seconds), and the sweep ends FINISHED with every run whole."""
+def test_two_outages_shorter_than_retry_seconds_lose_nothing(mlflow_server, tmp_path):
+    """The server (every process of it) is killed twice during one sweep and restarted on its port
+    20 s later each time, with the default tracking.retry_seconds (60): every request of every job
+    (points while training, artifacts, the model, the status) waits it out, every job ends
+    FINISHED with each epoch, its weights and its model, and the sweep exits 0."""
     server = mlflow_server
-    proc, out = _sweep_in_background(tmp_path, *OUTAGE_SWEEP, f"tracking.uri={server.uri}",
-                                     "tracking.retry_seconds=60", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    _when_logged("'#1 seed=1' in experiment", proc, out)
+    epochs = 1500
+    proc, out = _sweep_in_background(tmp_path, "seed=0,1,2,3", f"train.epochs={epochs}", "train.solver=primal",
+                                     "train.check_learned=false", "tracking.flush_seconds=1", "tracking.experiment=test",
+                                     f"tracking.uri={server.uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    downs = []
+    for job in ("'#1 seed=1' in experiment", "'#3 seed=3' in experiment"):
+        _when_logged(job, proc, out)
+        time.sleep(1)  # into its training: its points, then its files and model, meet the outage
+        server.kill()
+        down = time.monotonic()
+        time.sleep(20)
+        server.start()
+        downs.append(time.monotonic() - down)
+    assert proc.wait(timeout=600) == 0, out.read_text()[-3000:]
+    log = out.read_text()
+    assert "sweep: 4 jobs, 4 finished, 0 failed" in log and log.count("does not answer") >= 2, log[-3000:]
+    parent = _whole_sweep(server.uri, epochs=epochs)
+    client, runs = runs_of(server.uri)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert all(r.data.tags.get("catnet.model_uri", "").startswith("models:/") for r in children)
+    print(f"outages of {downs[0]:.0f} s and {downs[1]:.0f} s: 4 of 4 jobs FINISHED")
+
+
+@pytest.mark.slow
+def test_a_job_whose_server_stays_away_keeps_its_weights_and_says_where(mlflow_server, tmp_path):
+    """A server gone longer than tracking.retry_seconds while a job trains: the job fails when
+    its files cannot be logged, and its trained weights are on disk in its own folder, named in
+    its reason."""
+    server = mlflow_server
+    proc, out = _sweep_in_background(tmp_path, "seed=0", "train.epochs=1500", "train.solver=primal",
+                                     "train.check_learned=false", "tracking.flush_seconds=1", "tracking.experiment=test",
+                                     "tracking.retry_seconds=5", f"tracking.uri={server.uri}",
+                                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _when_logged("in experiment 'test'", proc, out)
+    time.sleep(1)  # into its training
     server.kill()
-    time.sleep(2)
-    server.start()
-    assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
-    assert "sweep: 4 jobs, 4 finished, 0 failed" in out.read_text()
-    _whole_sweep(server.uri, epochs=2000)
+    assert proc.wait(timeout=300) == 1
+    log = out.read_text()
+    weights = tmp_path / "sweep" / "0" / "models" / "weights.npz"
+    assert weights.exists() and f"its trained weights are kept in {weights}" in log, log[-3000:]
+    with np.load(weights, allow_pickle=False) as f:
+        assert f["W1"].shape == (12288, 20)
 
 
 @pytest.mark.slow

@@ -77,29 +77,3 @@ class _Stub:
 
     def close(self):
         self.closed = True
-
-
-def test_a_single_run_trains_on_the_blas_threads_the_dvc_stages_have(small_data, compose_cfg, tmp_path,
-                                                                      monkeypatch):
-    """The number of BLAS threads changes the bits of a sum: a single run, whose curve a helper
-    draws beside it, keeps every thread the DVC stages train with, so both give the same weights."""
-    from threadpoolctl import threadpool_info
-
-    import pipeline.__main__ as main
-    from pipeline.config import prepare
-
-    seen = []
-
-    def train(*args):
-        seen.append([lib["num_threads"] for lib in threadpool_info() if lib["internal_api"] == "openblas"])
-        raise RuntimeError("enough")
-
-    train_h5, test_h5 = small_data
-    cfg = prepare(compose_cfg(f"data.train_path={train_h5}", f"data.test_path={test_h5}", "data.image_shape=[8,8,3]",
-                              "tracking.enabled=false", f"paths.out_dir={tmp_path}"), main.ROOT)
-    before = [lib["num_threads"] for lib in threadpool_info() if lib["internal_api"] == "openblas"]
-    monkeypatch.setattr(main.train, "run", train)
-    monkeypatch.setattr(main, "is_multirun", lambda: False)
-    with pytest.raises(RuntimeError, match="enough"):
-        main.run_all(cfg)
-    assert seen and seen[0] == before and before

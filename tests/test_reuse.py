@@ -44,8 +44,8 @@ def project(tmp_path):
     return {"dir": work, "uri": uri, "git": git, "tmp": tmp_path}
 
 
-def sweep(project, *args, popen=False):
-    env = {**os.environ, "PYTHONPATH": f"{project['dir'] / 'src'}{os.pathsep}{project['dir']}"}
+def sweep(project, *args, popen=False, env=None):
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{project['dir'] / 'src'}{os.pathsep}{project['dir']}"}
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, "-m", "pipeline", "-m", *args, f"tracking.uri={project['uri']}",
            "tracking.experiment=test"]
@@ -187,3 +187,48 @@ def test_a_job_whose_data_changed_trains_again(project):
     write_data(60)  # other pixels in the same files
     assert counts(sweep(project, *args)[0]) == (1, 0)
     assert counts(sweep(project, *args)[0]) == (0, 1)  # unchanged now: reused
+
+
+NOT_REUSED = "no job is reused from an earlier run"
+
+
+@pytest.mark.slow
+def test_what_the_pipeline_and_dvc_write_leaves_a_run_clean_a_changed_config_file_does_not(project):
+    """``dvc exp run -S`` rewrites params.yaml, dvc.lock and the committed stage outputs: runs after
+    it are still of a clean commit and reused. A new or changed file of conf/ or the code makes
+    them dirty, and the sweep says once why it reuses nothing."""
+    args = ["seed=0", "train.epochs=20", "train.check_learned=false"]
+    log, _ = sweep(project, *args)
+    assert counts(log) == (1, 0) and NOT_REUSED not in log
+    work = project["dir"]
+    for name in ("params.yaml", "dvc.lock", "reports/train_history.csv"):  # what DVC rewrites
+        (work / name).write_text((work / name).read_text().replace("0", "1"))
+    log, _ = sweep(project, *args)
+    assert counts(log) == (0, 1) and NOT_REUSED not in log, log[-2000:]
+    (work / "conf/model/wide.yaml").write_text("hidden_sizes: [64, 16]\n")  # a config no commit holds
+    log, _ = sweep(project, "seed=0,1", *args[1:])
+    assert counts(log) == (2, 0)
+    assert log.count(NOT_REUSED) == 1 and "(conf/model/wide.yaml)" in log, log[-2000:]
+    _, runs = runs_of(project["uri"])
+    assert sorted(r.data.tags.get("catnet.git.dirty") for r in trained_runs(project["uri"], runs)) == [
+        "False", "True", "True"]
+
+
+@pytest.mark.slow
+def test_runs_that_differ_only_in_their_blas_are_not_linked(project):
+    """The BLAS's thread count (like its kernel) changes how a sum rounds: the same config, commit
+    and data on 2 BLAS threads is another identity than on 1, so the sweep trains it instead of
+    linking it to the run of 1 thread; on 2 threads again, that run is reused."""
+    args = ["seed=0", "train.epochs=20", "train.check_learned=false"]
+    assert counts(sweep(project, *args)[0]) == (1, 0)
+    two = {"OPENBLAS_NUM_THREADS": "2"}
+    assert counts(sweep(project, *args, env=two)[0]) == (1, 0)
+    assert counts(sweep(project, *args, env=two)[0]) == (0, 1)
+    client, runs = runs_of(project["uri"])
+    trained = sorted(trained_runs(project["uri"], runs), key=lambda r: r.info.start_time)
+    assert [r.data.tags["catnet.blas"].rsplit(" ", 2)[-2] for r in trained] == ["1", "2"]
+    assert trained[0].data.tags["catnet.identity"] != trained[1].data.tags["catnet.identity"]
+    weights = [np.load(client.download_artifacts(r.info.run_id, "weights.npz", str(project["tmp"] / r.info.run_id)))
+               for r in trained]
+    differ = any(weights[0][k].tobytes() != weights[1][k].tobytes() for k in weights[0].files)
+    print(f"{trained[0].data.tags['catnet.blas']} vs 2 threads: the weights' bits {'differ' if differ else 'agree'}")

@@ -32,7 +32,8 @@ except ImportError:
     RayLauncher = None
 
 log = logging.getLogger(__name__)
-CARRIED_ENV = ("CATNET_MLFLOW_PARENT_RUN_ID", "CATNET_SWEPT_KEYS")  # set by pipeline/sweep.py
+CARRIED_ENV = ("CATNET_MLFLOW_PARENT_RUN_ID", "CATNET_SWEPT_KEYS",  # set by pipeline/sweep.py
+               "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")  # and by pipeline/blas.py: every node sums alike
 _CONNECTING = threading.Lock()  # the Optuna search launches its trials from several threads
 
 

@@ -55,14 +55,10 @@ BLAS_TAG = "catnet.blas"  # which BLAS computed the run, its kernel and thread c
 
 
 def blas() -> str:
-    """The BLAS libraries NumPy uses as threadpoolctl reports them, with the threads they may use
-    now (``openblas 0.3.31 Haswell 2 threads``)."""
-    from threadpoolctl import threadpool_info
+    """The BLAS that computes this run's numbers, its kernel and threads (pipeline/blas.py)."""
+    from pipeline import blas as catnet_blas
 
-    found = [" ".join(str(part) for part in (i.get("internal_api"), i.get("version"), i.get("architecture"))
-                      if part) + f" {i.get('num_threads')} threads"
-             for i in threadpool_info() if i.get("user_api") == "blas"]
-    return "; ".join(found) or "no BLAS found"
+    return catnet_blas.describe()
 
 
 def _provenance() -> dict[str, str]:
@@ -73,24 +69,40 @@ def _provenance() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        # the stages' own results do not make the code dirty: `dvc repro` deletes and rewrites them
-        results = [f":(exclude){p}" for p in dvc_results()]
-        tags["catnet.git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                                 *results)))
+        tags["catnet.git.dirty"] = str(bool(changed_files()))
     if os.environ.get("DVC_EXP_NAME"):
         tags["catnet.dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     return tags
 
 
+CODE_DIRS = ("src/", "pipeline/", "conf/", "hydra_plugins/")  # where a new file is code or config that runs
+
+
+def changed_files() -> list[str]:
+    """The files that make the run's code differ from its commit: any file git tracks that
+    changed, and a new file in the code's or the config's folders; never what the pipeline and
+    DVC write (``dvc_results``): `dvc repro` and `dvc exp run` rewrite those."""
+    results = [f":(exclude){p}" for p in dvc_results()]
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", ".", *results) or ""
+    changed = []
+    for line in status.splitlines():
+        path = line[3:].split(" -> ")[-1].strip('"')
+        if not line.startswith("??") or path.startswith(CODE_DIRS):
+            changed.append(path)
+    return changed
+
+
 def dvc_results() -> list[str]:
-    """The files the pipeline's stages write (dvc.yaml's outs, metrics and plots) and dvc.lock."""
+    """What the pipeline and DVC write, not the code: the stages' files (dvc.yaml's outs, metrics
+    and plots), dvc.lock, and params.yaml (the composed config, which ``make run`` and every ``dvc
+    exp run`` rewrite; a run records the config it ran as its params)."""
     import yaml
 
     try:
         stages = (yaml.safe_load((ROOT / "dvc.yaml").read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError):
         return []
-    paths = ["dvc.lock"]
+    paths = ["dvc.lock", "params.yaml"]
     for stage in stages.values():
         for kind in ("outs", "metrics", "plots"):
             for item in stage.get(kind) or []:

@@ -3,8 +3,9 @@
 A run's identity is one hash (tag ``catnet.identity``) of what decides its result: the composed
 config without the settings that only say where and how it is recorded (``tracking.*``,
 ``paths.*``, ``sweep.*``, ``train.progress``), the code (the git commit, and only when the tree
-is clean: a dirty tree has no identity and is never reused), and the data (the md5 of the
-arrays the run learns from and is judged on). The look-up is one query on that tag, asked of
+is clean: a dirty tree has no identity and is never reused), the data (the md5 of the
+arrays the run learns from and is judged on), and the BLAS that computes it (library, version,
+kernel and thread count: each rounds float sums its own way, pipeline/blas.py). The look-up is one query on that tag, asked of
 whoever writes the sweep's record (a helper answers once it wrote what it was handed before).
 
 A matched job links the earlier run under its own sweep's parent: a child run holding the same
@@ -40,6 +41,18 @@ def clean_commit() -> str | None:
     return tags.get("mlflow.source.git.commit")
 
 
+def why_none() -> str | None:
+    """Why runs have no identity here (so a sweep reuses nothing), or None when they have one."""
+    if clean_commit() is not None:
+        return None
+    tags = names.provenance_tags()
+    if "mlflow.source.git.commit" not in tags:
+        return "the project is not a git checkout"
+    changed = names.changed_files()
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"the code or config differs from commit {tags['mlflow.source.git.commit'][:8]} ({shown})"
+
+
 def identity(cfg: DictConfig, data_digest: str) -> str | None:
     """The run's identity hash, or None when the code has none (a dirty tree, no git)."""
     commit = clean_commit()
@@ -47,7 +60,8 @@ def identity(cfg: DictConfig, data_digest: str) -> str | None:
         return None
     params = {k: v for k, v in config.flatten(cfg).items()
               if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY_KEYS}
-    blob = json.dumps({"config": params, "commit": commit, "data": data_digest}, sort_keys=True)
+    blob = json.dumps({"config": params, "commit": commit, "data": data_digest, "blas": names.blas()},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 

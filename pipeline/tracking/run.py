@@ -82,6 +82,7 @@ class MlflowRun(NullRun):
         self.tracking_uri = tracking_uri
         self.private = Path(tempfile.mkdtemp(prefix=f"catnet-run-{run_id[:8]}-"))  # this run's files
         self._buffer: list[record.Point] = []
+        self.published: list[Path] = []  # the stage outputs it wrote (log_output)
         self._last_send = time.time()
         self._params: dict[str, str] = {}
 
@@ -186,13 +187,20 @@ class MlflowRun(NullRun):
         self._record("tags", {k: str(v) for k, v in tags.items()})
 
     def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-        """Write the file into this run's private folder, log it from there, then publish it as
-        the stage output ``path`` (whole or not at all)."""
+        """Write the file into this run's private folder, publish it as the stage output ``path``
+        (whole or not at all), then log it from the private folder: what was trained stays on
+        disk even when the store does not take it (``kept``)."""
         private = self.private / path.name
         with open(private, mode) as f:
             write(f)
-        self._record("log_artifact", str(private))
         atomic_write(path, lambda f: f.write(private.read_bytes()), mode="wb")
+        self.published.append(path)
+        self._record("log_artifact", str(private))
+
+    def kept(self) -> str:
+        """Where this run's trained weights are on disk, for the reason of a run the store lost."""
+        weights = [str(p) for p in self.published if p.name == "weights.npz" and p.exists()]
+        return f"; its trained weights are kept in {weights[0]}" if weights else ""
 
     def log_model(self, weights: dict, normalizer: dict, example) -> None:
         """The network as the pyfunc model ``model`` of this run, in its experiment; its URI
@@ -223,6 +231,20 @@ class MlflowRun(NullRun):
         except writer.WriterLost as lost:
             mark(lost, ended=self.run_id)  # ended FAILED
             raise
+
+
+class ServerLost(store.ServerUnreachable):
+    """A run's record that the tracking server did not take within tracking.retry_seconds."""
+
+
+def _lost(run: MlflowRun, error: BaseException) -> ServerLost:
+    """``error`` (the server did not answer) as one line that says where the trained weights are
+    kept, carrying what ``error`` carried of the run."""
+    lost = ServerLost(f"MLflow run {run.run_id}: the tracking server did not answer ({store.brief(error)})"
+                      f"{run.kept()}")
+    lost.__cause__ = error
+    mark(lost, ended=run.run_id)
+    return lost
 
 
 def _end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -> None:
@@ -337,15 +359,21 @@ def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True
     except BaseException as e:
         status = status_after(e)
         mark(e, ended=run.run_id)
+        lost = store.unreachable(e)
+        if lost:  # the server stayed away longer than tracking.retry_seconds: one line, and what is kept
+            e = _lost(run, e)
         try:
-            run.flush()
+            if not lost:
+                run.flush()
             if isinstance(e, TrainingDiverged):
                 run.set_tags({"catnet.diverged_epoch": str(e.epoch)})
             elif isinstance(e, TrialPruned):
                 run.set_tags({PRUNED_TAG: str(e.step)})
-        except Exception as lost:  # noqa: BLE001 - the store is down: the status is what matters now
-            log.error("tracking: run %s: its last points could not be written (%s)", run.run_id, store.brief(lost))
+        except Exception as unsent:  # noqa: BLE001 - the store is down: the status is what matters now
+            log.error("tracking: run %s: its last points could not be written (%s)", run.run_id, store.brief(unsent))
         _end_after(run, e, status, f"{type(e).__name__}: {told(e)}")
+        if lost:
+            raise e from e.__cause__
         raise
     if finish:
         run.end("FINISHED")

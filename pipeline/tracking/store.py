@@ -113,27 +113,70 @@ class RecordLost(CatnetError):
         self.run_id = run_id  # run.recorded() and run.unfinished() read it: the run exists, RUNNING
 
 
-def retries_within(seconds: float, jitter: float = 1.0) -> int:
-    """The most retries MLflow's HTTP client (urllib3, backoff factor 1) makes within ``seconds``:
-    before retry k >= 2 it sleeps 2**(k-1) s plus up to ``jitter``, so n retries take at most
-    2**n - 2 + (n - 1) * jitter seconds."""
-    n = 0
-    while 2 ** (n + 1) - 2 + n * jitter <= seconds:
-        n += 1
-    return n
+def bound_retries() -> None:
+    """Leave waiting out an outage to ``patiently``, with one rule for every request: MLflow's own
+    HTTP retries (7 with a backoff factor of 2 by default, about 4 minutes, then up to 2 minutes
+    between attempts after the server is back) are turned off, so a request that cannot reach the
+    server fails at once and ``patiently`` asks again as soon as the server answers. MLflow reads
+    these variables at each request, in this process and the processes it starts."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 
-def bound_retries(cfg: DictConfig) -> None:
-    """Make MLflow's HTTP retries of every request end within ``tracking.retry_seconds`` (its own
-    default, 7 retries with a backoff factor of 2, waits ~4 minutes and then sleeps up to 2
-    minutes between attempts after the server is back). MLflow reads these variables at each
-    request, in this process and the processes it starts."""
-    seconds = cfg.tracking.get("retry_seconds")
-    if seconds is None:
-        return
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries_within(float(seconds)))
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "1.0"
+_LOST_SINCE: list[float] = []  # when the server stopped answering, while it does not (for the log)
+
+
+def patiently(uri: str, seconds: float | None, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, asked again while the server at ``uri`` does not answer, until
+    ``seconds`` (``tracking.retry_seconds``) have passed since it stopped answering; then what the
+    last attempt raised. Each attempt waits for the server's health check to answer (asked every
+    second) first. Any other error is raised at once. A request cut off mid-answer may have been
+    done: the calls a run makes are safe to ask twice (params and tags of the same value, metrics
+    MLflow skips when already there, artifacts written whole) except run creation, whose orphan
+    would stay RUNNING until its process ends and a later command closes it."""
+    since = None
+    while True:
+        try:
+            result = call(*args, **kwargs)
+        except Exception as e:
+            if seconds is None or not unreachable(e):
+                raise
+            now = time.monotonic()
+            since = since if since is not None else now
+            left = since + float(seconds) - now
+            if left <= 0:
+                raise
+            if not _LOST_SINCE:
+                _LOST_SINCE.append(now)
+                log.warning("tracking: the server at %s does not answer (%s); waiting up to %g s for it",
+                            uri, brief(e), float(seconds))
+            deadline = now + left
+            while server_answer(uri, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) is not None:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            continue
+        if _LOST_SINCE and since is not None:
+            log.info("tracking: the server at %s answers again after %.0f s", uri, time.monotonic() - _LOST_SINCE.pop())
+        return result
+
+
+class Patient:
+    """An MlflowClient of a server whose every call waits out an outage of that server
+    (``patiently``); attributes that are not public methods are the client's own."""
+
+    def __init__(self, client, uri: str, seconds: float | None) -> None:
+        self.client, self.uri, self.seconds = client, uri, seconds
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            return patiently(self.uri, self.seconds, attr, *args, **kwargs)
+
+        call.__name__ = name
+        return call
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
@@ -183,17 +226,20 @@ def import_code(uri: str) -> None:
 
 
 def client(cfg: DictConfig):
-    """An MlflowClient on the configured store (tracking and registry), which must answer."""
+    """An MlflowClient on the configured store (tracking and registry), which must answer; of a
+    server, one that waits out an outage of it (``Patient``: tracking.retry_seconds)."""
     uri, _ = store_uri(cfg)
     import_code(uri)
     import mlflow
 
-    if uri.startswith(("http://", "https://")):
-        bound_retries(cfg)
-        check_server(uri)
     mlflow.set_tracking_uri(uri)  # model logging and loading resolve URIs through the fluent API
     mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    made = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not uri.startswith(("http://", "https://")):
+        return made
+    bound_retries()
+    check_server(uri)
+    return Patient(made, uri, cfg.tracking.get("retry_seconds"))
 
 
 def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = True):
