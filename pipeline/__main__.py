@@ -17,7 +17,6 @@ if __name__ == "__main__":  # a sweep's record helper starts before the imports 
 
 import logging  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -1,12 +1,25 @@
-"""``make team-up`` / ``make team-down`` (``python -m pipeline.team up|down``): a team's stack on
-this machine, to try team mode: PostgreSQL, an mlflow server on it and a Ray head, all on loopback.
+"""``make team-up`` / ``make team-down`` (``python -m pipeline.team up|down|restart <service>``): a
+team's stack on this machine, to try team mode: PostgreSQL, an mlflow server on it and a Ray head,
+all on loopback, each asking for credentials.
 
-Everything lives in ``team/`` (git-ignored; ``--dir`` for another folder): the PostgreSQL cluster
-(``pg/``), the server's artifacts (``mlartifacts/``), the logs, Ray's token (``ray_token``), what a
-shell sources to reach the Ray head (``env``), and ``stack.json``, the process ids ``down`` stops and
-nothing else. Each service runs in a session of its own; ``down`` ends the session's leader
-(PostgreSQL's postmaster, the server, the ``ray start --block`` that owns Ray's processes), waits,
-then kills by id whatever of that session is left.
+Everything lives in ``team/`` (git-ignored; ``--dir`` for another folder), made with umask 077 (only
+its user reads it; as root the folder itself is 711, so that the ``postgres`` user reaches ``pg/``):
+the PostgreSQL cluster (``pg/``), the server's artifacts (``mlartifacts/``) and its users
+(``mlflow_auth.db``), the logs, the secrets (``secrets.json``: PostgreSQL's superuser and the
+``catnet`` role, MLflow's admin; ``pgpass``, ``mlflow_auth.ini`` and Ray's ``ray_token`` made from
+them; all mode 600), what a shell sources to use the stack (``env``, 600), and ``stack.json``, the
+process ids and ports ``down`` stops. Each service runs in a session of its own; ``down`` ends the
+session's leader (PostgreSQL's postmaster, the server, the ``ray start --block`` that owns Ray's
+processes), waits, then kills by id whatever of that session is left, and then whatever of this
+user's still listens on the stack's ports (a service restarted by hand).
+
+PostgreSQL asks for a password (scram-sha-256) on 127.0.0.1, its only socket; the databases
+``mlflow`` and ``optuna`` belong to ``catnet``, a role that is not a superuser; clients find the
+password in ``pgpass`` (``PGPASSFILE``), never on a command line. The mlflow server runs MLflow's
+own authentication (``--app-name basic-auth``): every request but its health check needs a user,
+and the client reads ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` from ``env``. Ray
+keeps its session folder in a private folder of the system's temporary folder (mode 700: Ray makes
+its own sub-folder world-writable, and its sockets need a short path).
 
 Ray 2.60 turns ``--node-ip-address=127.0.0.1`` into the host's address, and its GCS, raylet and
 agents then listen on every interface or on that address. Its setting
@@ -24,30 +37,61 @@ import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from catnet.errors import ConfigError
+from pipeline import processes
 from pipeline.common import ROOT
 
 LOOPBACK = "127.0.0.1"
-HOME = STATE = ENV_FILE = TOKEN = Path()  # set by use(): the stack's folder and its files
+HOME = STATE = ENV_FILE = TOKEN = SECRETS = PGPASS = AUTH_INI = Path()  # set by use(): the stack's files
+SERVICES = ("postgresql", "mlflow server", "ray head")
+MLFLOW_ADMIN = "admin"
 
 
 def use(folder: Path) -> None:
     """The stack's folder (``team/`` of the project unless ``--dir``) and the files in it."""
-    global HOME, STATE, ENV_FILE, TOKEN
+    global HOME, STATE, ENV_FILE, TOKEN, SECRETS, PGPASS, AUTH_INI
     HOME = folder.resolve()
-    STATE = HOME / "stack.json"  # what down stops: process ids, with their start times
-    ENV_FILE = HOME / "env"  # what a shell sources to reach the stack's Ray head
+    STATE = HOME / "stack.json"  # what down stops: process ids, with their start times, and the ports
+    ENV_FILE = HOME / "env"  # what a shell sources to use the stack (credentials: mode 600)
     TOKEN = HOME / "ray_token"  # Ray's token (mode 600)
+    SECRETS = HOME / "secrets.json"  # every password of the stack (mode 600)
+    PGPASS = HOME / "pgpass"  # libpq's password file (PGPASSFILE), made from SECRETS
+    AUTH_INI = HOME / "mlflow_auth.ini"  # the mlflow server's authentication settings (MLFLOW_AUTH_CONFIG_PATH)
 
 
 use(ROOT / "team")
+
+
+def _private(path: Path, text: str) -> None:
+    """Write a secret: mode 600 from its first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+
+
+def secrets() -> dict[str, str]:
+    """The stack's passwords (and the mlflow server's key for its forms' CSRF tokens), made once:
+    they stay with its data across down and up."""
+    import secrets as random
+
+    known = json.loads(SECRETS.read_text()) if SECRETS.exists() else {}
+    made = {name: known.get(name) or random.token_urlsafe(24) for name in ("postgres", "catnet", "mlflow", "flask")}
+    if made != known:
+        _private(SECRETS, json.dumps(made, indent=1))
+    return made
+
+
+def client_env(state: dict) -> dict[str, str]:
+    """What catnet, MLflow's client and Optuna need to use the stack (``env``): the server's URI and
+    user, libpq's password file, and Ray's settings."""
+    return {"MLFLOW_TRACKING_URI": state["tracking_uri"], "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+            "MLFLOW_TRACKING_PASSWORD": secrets()["mlflow"], "PGPASSFILE": str(PGPASS),
+            **ray_env(state["ray_address"])}
 
 
 def ray_env(address: str) -> dict[str, str]:
@@ -72,73 +116,53 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def _session_pids(leader: int) -> list[int]:
-    """The processes of the session ``leader`` started (it may be gone; they keep its id)."""
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == leader:
-                out.append(p.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return out
-
-
-def _started(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _wait_until(check, seconds: float, what: str, log: Path) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-    raise ConfigError(f"{what} did not answer within {seconds:.0f} s (log {log}"
-                      + (f": {tail[0]}" if tail else "") + ")")
+def _psql(port: int, user: str, database: str, sql: str) -> str:
+    """``sql`` through psql as ``user`` (its password from ``pgpass``), run as this user: psql,
+    unlike the server, runs as root too."""
+    out = subprocess.run([str(_pg_bin() / "psql"), "-h", LOOPBACK, "-p", str(port), "-U", user, "-d", database, "-w",
+                          "-v", "ON_ERROR_STOP=1", "-tAc", sql], capture_output=True, text=True,
+                         env={**os.environ, "PGPASSFILE": str(PGPASS)})
+    if out.returncode != 0:
+        raise ConfigError(f"PostgreSQL: {(out.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return out.stdout.strip()
 
 
 def _start_postgres(port: int, services: list) -> str:
+    """The cluster (made if new, a superuser ``postgres`` with a password), started on 127.0.0.1
+    only; the role ``catnet`` (not a superuser) and its databases ``mlflow`` and ``optuna``."""
     bindir, pg = _pg_bin(), HOME / "pg"
-    pg.mkdir(parents=True, exist_ok=True)
+    pg.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(pg, "postgres")
         if subprocess.run(_as_postgres(["test", "-w", str(pg)])).returncode != 0:
             raise ConfigError(f"the postgres user cannot write {pg}: a folder above it is closed to other users "
                               "(chmod o+x on each, or clone the project elsewhere)")
     data, log = pg / "data", pg / "log"
+    password = secrets()
+    _private(PGPASS, "".join(f"{LOOPBACK}:{port}:*:{user}:{password[user]}\n" for user in ("postgres", "catnet")))
     if not (data / "PG_VERSION").exists():
-        _run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "catnet"]), "initdb")
+        pwfile = pg / "pwfile"  # initdb reads the superuser's password from a file, as the postgres user
+        _private(pwfile, password["postgres"] + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres")
+        try:
+            _run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "--auth=scram-sha-256", "-U", "postgres",
+                               f"--pwfile={pwfile}"]), "initdb")
+        finally:
+            pwfile.unlink(missing_ok=True)
+    elif "scram-sha-256" not in (data / "pg_hba.conf").read_text():
+        raise ConfigError(f"{data}: this cluster lets users in without a password (trust: made by an older "
+                          f"catnet); remove {pg} to make a new one (its runs are lost), or set passwords by hand")
     _run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
                        f"-p {port} -c listen_addresses={LOOPBACK} -c unix_socket_directories=''", "start"]), "pg_ctl start")
     pid = int((data / "postmaster.pid").read_text().split()[0])
-    services.append({"name": "postgresql", "pid": pid, "started": _started(pid), "stop": "SIGINT"})
+    services.append({"name": "postgresql", "pid": pid, "started": processes.started(pid), "stop": "SIGINT", "ports": [port]})
+    if _psql(port, "postgres", "postgres", "SELECT 1 FROM pg_roles WHERE rolname='catnet'") != "1":
+        _psql(port, "postgres", "postgres", "CREATE ROLE catnet LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                                            f"PASSWORD '{password['catnet']}'")
     for database in ("mlflow", "optuna"):
-        exists = subprocess.run(_as_postgres([str(bindir / "psql"), "-h", LOOPBACK, "-p", str(port), "-U", "catnet",
-                                              "-d", "postgres", "-tAc",
-                                              f"SELECT 1 FROM pg_database WHERE datname='{database}'"]),
-                                capture_output=True, text=True).stdout.strip()
-        if exists != "1":
-            _run(_as_postgres([str(bindir / "createdb"), "-h", LOOPBACK, "-p", str(port), "-U", "catnet", database]),
-                 f"createdb {database}")
+        if _psql(port, "postgres", "postgres", f"SELECT 1 FROM pg_database WHERE datname='{database}'") != "1":
+            _psql(port, "postgres", "postgres", f"CREATE DATABASE {database} OWNER catnet")
     return f"postgresql://catnet@{LOOPBACK}:{port}"
 
 
@@ -157,10 +181,17 @@ def _start_mlflow(port: int, database: str, services: list) -> str:
     import urllib.request
 
     uri, log = f"http://{LOOPBACK}:{port}", HOME / "mlflow.log"
-    proc = _spawn([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"{database}/mlflow",
-                   "--artifacts-destination", str(HOME / "mlartifacts"), "--host", LOOPBACK, "--port", str(port),
-                   "--workers", "1"], log, {"MLFLOW_DISABLE_TELEMETRY": "true"})
-    services.append({"name": "mlflow server", "pid": proc.pid, "started": _started(proc.pid), "stop": "SIGTERM"})
+    _private(AUTH_INI, "[mlflow]\ndefault_permission = READ\n"
+                       f"database_uri = sqlite:///{HOME / 'mlflow_auth.db'}\nadmin_username = {MLFLOW_ADMIN}\n"
+                       f"admin_password = {secrets()['mlflow']}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    proc = _spawn([str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+                   "--backend-store-uri", f"{database}/mlflow", "--artifacts-destination", str(HOME / "mlartifacts"),
+                   "--host", LOOPBACK, "--port", str(port), "--workers", "1"], log,
+                  {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_AUTH_CONFIG_PATH": str(AUTH_INI),
+                   "PGPASSFILE": str(PGPASS), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets()["flask"]})
+    services.append({"name": "mlflow server", "pid": proc.pid, "started": processes.started(proc.pid), "stop": "SIGTERM",
+                     "ports": [port]})
 
     def answers() -> bool:
         if proc.poll() is not None:
@@ -171,65 +202,48 @@ def _start_mlflow(port: int, database: str, services: list) -> str:
         except OSError:
             return False
 
-    _wait_until(answers, 120, "the mlflow server", log)
+    processes.wait_until(answers, 120, "the mlflow server", log)
     return uri
 
 
-def _start_ray(port: int, client_port: int, dashboard_port: int, services: list) -> str:
-    import secrets
+def _start_ray(port: int, client_port: int, dashboard_port: int, services: list, tracking_uri: str) -> str:
+    import secrets as random
+    import tempfile
 
     log, address = HOME / "ray.log", f"{LOOPBACK}:{port}"
     if not TOKEN.exists():
-        TOKEN.touch(mode=0o600)
-        TOKEN.write_text(secrets.token_hex(32))
-    env = ray_env(address)
+        _private(TOKEN, random.token_hex(32))
+    # the jobs Ray runs write to the stack's server: its workers inherit the head's environment
+    env = {**client_env({"tracking_uri": tracking_uri, "ray_address": address})}
     env.pop("RAY_ADDRESS")  # the head starts a cluster; it does not join one
-    temp = Path(f"/tmp/catnet-ray-{os.getuid()}-{port}")  # Ray's sockets: a path short enough for AF_UNIX
+    private = Path(tempfile.mkdtemp(prefix="catnet-ray-"))  # mode 700; Ray's sockets need a short path
     proc = _spawn([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                    f"--node-ip-address={LOOPBACK}", f"--port={port}", f"--ray-client-server-port={client_port}",
-                   f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp}",
+                   f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}", f"--temp-dir={private / 'ray'}",
                    "--disable-usage-stats"], log, env)
-    services.append({"name": "ray head", "pid": proc.pid, "started": _started(proc.pid), "stop": "SIGTERM",
-                     "temp_dir": str(temp)})
-    ENV_FILE.write_text(f"# make team-up's Ray head, for the shell that runs catnet against it: source {_shown(ENV_FILE)}\n"
-                        + "".join(f"export {k}={v}\n" for k, v in ray_env(address).items()))
+    services.append({"name": "ray head", "pid": proc.pid, "started": processes.started(proc.pid), "stop": "SIGTERM",
+                     "temp_dir": str(private), "ports": [port, client_port, dashboard_port]})
 
     def answers() -> bool:  # a driver, as a sweep connects: with team/env's settings
         if proc.poll() is not None:
             raise ConfigError(f"ray start exited with {proc.returncode} (log {HOME / 'ray.log'})")
-        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"], capture_output=True,
-                               env={**os.environ, **ray_env(address)}, timeout=120)
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"],
+                                   capture_output=True, env={**os.environ, **ray_env(address)}, timeout=60)
+        except subprocess.TimeoutExpired:
+            return False
         return probe.returncode == 0
 
-    _wait_until(answers, 180, "the Ray head", log)
+    processes.wait_until(answers, 180, "the Ray head", log)
     return address
-
-
-def beyond_loopback(services: list) -> list[str]:
-    """``address:port (process)`` for each listening socket of the stack's processes that is not on
-    a loopback address."""
-    import psutil
-
-    pids = {pid for s in services for pid in _session_pids(s["pid"])} | {s["pid"] for s in services}
-    out = []
-    for conn in psutil.net_connections(kind="inet"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid not in pids:
-            continue
-        host = conn.laddr.ip.removeprefix("::ffff:")
-        if not (host.startswith("127.") or host == "::1"):
-            try:
-                name = psutil.Process(conn.pid).name()
-            except psutil.Error:
-                name = "?"
-            out.append(f"{conn.laddr.ip}:{conn.laddr.port} ({name})")
-    return sorted(out)
 
 
 def up(pg_port: int, mlflow_port: int, ray_port: int, client_port: int, dashboard_port: int) -> dict:
     """Start the stack (or say it is up already); what to use, as a dict."""
+    os.umask(0o077)  # every file and folder the stack makes is its user's alone
     if STATE.exists():
         state = json.loads(STATE.read_text())
-        if all(_started(s["pid"]) == s["started"] for s in state["services"]):
+        if all(processes.started(s["pid"]) == s["started"] for s in state["services"]):
             print("team: the stack is up already (make team-down stops it)")
             _show(state)
             return state
@@ -240,21 +254,19 @@ def up(pg_port: int, mlflow_port: int, ray_port: int, client_port: int, dashboar
         raise ConfigError(import_error)
     for port, what in ((pg_port, "PostgreSQL"), (mlflow_port, "mlflow server"), (ray_port, "Ray head"),
                        (client_port, "Ray client server"), (dashboard_port, "Ray dashboard")):
-        if not _port_free(port):
+        if not processes.port_free(port):
             raise ConfigError(f"port {port} ({what}) is taken on {LOOPBACK}: choose another, e.g. "
                               "make team-up TEAM_ARGS='--mlflow-port 5001'")
     HOME.mkdir(parents=True, exist_ok=True)
+    HOME.chmod(0o711 if os.geteuid() == 0 else 0o700)  # root: the postgres user passes through to pg/
     services: list[dict] = []
-    state = {"services": services}
+    state = {"services": services, "ports": {"pg": pg_port, "mlflow": mlflow_port, "ray": ray_port,
+                                             "ray_client": client_port, "dashboard": dashboard_port}}
     try:
-        database = _start_postgres(pg_port, services)
-        STATE.write_text(json.dumps(state, indent=1))
-        state["tracking_uri"] = _start_mlflow(mlflow_port, database, services)
-        STATE.write_text(json.dumps(state, indent=1))
-        state["ray_address"] = _start_ray(ray_port, client_port, dashboard_port, services)
-        state["optuna_storage"] = f"{database}/optuna"
-        state["dashboard"] = f"http://{LOOPBACK}:{dashboard_port}"
-        state["beyond_loopback"] = beyond_loopback(services)
+        _start(state, "postgresql")
+        _start(state, "mlflow server")
+        _start(state, "ray head")
+        state["beyond_loopback"] = processes.beyond_loopback(services)
         STATE.write_text(json.dumps(state, indent=1))
     except BaseException:
         STATE.write_text(json.dumps(state, indent=1))
@@ -264,8 +276,25 @@ def up(pg_port: int, mlflow_port: int, ray_port: int, client_port: int, dashboar
     return state
 
 
+def _start(state: dict, name: str) -> None:
+    """Start service ``name`` on the stack's ports, recorded in ``state`` (and stack.json)."""
+    ports, services = state["ports"], state["services"]
+    if name == "postgresql":
+        database = _start_postgres(ports["pg"], services)
+        state["optuna_storage"] = f"{database}/optuna"
+    elif name == "mlflow server":
+        state["tracking_uri"] = _start_mlflow(ports["mlflow"], state["optuna_storage"].rsplit("/", 1)[0], services)
+    else:
+        state["ray_address"] = _start_ray(ports["ray"], ports["ray_client"], ports["dashboard"], services,
+                                          state["tracking_uri"])
+        state["dashboard"] = f"http://{LOOPBACK}:{ports['dashboard']}"
+        _private(ENV_FILE, f"# make team-up's stack, for a shell that uses it: source {_shown(ENV_FILE)}\n"
+                           + "".join(f"export {k}={v}\n" for k, v in client_env(state).items()))
+    STATE.write_text(json.dumps(state, indent=1))
+
+
 def _missing_extra() -> str | None:
-    for module in ("ray", "psycopg"):
+    for module in ("ray", "psycopg", "flask_wtf"):
         try:
             __import__(module)
         except ImportError:
@@ -279,50 +308,62 @@ def _shown(path: Path) -> str:
 
 def _show(state: dict) -> None:
     beyond = state.get("beyond_loopback") or []
-    print(f"team: PostgreSQL, mlflow server and Ray head up; logs and data in {_shown(HOME)}/\n"
-          f"  tracking.uri={state['tracking_uri']}\n"
-          f"  Ray address: {state['ray_address']}, token authentication on: source {_shown(ENV_FILE)} first "
-          f"(RAY_ADDRESS, RAY_AUTH_MODE=token, the token's path), then hydra/launcher=ray_cluster\n"
+    print(f"team: PostgreSQL, mlflow server and Ray head up, each asking for credentials; logs, data and "
+          f"secrets (mode 600) in {_shown(HOME)}/\n"
+          f"  source {_shown(ENV_FILE)} first: the MLflow user and password, PostgreSQL's password file, "
+          f"Ray's address and token\n"
+          f"  tracking.uri={state['tracking_uri']} (the UI asks for user {MLFLOW_ADMIN} and the password "
+          f"in {_shown(SECRETS)})\n"
+          f"  Ray address: {state['ray_address']}, token authentication on: hydra/launcher=ray_cluster\n"
           f"  Optuna storage: hydra.sweeper.storage={state['optuna_storage']}\n"
           f"  Ray dashboard: {state['dashboard']}\n"
           f"  listening beyond loopback: " + (", ".join(beyond) if beyond else "nothing (every port on 127.0.0.1)"))
 
 
 def down(quiet: bool = False) -> list[int]:
-    """Stop what ``up`` started, by process id, newest first; the ids stopped."""
+    """Stop what ``up`` started, by process id, newest first, then whatever of this user's still
+    listens on the stack's ports; the ids stopped."""
     if not STATE.exists():
         if not quiet:
             print(f"team: nothing to stop (no {_shown(STATE)})")
         return []
     state = json.loads(STATE.read_text())
-    stopped = []
     for service in reversed(state["services"]):
-        pid = service["pid"]
-        if _started(pid) == service["started"]:
-            os.kill(pid, getattr(signal, service["stop"]))
-            deadline = time.time() + 60
-            while _started(pid) == service["started"] and time.time() < deadline:
-                time.sleep(0.2)
-        left = [p for p in _session_pids(pid) if p != os.getpid()]
-        for p in left + ([pid] if _started(pid) == service["started"] else []):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        stopped.append(pid)
-        if service.get("temp_dir"):
-            shutil.rmtree(service["temp_dir"], ignore_errors=True)
-        if not quiet:
-            print(f"team: stopped {service['name']} (pid {pid}" + (f", and {len(left)} left of its session by id"
-                                                                    if left else "") + ")")
+        processes.stop(service, quiet)
+    refused = processes.stop_listeners([p for p in state.get("ports", {}).values()], quiet)
     STATE.unlink()
     ENV_FILE.unlink(missing_ok=True)
-    return stopped
+    if refused:
+        raise ConfigError("team: still listening on the stack's ports: " + "; ".join(refused))
+    return [s["pid"] for s in state["services"]]
+
+
+def restart(name: str) -> dict:
+    """Stop service ``name`` of the stack (by process id, then whatever listens on its ports) and
+    start it again on the same ports; the others keep running."""
+    if not STATE.exists():
+        raise ConfigError(f"no stack to restart a service of (no {_shown(STATE)}): make team-up")
+    os.umask(0o077)
+    state = json.loads(STATE.read_text())
+    service = next(s for s in state["services"] if s["name"] == name)
+    processes.stop(service, quiet=False)
+    refused = processes.stop_listeners(service.get("ports", []), quiet=False)
+    if refused:
+        raise ConfigError("team: " + "; ".join(refused))
+    state["services"] = [s for s in state["services"] if s is not service]
+    _start(state, name)
+    order = {n: i for i, n in enumerate(SERVICES)}
+    state["services"].sort(key=lambda s: order[s["name"]])
+    STATE.write_text(json.dumps(state, indent=1))
+    print(f"team: {name} restarted (pid {next(s['pid'] for s in state['services'] if s['name'] == name)})")
+    return state
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.team", description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("up", "down"))
+    parser.add_argument("action", choices=("up", "down", "restart"))
+    parser.add_argument("service", nargs="?", choices=("postgresql", "mlflow", "ray"),
+                        help="restart: the service to stop and start again")
     parser.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL (Debian's own uses 5432)")
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--ray-port", type=int, default=6379)
@@ -334,6 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.action == "up":
             up(args.pg_port, args.mlflow_port, args.ray_port, args.ray_client_port, args.dashboard_port)
+        elif args.action == "restart":
+            if not args.service:
+                raise ConfigError("restart: name the service: postgresql, mlflow or ray")
+            restart({"mlflow": "mlflow server", "ray": "ray head"}.get(args.service, args.service))
         else:
             down()
     except ConfigError as e:

@@ -335,6 +335,63 @@ def test_an_optuna_search_on_the_cluster_keeps_its_study_in_the_teams_postgresql
     assert {p.data.params["sweep.storage"] for p in parents} == {storage}
 
 
+def _env_file(path: Path) -> dict[str, str]:
+    """The variables an ``export K=V`` file sets."""
+    return dict(line.removeprefix("export ").split("=", 1) for line in path.read_text().splitlines()
+                if line.startswith("export "))
+
+
+def _answers(uri: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _nobody_is_let_in(folder: Path, ports: dict[str, int]) -> None:
+    """make team-up's stack asks everyone for credentials: anonymous MLflow requests get 401
+    (a write, a read, the UI), PostgreSQL refuses a login without the password (also from another
+    Unix user), and the role catnet, with its password, is no superuser (no COPY ... FROM PROGRAM)."""
+    import base64
+    import glob
+    import json
+    import urllib.error
+    import urllib.request
+
+    uri = f"http://127.0.0.1:{ports['mlflow']}"
+    for path, body in (("/api/2.0/mlflow/experiments/create", b'{"name": "intruder"}'),
+                       ("/api/2.0/mlflow/experiments/search?max_results=5", None), ("/", None)):
+        request = urllib.request.Request(uri + path, data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401, path
+    secret = json.loads((folder / "secrets.json").read_text())["mlflow"]
+    login = urllib.request.Request(uri + "/api/2.0/mlflow/experiments/search?max_results=5")
+    login.add_header("Authorization", "Basic " + base64.b64encode(f"admin:{secret}".encode()).decode())
+    with urllib.request.urlopen(login, timeout=10) as answer:
+        assert answer.status == 200
+    psql = sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))[-1]
+    attack = "create temp table t(x text); copy t from program 'id'; select x from t"
+    bare = {k: v for k, v in os.environ.items() if k not in ("PGPASSFILE", "PGPASSWORD")}
+    for user in ("catnet", "postgres"):
+        for prefix in ([], ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []):
+            cmd = [*prefix, str(psql), "-h", "127.0.0.1", "-p", str(ports["pg"]), "-U", user, "-w", "-d", "postgres",
+                   "-c", attack]
+            out = subprocess.run(cmd, env={**bare, "HOME": "/nonexistent"}, capture_output=True, text=True)
+            assert out.returncode != 0 and "no password supplied" in out.stderr, (cmd, out.stdout, out.stderr)
+    own = subprocess.run([str(psql), "-h", "127.0.0.1", "-p", str(ports["pg"]), "-U", "catnet", "-w", "-d", "mlflow",
+                          "-tAc", "select rolsuper from pg_roles where rolname = current_user"],
+                         env={**bare, "PGPASSFILE": str(folder / "pgpass")}, capture_output=True, text=True)
+    assert own.stdout.strip() == "f", own.stderr
+    copy = subprocess.run([str(psql), "-h", "127.0.0.1", "-p", str(ports["pg"]), "-U", "catnet", "-w", "-d", "mlflow",
+                           "-c", attack], env={**bare, "PGPASSFILE": str(folder / "pgpass")}, capture_output=True,
+                          text=True)
+    assert copy.returncode != 0 and "pg_execute_server_program" in copy.stderr, copy.stderr
+
+
 def _session_members(leaders: list[int]) -> dict[int, int]:
     """{pid: session} of the live processes in the sessions of ``leaders``."""
     import psutil
@@ -352,10 +409,12 @@ def _session_members(leaders: list[int]) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_make_team_up_starts_a_loopback_stack_that_a_sweep_uses_and_team_down_stops_exactly_it(ray_head, tmp_path):
-    """make team-up: PostgreSQL, an mlflow server on it and a Ray head, every port on loopback, with
-    Ray's token authentication; a ray_cluster sweep through it after `source team/env`; a second
-    team-up changes nothing; make team-down stops its processes by id, and another Ray head on this
-    machine (the fixture's) keeps running."""
+    """make team-up: PostgreSQL, an mlflow server on it and a Ray head, every port on loopback, each
+    asking for credentials (anonymous and password-less access refused, secrets mode 600, Ray's
+    session in a private folder); a ray_cluster sweep and an Optuna search through it after `source
+    team/env`; a second team-up changes nothing; after the server is restarted with `team restart`
+    and then by hand, make team-down stops its processes by id and the hand-started server, nothing
+    listens on the stack's ports, and another Ray head on this machine (the fixture's) keeps running."""
     import glob
     import json
     import shutil
@@ -392,31 +451,62 @@ def test_make_team_up_starts_a_loopback_stack_that_a_sweep_uses_and_team_down_st
                      if c.status == psutil.CONN_LISTEN and c.pid in members]
         assert {p for _, p in listening} >= {ports["pg"], ports["mlflow"], ports["ray"], ports["dashboard"]}
         assert all(ip.removeprefix("::ffff:").startswith("127.") for ip, _ in listening), listening
-        assert oct((folder / "ray_token").stat().st_mode & 0o777) == "0o600"
+        _nobody_is_let_in(folder, ports)
+        for secret in ("ray_token", "secrets.json", "pgpass", "mlflow_auth.ini", "env", "mlflow_auth.db"):
+            assert oct((folder / secret).stat().st_mode & 0o777) == "0o600", secret
+        ray_private = Path(next(s for s in state["services"] if s["name"] == "ray head")["temp_dir"])
+        assert oct(ray_private.stat().st_mode & 0o777) == "0o700" and ray_private.owner() == Path.home().owner()
 
-        # a sweep as the README says: source the env file, then the ray_cluster launcher, into the server
-        sweep = subprocess.run(["bash", "-c", f"source {folder / 'env'} && exec {sys.executable} -m pipeline -m "
-                                f"hydra/launcher=ray_cluster seed=0,1 train.epochs=20 train.check_learned=false "
-                                f"tracking.uri=http://127.0.0.1:{ports['mlflow']} tracking.experiment=test "
-                                f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=600)
-        assert sweep.returncode == 0, sweep.stderr[-3000:]
-        assert "sweep: 2 jobs, 2 finished, 0 failed" in sweep.stdout + sweep.stderr
-        _, runs = runs_of(f"http://127.0.0.1:{ports['mlflow']}")
-        assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+        # a sweep and an Optuna search as the README says: source the env file, then the
+        # ray_cluster launcher, into the server, the study in the stack's PostgreSQL
+        mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
+        storage = f"postgresql://catnet@127.0.0.1:{ports['pg']}/optuna"
+        for command, done in ((f"seed=0,1 train.epochs=20 hydra.sweep.dir={tmp_path / 'sweep'}",
+                               "sweep: 2 jobs, 2 finished, 0 failed"),
+                              (f"hparams_search=optuna hydra.sweeper.storage={storage} hydra.sweeper.n_trials=2 "
+                               f"hydra.sweeper.n_jobs=2 train.epochs=20 data.cv_folds=2 "
+                               f"hydra.sweep.dir={tmp_path / 'search'}", "sweep: 2 jobs, ")):
+            sweep = subprocess.run(["bash", "-c", f"source {folder / 'env'} && exec {sys.executable} -m pipeline -m "
+                                    f"hydra/launcher=ray_cluster train.check_learned=false tracking.uri={mlflow_uri} "
+                                    f"tracking.experiment=test {command}"], cwd=ROOT, capture_output=True, text=True,
+                                   timeout=600)
+            assert sweep.returncode == 0 and done in sweep.stdout + sweep.stderr, sweep.stderr[-3000:]
+        credentials = {**os.environ, **_env_file(folder / "env")}
+        listed = subprocess.run([sys.executable, "-c", "import mlflow; print(len(mlflow.search_runs("
+                                 "experiment_names=['test'], output_format='list')))"], env=credentials,
+                                capture_output=True, text=True, check=True)
+        assert int(listed.stdout) == 3 + 3  # each of the two sweeps: a parent and two children
 
         again = subprocess.run([*make, "team-up", f"TEAM_ARGS={args}"], env=env, capture_output=True, text=True,
                                timeout=600)
         assert again.returncode == 0 and "the stack is up already" in again.stdout
         assert [s["pid"] for s in json.loads((folder / "stack.json").read_text())["services"]] == leaders
 
+        # the server restarted the documented way, then by hand (its whole group killed, another
+        # started on its port): team-down stops that one too, and nothing of the stack listens after
+        restart = subprocess.run([sys.executable, "-m", "pipeline.team", "restart", "mlflow", "--dir", str(folder)],
+                                 capture_output=True, text=True, timeout=600)
+        assert restart.returncode == 0 and "mlflow server restarted" in restart.stdout, restart.stderr[-2000:]
+        leaders = [s["pid"] for s in json.loads((folder / "stack.json").read_text())["services"]]
+        server = leaders[1]
+        os.killpg(server, 9)
+        by_hand = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                    f"sqlite:///{tmp_path / 'hand.db'}", "--host", "127.0.0.1", "--port",
+                                    str(ports["mlflow"]), "--workers", "2"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        wait_until_up(lambda: _answers(mlflow_uri), by_hand, tmp_path / "none.log", "the server started by hand")
         members = _session_members(leaders) | {pid: pid for pid in leaders}
         down = subprocess.run([*make, "team-down", f"TEAM_ARGS=--dir {folder}"], env=env, capture_output=True,
                               text=True, timeout=600)
         assert down.returncode == 0, down.stderr[-3000:]
-        assert down.stdout.count("team: stopped ") == 3
+        assert down.stdout.count("team: stopped ") == 3 and "had ended already" in down.stdout, down.stdout
+        assert f"which listened on port {ports['mlflow']}" in down.stdout
+        assert by_hand.wait(timeout=60) is not None
         assert not [pid for pid in members if psutil.pid_exists(pid)
                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not [c for c in psutil.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.port in ports.values()]
+        assert not ray_private.exists()
         assert not (folder / "stack.json").exists() and not (folder / "env").exists()
         assert ray_head.poll() is None and set(_session_members([ray_head.pid])) >= set(other_ray)
         again = subprocess.run([*make, "team-down", f"TEAM_ARGS=--dir {folder}"], env=env, capture_output=True,
