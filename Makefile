@@ -59,4 +59,4 @@ data: setup
 	dvc pull data/raw.dvc
 
 clean:
-	rm -rf outputs multirun data/flat models reports/*.json reports/*.csv reports/*.png
+	rm -rf outputs multirun data/flat models reports/*.json reports/*.csv reports/*.png .cache/envs

@@ -12,9 +12,13 @@ recorded run again from its record, and say whether it came out the same.
 4. The recorded config is composed over the commit's ``conf/`` (it sets every value) and trained
    and evaluated by ``python -m pipeline`` in the worktree, into the run's store and experiment.
    The new run is tagged ``catnet.reproduces=<id>``; the original gets ``catnet.reproduced_by``.
-5. ``weights.npz`` is compared bit for bit, then the metrics. What differs is printed with what
-   is known of the cause: package versions (``catnet.versions``), the BLAS, its kernel or thread
-   count (``catnet.blas``), the host (``catnet.host``).
+5. It trains in the run's environment: the packages its commit's ``requirements.lock`` pins,
+   installed in ``.cache/envs/<digest>`` and reused while that lock is (pipeline/envs.py); the
+   run's Python version must be this one. ``env=current`` trains with this environment's
+   packages instead and names those that differ from the lock.
+6. ``weights.npz`` is compared bit for bit, then the metrics. What differs is printed with what
+   is known of the cause: package versions (``catnet.versions``, the lock), the BLAS, its kernel
+   or thread count (``catnet.blas``), the host (``catnet.host``).
 
 Exit status: 0 reproduced exactly, 1 trained but differs, 2 could not reproduce.
 """
@@ -54,6 +58,8 @@ class ReproduceConfig:
     keep: bool = False  # keep the worktree (its path is printed) instead of removing it
     threads: Optional[int] = None  # BLAS threads; null: as many as the run's catnet.blas says it had
     # (OpenBLAS's kernel too is the run's: OPENBLAS_CORETYPE)
+    env: str = "recorded"  # recorded: its commit's requirements.lock, built in .cache/envs; current: this one
+    envs_kept: int = 2  # the environments .cache/envs keeps (the ones used last; each about 1 GB)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -65,6 +71,11 @@ def reproduce(cfg: DictConfig) -> int:
     raises a ConfigError (exit 2)."""
     from pipeline.tracking import reuse, store
 
+    from catnet.errors import check_choice
+
+    check_choice("env", cfg.env, ("recorded", "current"))
+    if cfg.envs_kept < 1:
+        raise ConfigError(f"envs_kept={cfg.envs_kept}: must be at least 1")
     if not cfg.run_id:
         raise ConfigError("run_id=<id> is required: the run to reproduce (the MLflow UI or python -m pipeline.compare "
                           "show run ids)")
@@ -83,7 +94,8 @@ def reproduce(cfg: DictConfig) -> int:
         config_file = Path(scratch) / "config.yaml"
         client.download_artifacts(run.info.run_id, "config.yaml", scratch)
         data_of_commit(tree, commit)
-        imported, md5 = in_worktree(tree, config_file)
+        python, causes = environment(cfg, tree, run, commit)
+        imported, md5 = in_worktree(tree, config_file, python)
         print(f"  code: the worktree's, {tree} (pipeline from {imported['pipeline']}, catnet from {imported['catnet']})")
         if md5 != digest:
             raise ConfigError(f"run {run.info.run_id}: the data its config reads at commit {commit[:12]} (md5 {md5}) "
@@ -94,15 +106,38 @@ def reproduce(cfg: DictConfig) -> int:
         threads = cfg.threads or recorded
         print(f"  BLAS: {threads or 'default'} threads" + (" (the run's)" if threads and not cfg.threads else "")
               + (f", OpenBLAS kernel {kernel} (the run's)" if kernel else ""))
-        new_id = train(tree, config_file, client, run, experiment, worktree_env(tree, threads, kernel))
+        new_id = train(tree, config_file, client, run, experiment, worktree_env(tree, threads, kernel), python)
     new = client.get_run(new_id)
-    same, report = compare(client, run, new)
+    same, report = compare(client, run, new, causes)
     client.set_tag(new_id, REPRODUCES_TAG, run.info.run_id)
     client.set_tag(new_id, RESULT_TAG, "identical" if same else "differs")
     client.set_tag(run.info.run_id, REPRODUCED_BY_TAG, new_id)
     print(f"  new run: {new_id} '{new.info.run_name}' (tag {REPRODUCES_TAG}={run.info.run_id})")
     print("\n".join(report))
     return 0 if same else 1
+
+
+def environment(cfg: DictConfig, tree: Path, run, commit: str) -> tuple[str, list[str]]:
+    """(the Python that trains, causes of a difference it brings), its one line printed: the run's
+    environment, built from its commit's requirements.lock or reused (pipeline/envs.py), or with
+    ``env=current`` this one, with the packages in which it differs from that lock."""
+    from pipeline import envs
+
+    lock = tree / "requirements.lock"
+    if cfg.env == "current":
+        differ = envs.differences(lock.read_text()) if lock.exists() else []
+        print("  environment: this one (env=current)" + (f"; it differs from the requirements.lock of commit "
+                                                         f"{commit[:12]} in: {', '.join(differ)}" if differ else
+                                                         ", as the commit's requirements.lock pins it"))
+        return sys.executable, ([f"    packages (requirements.lock -> this environment): {', '.join(differ)}"]
+                                if differ else [])
+    if not lock.exists():
+        raise ConfigError(f"commit {commit[:12]} has no requirements.lock: its environment cannot be built; "
+                          f"{envs.TRY_CURRENT}")
+    python, line = envs.ensure(lock.read_text(), envs.recorded_python(run.data.tags.get("catnet.versions", "")),
+                               int(cfg.envs_kept), commit)
+    print(f"  {line}")
+    return str(python), []
 
 
 def _run(client, run_id: str):
@@ -216,9 +251,9 @@ def recorded_blas(run) -> tuple[str | None, int | None]:
     return None, int(threads.group(1)) if threads else None
 
 
-def in_worktree(tree: Path, config_file: Path) -> tuple[dict[str, str], str]:
+def in_worktree(tree: Path, config_file: Path, python: str = sys.executable) -> tuple[dict[str, str], str]:
     """({module: file it was imported from}, data md5) as the worktree's code computes them."""
-    out = subprocess.run([sys.executable, "-c", _DIGEST, str(config_file)], cwd=tree, env=worktree_env(tree),
+    out = subprocess.run([python, "-c", _DIGEST, str(config_file)], cwd=tree, env=worktree_env(tree),
                          capture_output=True, text=True)
     if out.returncode != 0:
         why = (out.stderr.strip().splitlines() or ["failed"])[-1]
@@ -231,7 +266,8 @@ def in_worktree(tree: Path, config_file: Path) -> tuple[dict[str, str], str]:
     return imported, answer["md5"]
 
 
-def train(tree: Path, config_file: Path, client, run, experiment: str, env: dict[str, str]) -> str:
+def train(tree: Path, config_file: Path, client, run, experiment: str, env: dict[str, str],
+          python: str = sys.executable) -> str:
     """Train and evaluate the recorded config in the worktree, into the run's store and
     experiment; the new run's id. The config is a primary config whose defaults are the commit's
     own ``config`` (Hydra's settings) and whose values are all the recorded ones; ``env`` sets the
@@ -242,7 +278,7 @@ def train(tree: Path, config_file: Path, client, run, experiment: str, env: dict
     name = f"reproduce {run.info.run_name}".replace("'", "")
     overrides = [f"tracking.uri='{client.tracking_uri}'", f"tracking.experiment='{experiment}'", f"tracking.run_name='{name}'"]
     started = int(time.time() * 1000) - 1
-    out = subprocess.run([sys.executable, "-m", "pipeline", "--config-dir", str(config_file.parent),
+    out = subprocess.run([python, "-m", "pipeline", "--config-dir", str(config_file.parent),
                           "--config-name", "recorded_run", *overrides], cwd=tree, env=env)
     if out.returncode != 0:
         raise ConfigError(f"training at commit {run.data.tags['mlflow.source.git.commit'][:12]} failed "
@@ -260,8 +296,9 @@ def _new_run(client, run, started: int, name: str) -> str:
     return found[0]
 
 
-def compare(client, run, new) -> tuple[bool, list[str]]:
-    """(identical, lines saying so or what differs and what is known of why)."""
+def compare(client, run, new, causes: list[str] | None = None) -> tuple[bool, list[str]]:
+    """(identical, lines saying so or what differs and what is known of why; ``causes``: more of
+    those, the environment's)."""
     with tempfile.TemporaryDirectory(prefix="catnet-compare-") as tmp:
         a = dict(np.load(client.download_artifacts(run.info.run_id, "weights.npz", f"{tmp}/a"), allow_pickle=False))
         b = dict(np.load(client.download_artifacts(new.info.run_id, "weights.npz", f"{tmp}/b"), allow_pickle=False))
@@ -275,7 +312,7 @@ def compare(client, run, new) -> tuple[bool, list[str]]:
     lines = ["differs:"] + (weights or ["  weights.npz: identical bit for bit"])
     lines += [f"  metrics: {len(metrics)} of {len(set(old) | set(now))} differ"] + metrics
     causes = [f"    {label}: {run.data.tags.get(tag)} -> {new.data.tags.get(tag)}" for tag, label in CAUSES.items()
-              if run.data.tags.get(tag) != new.data.tags.get(tag)]
+              if run.data.tags.get(tag) != new.data.tags.get(tag)] + (causes or [])
     lines += (["  known differences:"] + causes if causes
               else ["  no known cause: the same package versions, BLAS (kernel, threads) and host"])
     return False, lines

@@ -199,3 +199,86 @@ def test_another_blas_thread_count_is_named_as_the_cause_of_a_difference(repo, c
         assert client_of(repo).get_run(new_id).data.tags["catnet.reproduction"] == "differs"
     else:
         assert "reproduced exactly" in out.stdout
+
+
+def _commit_lock(repo: Path, old: str, new: str, message: str) -> str:
+    """Commit requirements.lock with ``old`` replaced by ``new``; the commit."""
+    lock = repo / "requirements.lock"
+    assert old in lock.read_text()
+    lock.write_text(lock.read_text().replace(old, new))
+    git(repo, "commit", "-qam", message)
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def test_a_run_made_before_the_lock_moved_is_reproduced_in_its_own_environment(repo, tmp_path):
+    """A run made at a commit whose lock pins tabulate 0.9.0 (this checkout's: 0.10.0) is trained
+    again in an environment built from that lock (.cache/envs/<digest>), exactly; the second
+    reproduction reuses that environment (it says so, and its Python is the same file, not made
+    again); env=current trains here and names the package that differs; a lock that cannot be
+    installed, or a run of another Python, is refused in one line that names env=current."""
+    from pipeline import envs
+
+    pinned = "tabulate==0.10.0"
+    head = git(repo, "rev-parse", "HEAD").strip()
+    try:
+        _commit_lock(repo, pinned, "tabulate==0.9.0", "the lock of last month")
+        run_id = train(repo, "seed=9")
+        old_lock = (repo / "requirements.lock").read_text()
+        assert client_of(repo).get_run(run_id).data.tags["catnet.lock"] == envs.digest(old_lock)
+        bad = _commit_lock(repo, "tabulate==0.9.0", "tabulate==0.0.404", "a lock no registry serves")
+        bad_id = train(repo, "seed=9")
+        git(repo, "reset", "-q", "--hard", head)  # the checkout moved on: its lock pins tabulate 0.10.0
+
+        out = reproduce(repo, run_id)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        folder = repo / ".cache" / "envs" / envs.digest(old_lock)
+        assert re.search(rf"environment: \.cache/envs/{envs.digest(old_lock)} \(requirements\.lock of commit \w+\), "
+                         r"built in \d+ s", out.stdout), out.stdout
+        assert "reproduced exactly" in out.stdout
+        version = subprocess.run([str(folder / "bin" / "python"), "-c",
+                                  "import importlib.metadata as m; print(m.version('tabulate'))"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        assert version == "0.9.0"
+        python = (folder / "bin" / "python").lstat().st_ino
+
+        again = reproduce(repo, run_id)
+        assert again.returncode == 0 and "reproduced exactly" in again.stdout, again.stdout[-3000:]
+        assert f"environment: .cache/envs/{envs.digest(old_lock)}" in again.stdout and "), reused" in again.stdout
+        assert (folder / "bin" / "python").lstat().st_ino == python  # the same environment, not rebuilt
+
+        here = reproduce(repo, run_id, "env=current")
+        assert here.returncode == 0, here.stdout[-3000:] + here.stderr[-3000:]
+        assert "environment: this one (env=current); it differs from the requirements.lock of commit" in here.stdout
+        assert "tabulate 0.9.0 -> 0.10.0" in here.stdout
+
+        refused = reproduce(repo, bad_id)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert lines[0].startswith("catnet: error: the run's environment could not be built (pip install -r "
+                                   "requirements.lock: ") and "tabulate==0.0.404" in lines[0], lines
+        assert lines[0].endswith("env=current trains in this environment instead") and bad
+        assert not (repo / ".cache" / "envs" / envs.digest(old_lock.replace("0.9.0", "0.0.404"))).exists()
+
+        client_of(repo).set_tag(run_id, "catnet.versions", "python 3.99.1, numpy 2.4.6")
+        other = reproduce(repo, run_id)
+        assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+            f"catnet: error: the run was made with Python 3.99.1, this is Python {sys.version.split()[0]}: its "
+            "environment cannot be built with this interpreter; env=current trains in this environment instead"]
+    finally:
+        git(repo, "reset", "-q", "--hard", head)
+
+
+def test_the_environment_cache_keeps_those_used_last(tmp_path, monkeypatch):
+    from pipeline import envs
+
+    monkeypatch.setattr(envs, "CACHE", tmp_path)
+    made = []
+    for n, name in enumerate(("a", "b", "c", "d")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".complete").write_text("")
+        os.utime(tmp_path / name / ".complete", (1000 + n, 1000 + n))
+        made.append(tmp_path / name)
+    (tmp_path / ".e.building").mkdir()  # a build under way is not an environment
+    removed = envs.prune(2, keep=tmp_path / "a")
+    assert sorted(p.name for p in removed) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".e.building", "a", "c", "d"]

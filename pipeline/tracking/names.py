@@ -51,6 +51,15 @@ def provenance_tags() -> dict[str, str]:
     return dict(_PROVENANCE)
 
 
+LOCK_TAG = "catnet.lock"  # sha256 of the requirements.lock the run's code pins, 16 hex digits
+
+
+def lock_digest(lock_text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(lock_text.encode()).hexdigest()[:16]
+
+
 BLAS_TAG = "catnet.blas"  # which BLAS computed the run, its kernel and thread count: float sums depend on them
 
 
@@ -66,6 +75,9 @@ def _provenance() -> dict[str, str]:
 
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("numpy", "h5py", "hydra-core", "mlflow"))
     tags = {"catnet.versions": f"python {platform.python_version()}, {versions}", BLAS_TAG: blas()}
+    lock = ROOT / "requirements.lock"
+    if lock.exists():  # what rebuilds the environment: pipeline.reproduce (pipeline/envs.py)
+        tags[LOCK_TAG] = lock_digest(lock.read_text())
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
