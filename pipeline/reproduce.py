@@ -96,7 +96,8 @@ def reproduce(cfg: DictConfig) -> int:
         data_of_commit(tree, commit)
         python, causes = environment(cfg, tree, run, commit)
         imported, md5 = in_worktree(tree, config_file, python)
-        print(f"  code: the worktree's, {tree} (pipeline from {imported['pipeline']}, catnet from {imported['catnet']})")
+        print(f"  code: the worktree's, {tree} (pipeline from {imported['pipeline']}, catnet from {imported['catnet']}), "
+              f"Python of {imported['prefix']}")
         if md5 != digest:
             raise ConfigError(f"run {run.info.run_id}: the data its config reads at commit {commit[:12]} (md5 {md5}) "
                               f"is not the data the run read (catnet.data.md5 {digest}): files changed since")
@@ -222,7 +223,8 @@ from omegaconf import OmegaConf
 import catnet, pipeline
 from pipeline import config, load
 cfg = config.prepare(OmegaConf.load(sys.argv[1]))
-print(json.dumps({"pipeline": pipeline.__file__, "catnet": catnet.__file__, "md5": load.digest(load.run(cfg))}))
+print(json.dumps({"pipeline": pipeline.__file__, "catnet": catnet.__file__, "prefix": sys.prefix,
+                  "md5": load.digest(load.run(cfg))}))
 """
 
 
@@ -259,9 +261,9 @@ def in_worktree(tree: Path, config_file: Path, python: str = sys.executable) -> 
         why = (out.stderr.strip().splitlines() or ["failed"])[-1]
         raise ConfigError(f"the worktree's code could not read the run's data: {why}")
     answer = json.loads(out.stdout.strip().splitlines()[-1])
-    imported = {m: answer[m] for m in ("pipeline", "catnet")}
+    imported = {m: answer[m] for m in ("pipeline", "catnet", "prefix")}
     for module, file in imported.items():
-        if not Path(file).resolve().is_relative_to(tree.resolve()):
+        if module != "prefix" and not Path(file).resolve().is_relative_to(tree.resolve()):
             raise ConfigError(f"the worktree's Python imported {module} from {file}, not from the worktree {tree}")
     return imported, answer["md5"]
 

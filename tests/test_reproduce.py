@@ -234,7 +234,7 @@ def test_a_run_made_before_the_lock_moved_is_reproduced_in_its_own_environment(r
         folder = repo / ".cache" / "envs" / envs.digest(old_lock)
         assert re.search(rf"environment: \.cache/envs/{envs.digest(old_lock)} \(requirements\.lock of commit \w+\), "
                          r"built in \d+ s", out.stdout), out.stdout
-        assert "reproduced exactly" in out.stdout
+        assert "reproduced exactly" in out.stdout and f"Python of {folder}\n" in out.stdout
         version = subprocess.run([str(folder / "bin" / "python"), "-c",
                                   "import importlib.metadata as m; print(m.version('tabulate'))"],
                                  capture_output=True, text=True, check=True).stdout.strip()
