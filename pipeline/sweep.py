@@ -71,9 +71,8 @@ class MlflowSweep(Callback):
             if config.tracking.enabled:  # a server that does not answer now: no job would wait for it
                 from pipeline.tracking import store
 
-                uri = store.store_uri(config)[0]
-                if uri.startswith(("http://", "https://")):
-                    store.check_server(uri)
+                if store.store_uri(config)[0].startswith(("http://", "https://")):
+                    store.client(config)  # it answers, and takes this process's login
         except CatnetError as e:  # Hydra turns a callback's exception into a warning: exit here
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None

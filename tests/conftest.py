@@ -77,9 +77,11 @@ def compose_cfg():
     return _compose
 
 
-def run_cli(*args: str, module: str = "pipeline", env: dict | None = None, check: bool = True):
-    """Run ``python -m <module> <args>`` from the project root, as a user would."""
-    full_env = {**os.environ, **(env or {})}
+def run_cli(*args: str, module: str = "pipeline", env: dict | None = None, check: bool = True, drop=()):
+    """Run ``python -m <module> <args>`` from the project root, as a user would (without the
+    variables ``drop`` names, before ``env`` is set)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in drop}
+    full_env.update(env or {})
     full_env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=600)

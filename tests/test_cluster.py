@@ -373,9 +373,14 @@ def _nobody_is_let_in(folder: Path, ports: dict[str, int]) -> None:
     login.add_header("Authorization", "Basic " + base64.b64encode(f"admin:{secret}".encode()).decode())
     with urllib.request.urlopen(login, timeout=10) as answer:
         assert answer.status == 200
+    bare = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "PGPASS"))}
+    for login in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a guess"}):
+        refused = run_cli("-m", "seed=0,1", f"tracking.uri={uri}", "train.epochs=5", env=login, check=False,
+                          drop=("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and "the server asks for a login, which " in lines[0], lines
     psql = sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))[-1]
     attack = "create temp table t(x text); copy t from program 'id'; select x from t"
-    bare = {k: v for k, v in os.environ.items() if k not in ("PGPASSFILE", "PGPASSWORD")}
     for user in ("catnet", "postgres"):
         for prefix in ([], ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []):
             cmd = [*prefix, str(psql), "-h", "127.0.0.1", "-p", str(ports["pg"]), "-U", user, "-w", "-d", "postgres",

@@ -239,7 +239,25 @@ def client(cfg: DictConfig):
         return made
     bound_retries()
     check_server(uri)
+    check_login(made, uri)
     return Patient(made, uri, cfg.tracking.get("retry_seconds"))
+
+
+def check_login(client, uri: str) -> None:
+    """Fail in one line when the server asks for a login this process does not give, or refuses
+    it (MLflow's basic-auth app: make team-up's server), before anything is written."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as e:
+        status = next((code for code in (401, 403) if f"error code {code}" in str(e)), None)
+        if status is None:
+            raise
+        given = "was refused" if os.environ.get("MLFLOW_TRACKING_USERNAME") else "was not given"
+        raise ConfigError(f"tracking.uri={uri}: the server asks for a login, which {given} (HTTP {status}): set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (make team-up's stack: source "
+                          "team/env)") from None
 
 
 def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = True):
