@@ -59,7 +59,7 @@ class ReproduceConfig:
     threads: Optional[int] = None  # BLAS threads; null: as many as the run's catnet.blas says it had
     # (OpenBLAS's kernel too is the run's: OPENBLAS_CORETYPE)
     env: str = "recorded"  # recorded: its commit's requirements.lock, built in .cache/envs; current: this one
-    envs_kept: int = 2  # the environments .cache/envs keeps (the ones used last; each about 1 GB)
+    envs_kept: int = 2  # the environments .cache/envs keeps (the ones used last; each about 0.7 GB)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
