@@ -58,5 +58,7 @@ team-down:
 data: setup
 	dvc pull data/raw.dvc
 
+# what the pipeline made that git does not track (models/.gitignore and the committed
+# reports/train_history.csv stay), and the environments pipeline.reproduce built
 clean:
-	rm -rf outputs multirun data/flat models reports/*.json reports/*.csv reports/*.png .cache/envs
+	rm -rf outputs multirun data/flat models/*.npz reports/*.json reports/*.png reports/compare .cache/envs
