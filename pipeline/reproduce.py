@@ -330,7 +330,7 @@ def weight_differences(a: dict, b: dict) -> list[str]:
         return []
     lines = [f"  weights.npz: {len(differ)} of {len(a)} arrays differ"]
     for k in differ:
-        if a[k].shape != b[k].shape or a[k].dtype.kind not in "fc":
+        if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or a[k].dtype.kind not in "fc":
             lines.append(f"    {k}: {a[k].dtype}{a[k].shape} -> {b[k].dtype}{b[k].shape}")
         else:
             gap = np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))

@@ -166,3 +166,28 @@ def test_a_job_in_another_process_gets_its_config_from_the_first_jobs_when_it_ch
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["with_master"] == {"same": True, "composed": []}
     assert out["alone"] == {"same": True, "composed": [["seed=3", "train.lr=0.2"]]}
+
+
+def test_a_job_its_launcher_lost_is_counted_failed_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """What the Ray and SLURM launchers do with a job their engine lost (ledger.lost), and with one
+    that came back (ledger.returned), without either engine: the lost one is FAILED in the sweep's
+    ledger with its reason and counted failed (the sweep exits 1), the sweeper gets a failed trial
+    and goes on; the returned one enters the outcomes it carried."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from pipeline import ledger
+    from pipeline.tracking import parent
+
+    monkeypatch.setenv(ledger.LEDGER_ENV, str(tmp_path))
+    job = ledger.lost(["seed=3"], "the Ray task was lost: WorkerCrashedError: the worker died")
+    assert job.status == JobStatus.COMPLETED and job.overrides == ["seed=3"]
+    assert job.return_value["state"] == "failed" and "WorkerCrashedError" in job.return_value["reason"]
+    back = JobReturn(overrides=["seed=4"], status=JobStatus.COMPLETED)
+    back.return_value = (0.75, [{"status": "FINISHED", "run": "abc"}])
+    assert ledger.returned(back).return_value == 0.75
+    outcomes = ledger.read(tmp_path)
+    counts = parent.count(outcomes)
+    assert (counts["jobs"], counts["finished"], counts["failed"], counts["diverged"]) == (2, 1, 1, 0)
+    assert parent.failures(counts) == 1
+    assert [o["reason"] for o in outcomes if o["status"] == "FAILED"] == [
+        "the Ray task was lost: WorkerCrashedError: the worker died"]

@@ -241,3 +241,24 @@ def test_an_experiment_opens_on_its_training_runs_in_the_mlflow_ui(compose_cfg, 
         store.open_store(compose_cfg(f"tracking.uri={uri}", f"tracking.experiment={name}"))
     assert plain.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
     assert plain.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_reproduce_sees_a_difference_of_one_unit_in_the_last_place():
+    """The bit-for-bit comparison of two weights.npz: identical arrays pass; one value moved by one
+    unit in the last place (np.nextafter), the same values in another dtype, or another array
+    name, each is a difference, named with its size."""
+    import numpy as np
+
+    from pipeline.reproduce import _same, weight_differences
+
+    rng = np.random.default_rng(0)
+    a = {"W1": rng.standard_normal((6, 4)).astype(np.float32), "W2": rng.standard_normal((4, 1)).astype(np.float32)}
+    assert weight_differences(a, {k: v.copy() for k, v in a.items()}) == []
+    moved = {k: v.copy() for k, v in a.items()}
+    moved["W2"][3, 0] = np.nextafter(moved["W2"][3, 0], np.float32(np.inf))
+    lines = weight_differences(a, moved)
+    assert lines[0] == "  weights.npz: 1 of 2 arrays differ" and "W2: largest difference" in lines[1]
+    assert lines[1].endswith("1 of 4 values differ") and "W1" not in "".join(lines)
+    assert weight_differences(a, {**a, "W1": a["W1"].astype(np.float64)})[1].startswith("    W1: float32(6, 4)")
+    assert weight_differences(a, {"W1": a["W1"]}) == ["  weights.npz: arrays ['W1', 'W2'] -> ['W1']"]
+    assert _same(float("nan"), float("nan")) and not _same(0.5, np.nextafter(0.5, 1.0))
