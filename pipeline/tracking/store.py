@@ -8,6 +8,7 @@ and marks as KILLED the runs of this host whose process died without closing the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -155,8 +156,10 @@ def patiently(uri: str, seconds: float | None, call, *args, **kwargs):
                     break
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             continue
-        if _LOST_SINCE and since is not None:
-            log.info("tracking: the server at %s answers again after %.0f s", uri, time.monotonic() - _LOST_SINCE.pop())
+        if since is not None:
+            with contextlib.suppress(IndexError):  # the points' thread may have said it first
+                log.info("tracking: the server at %s answers again after %.0f s", uri,
+                         time.monotonic() - _LOST_SINCE.pop())
         return result
 
 
