@@ -41,11 +41,12 @@ def has_avx2() -> bool:
 
 
 def choose(environ=os.environ) -> None:
-    """Set the kernel (where the CPU has it) and the thread count, unless already set: before
-    NumPy is imported, or it has no effect."""
-    environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
-    if has_avx2():
-        environ.setdefault("OPENBLAS_CORETYPE", KERNEL)
+    """Set the kernel (where the CPU has it) and the thread count, unless the environment names
+    them: before NumPy is imported, or it has no effect."""
+    if not environ.get("OPENBLAS_NUM_THREADS"):  # unset or empty: OpenBLAS would choose
+        environ["OPENBLAS_NUM_THREADS"] = str(THREADS)
+    if has_avx2() and not environ.get("OPENBLAS_CORETYPE"):
+        environ["OPENBLAS_CORETYPE"] = KERNEL
 
 
 def in_use() -> list[dict]:

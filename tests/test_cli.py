@@ -393,6 +393,10 @@ def test_the_blas_is_chosen_before_numpy_loads_it():
     assert described.endswith(" 1 threads") and problem == "None", shown.stdout
     if blas.has_avx2():
         assert " Haswell 1 threads" in described, described
+        empty = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_CORETYPE": "",
+                                                                  "OPENBLAS_NUM_THREADS": ""},
+                               capture_output=True, text=True, check=True)
+        assert " Haswell 1 threads" in empty.stdout  # set but empty: catnet still chooses
     chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
                             capture_output=True, text=True, check=True)
     assert chosen.stdout.splitlines()[0].endswith(" 2 threads")
