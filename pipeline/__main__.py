@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__":  # a sweep's record helper starts before the imports below (0.5 s)
-    from pipeline import early
-
-    early.start(sys.argv[1:])
-
 import logging  # noqa: E402
 import math  # noqa: E402
 
@@ -102,8 +97,8 @@ def _job(raw: DictConfig) -> float | dict:
             log.exception("catnet: job failed")
         unrecorded = None
         if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
-            if tracking.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
-                unrecorded = tracking.run.job_record(cfg or raw)
+            if tracking.parent.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
+                unrecorded = tracking.parent.job_record(cfg or raw)
         diverged = isinstance(e, TrainingDiverged)
         ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded,
                          diverged=diverged)
@@ -119,6 +114,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    curve.start_early(sys.argv[1:])  # a single run's curve helper, a sweep's record helper: they
-    tracking.writer.start_early()  # import what they need while Hydra composes
+    curve.start_early(sys.argv[1:])  # a single run's curve helper imports what it needs while Hydra composes
     run_main(main)

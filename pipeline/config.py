@@ -70,9 +70,6 @@ class TrainConfig:
     check_learned: bool = True  # FAILED when the trained network is no better than a constant prediction
 
 
-SWEEP_WRITERS = ("process", "thread")
-
-
 @dataclass
 class TrackingConfig:
     enabled: bool = True
@@ -82,7 +79,6 @@ class TrackingConfig:
     flush_seconds: float = 10.0  # per-epoch metrics are sent in batches at most this often
     max_epoch_points: Optional[int] = 10000  # longer runs log every k-th epoch to MLflow; None: all
     retry_seconds: Optional[float] = 60.0  # how long a job waits out a tracking server that does not answer
-    sweep_writer: str = "process"  # a sequential sweep's epochs: process (a helper on another core) | thread
 
 
 @dataclass
@@ -215,7 +211,6 @@ def validate(cfg: DictConfig) -> None:
     check_choice("sweep.direction", cfg.sweep.direction, ("maximize", "minimize"))
     refuse_test_metric("sweep.objective", cfg.sweep.objective)
     refuse_test_metric("sweep.fallback", cfg.sweep.fallback)
-    check_choice("tracking.sweep_writer", cfg.tracking.sweep_writer, SWEEP_WRITERS)
     if not cfg.tracking.flush_seconds >= 0:
         raise ConfigError(f"tracking.flush_seconds={cfg.tracking.flush_seconds}: must be >= 0")
     if cfg.tracking.retry_seconds is not None and not 0 <= cfg.tracking.retry_seconds < math.inf:

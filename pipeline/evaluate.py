@@ -15,7 +15,7 @@ from catnet.metrics import evaluate
 from catnet.network import Network, class_weights
 from catnet.preprocess import Normalizer
 from pipeline import load, normalize, tracking, train
-from pipeline.common import CONF_DIR, Outputs, is_multirun, log, run_cli, run_main, save_json
+from pipeline.common import CONF_DIR, Outputs, log, run_cli, run_main, save_json
 from pipeline.config import metric_key
 
 
@@ -38,12 +38,9 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, net: Netwo
     out = Outputs.of(cfg)
     save_json(out.metrics, results)
     mlrun.log_metrics(mlflow_metrics(results))
-    if is_multirun():  # the model is made from weights.npz and normalizer.npz by who writes the record
-        mlrun.log_model_from_files(normalizer.to_arrays())
-    else:
-        example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
-        # the network and normalizer evaluated here, from memory: the model is what these metrics judge
-        mlrun.log_model(train.weight_arrays(net, cfg), normalizer.to_arrays(), example)
+    example = splits.test.x[:2].reshape(-1, *cfg.data.image_shape)  # raw uint8 images
+    # the network and normalizer evaluated here, from memory: the model is what these metrics judge
+    mlrun.log_model(train.weight_arrays(net, cfg), normalizer.to_arrays(), example)
     log.info("evaluate: %s | test precision %.3f recall %.3f", " | ".join(
         f"{n} accuracy {m['accuracy']:.3f} error {m['loss']:.4g}" for n, m in results.items()),
         results["test"]["precision"], results["test"]["recall"])

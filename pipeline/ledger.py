@@ -1,7 +1,6 @@
 """A sweep's ledger: a folder private to the sweep (``LEDGER_ENV`` names it to its jobs) where each
 job enters its outcome, so the sweep knows how many jobs finished and failed even with tracking
-off or the store down (pipeline/sweep.py reads it at its end); and what jobs share through it:
-the parent run's id for workers started before it existed, and whether a job gave up waiting
+off or the store down (pipeline/sweep.py reads it at its end); and whether a job gave up waiting
 for the tracking server.
 """
 
@@ -120,7 +119,6 @@ def read(folder: Path) -> list[dict]:
 
 
 UNREACHABLE = "server-unreachable"  # in the ledger: a job gave up waiting for the tracking server
-PARENT_FILE = "parent-run-id"  # in the ledger: the parent run's id, for workers started before it existed
 
 
 def wait_for_store(cfg: DictConfig) -> None:

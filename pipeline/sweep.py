@@ -2,12 +2,11 @@
 
 ``MlflowSweep`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``); it runs in the
 process that launches the sweep. Before any job starts it creates the SQLite store, the
-experiment and the parent run, so parallel jobs never race to create them (a sweep into SQLite
-on the basic or joblib launcher hands that, with the rest of its record, to its helper process:
-pipeline/tracking/writer.py), and hands the parent's id to the jobs through the environment
-(inherited by local Ray workers), or, for joblib's workers, started while the parent is created,
-through a file in the sweep's ledger (pipeline/ledger.py), where every job also leaves its outcome,
-so the sweep knows how many jobs finished and failed even with tracking off or the store down.
+experiment and the parent run, so parallel jobs never race to create them, and hands the
+parent's id to the jobs through the environment (``names.PARENT_ENV``, inherited by joblib's and
+local Ray's workers, carried by the Ray cluster and SLURM launchers). Every job also leaves its
+outcome in the sweep's ledger (pipeline/ledger.py), so the sweep knows how many jobs finished and
+failed even with tracking off or the store down.
 
 When the sweep ends the parent records the number of jobs, finished, failed and diverged, and the
 best child by the one ranking rule (pipeline/tracking/query.py: validation, then cross-validation,
@@ -33,8 +32,7 @@ from omegaconf import DictConfig
 
 from catnet.errors import CatnetError, ConfigError, check_choice
 from pipeline import common, ledger, search
-from pipeline.config import SWEEP_WRITERS
-from pipeline.ledger import LEDGER_ENV, PARENT_FILE
+from pipeline.ledger import LEDGER_ENV
 from pipeline.tracking import parent
 log = logging.getLogger("catnet")
 
@@ -51,28 +49,24 @@ def _optuna_logs_as_hydra_s(config: DictConfig) -> None:
 
 class MlflowSweep(Callback):
     def __init__(self) -> None:
-        self.record: parent.Here | parent.Helped | None = None  # who writes the parent run, if tracked
+        self.record: parent.Parent | None = None  # the parent run, if tracked
         self.parent_id: str | None = None  # until the parent run is closed
         self.ledger: Path | None = None
 
     def __getstate__(self) -> dict:
         """Hydra pickles its callbacks into joblib's workers, which call none of these hooks: the
-        record (a connection to this process's helper) stays here."""
+        parent's client stays here."""
         return {**self.__dict__, "record": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:  # what every job would refuse is refused once, before any job starts
             _order(config)
             check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
-            check_choice("tracking.sweep_writer", config.tracking.sweep_writer, SWEEP_WRITERS)
             refuse_unreachable_store(config)
             if config.hydra.sweeper.get("study_name"):  # an Optuna search's pruner and sampler
                 search.check(config.hydra.sweeper)
-            if config.tracking.enabled:  # a server that does not answer now: no job would wait for it
-                from pipeline.tracking import store
-
-                if store.store_uri(config)[0].startswith(("http://", "https://")):
-                    store.client(config)  # it answers, and takes this process's login
+            if config.tracking.enabled:  # a store that cannot be opened (a server that does not answer,
+                self._open_parent(config)  # a deleted experiment): no job would get further
         except CatnetError as e:  # Hydra turns a callback's exception into a warning: exit here
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -87,19 +81,11 @@ class MlflowSweep(Callback):
 
             if config.sweep.reuse and (why := tracking.reuse.why_none()):
                 log.warning("sweep: no job is reused from an earlier run: %s (commit it, or sweep.reuse=false)", why)
-
-            os.environ[tracking.names.PARENT_FILE_ENV] = str(self.ledger / PARENT_FILE)
             os.environ[tracking.SWEPT_ENV] = ",".join(swept_keys(config))
-        helper = start_writer(config)  # it imports MLflow and holds the record
-        if helper is not None and _launcher(config).endswith("JoblibLauncher"):
-            helper.serve_workers()  # joblib's workers, started now, hand it their jobs' records
-        warm_joblib_workers(config, served=helper is not None)  # they start while the jobs' configs are composed
-        if config.tracking.enabled:
-            self._open_parent(config)
+        warm_joblib_workers(config)  # they start while the jobs' configs are composed
 
     def _open_parent(self, config: DictConfig) -> None:
-        """The parent run: created by the helper that holds the sweep's record, if there is one
-        (this process then never imports MLflow), else here."""
+        """The parent run, created before any job starts (or any joblib worker: they inherit its id)."""
         from pipeline import tracking
 
         hc = config.hydra
@@ -113,23 +99,18 @@ class MlflowSweep(Callback):
             **({"sweep.study": str(hc.sweeper.study_name), "sweep.storage": search.shown(hc.sweeper.storage),
                 "sweep.pruner": str(hc.sweeper.pruner)} if hc.sweeper.get("study_name") else {}),
         })
-        self.record = parent.sweep_record(config, top, before=lambda: ledger.wait_for_store(config))
-        self.record.open()
-        self.parent_id = top["id"]  # a server's, once made there
+        self.record = parent.Parent(config, top, before=lambda: ledger.wait_for_store(config))
+        self.parent_id = self.record.open()
         os.environ[tracking.PARENT_ENV] = self.parent_id
-        common.atomic_write(self.ledger / PARENT_FILE, lambda f: f.write(self.parent_id), mode="w")
         log.info("sweep: MLflow parent run %s", self.parent_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from pipeline.tracking import writer
-
         outcomes = self._close_ledger()
         result = None
         if self.parent_id is not None:
             result = self.record.finish(outcomes, _order(config), config.sweep.direction)
             self.parent_id = None
             _clear_env()
-        writer.close()  # a helper wrote the last jobs' records by then; one started early and unused goes
         if result is None:  # untracked
             counts = parent.count(outcomes)
             failed = parent.failures(counts)
@@ -150,10 +131,8 @@ class MlflowSweep(Callback):
 
     def abort(self, status: str, reason: str) -> None:
         """Ctrl-C / SIGTERM in the launching process: the parent and every child still running
-        are KILLED (a child's own process marks its run too, if it gets the chance), once the
-        record helper wrote what the jobs handed it (a finished job's run stays FINISHED)."""
-        from pipeline.tracking import writer
-
+        are KILLED (a child's own process marks its run too, if it gets the chance); a finished
+        job's run stays FINISHED."""
         self._close_ledger()
         if self.parent_id is not None:
             self.parent_id = None
@@ -161,7 +140,6 @@ class MlflowSweep(Callback):
                 self.record.abort(status, reason)
             finally:
                 _clear_env()
-        writer.close()
 
     def _abandoned(self) -> None:
         if self.parent_id is not None:
@@ -181,29 +159,9 @@ def _launcher(config: DictConfig) -> str:
     return str(config.hydra.launcher.get("_target_", ""))
 
 
-def start_writer(config: DictConfig):
-    """For a sweep whose jobs run one after another in this process (Hydra's basic launcher), or
-    in joblib's workers on this machine, into a SQLite store, start the helper that holds their
-    record and writes it beside the training (pipeline/tracking/writer.py; ``tracking.
-    sweep_writer=thread``: none, each job writes its own). A server or database server does that
-    work in its own process already, and can go away: there each job writes its own record
-    before the next starts, so an outage never reaches a job that already ended.
-    Returns the helper, or None."""
-    from pipeline.tracking import store, writer
-
-    launcher = _launcher(config)
-    uri = store.store_uri(config)[0] if config.tracking.enabled else ""
-    if not (uri.startswith("sqlite:") and config.tracking.sweep_writer == "process"
-            and launcher.endswith(("BasicLauncher", "JoblibLauncher")) and (os.cpu_count() or 1) > 1):
-        writer.close_early()  # started first thing for a sweep that does not use it
-        return None
-    return writer.start(uri)
-
-
-def warm_joblib_workers(config: DictConfig, served: bool = False) -> None:
+def warm_joblib_workers(config: DictConfig) -> None:
     """With ``hydra/launcher=joblib``, start its worker processes now, in the background, each
-    importing what a job needs (the pipeline; MLflow and its store unless the sweep's helper
-    writes their records: ``served``): the launcher's own ``joblib.Parallel``, with the same
+    importing what a job needs (the pipeline; MLflow and its store): the launcher's own ``joblib.Parallel``, with the same
     arguments, reuses them (loky's reusable executor) instead of starting them after the parent
     run is created and every job's config composed. Anything that goes wrong here only leaves
     the launcher to start its workers itself."""
@@ -228,7 +186,7 @@ def warm_joblib_workers(config: DictConfig, served: bool = False) -> None:
         try:
             from pipeline.tracking.store import store_uri
 
-            uri = store_uri(config)[0] if config.tracking.enabled and not served else None
+            uri = store_uri(config)[0] if config.tracking.enabled else None
             Parallel(**kwargs)(delayed(_warm)(uri) for _ in range(workers))
         except Exception as e:  # noqa: BLE001 - the launcher starts its workers itself
             log.debug("sweep: joblib workers not warmed up: %s", e)
@@ -256,7 +214,6 @@ def _clear_env() -> None:
     from pipeline import tracking
 
     os.environ.pop(tracking.PARENT_ENV, None)
-    os.environ.pop(tracking.names.PARENT_FILE_ENV, None)
     os.environ.pop(tracking.SWEPT_ENV, None)
 
 

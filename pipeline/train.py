@@ -82,7 +82,6 @@ def run(cfg: DictConfig, splits: load.Splits, normalizer: Normalizer, mlrun: tra
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    mlrun.send()  # the last epochs go to MLflow in the background while the outputs are written
     net, history = trained.net, trained.history
 
     # each file is written where only this run writes, logged from there, then put in place

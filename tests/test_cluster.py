@@ -126,7 +126,7 @@ def mlflow_server(postgres, tmp_path):
 
 def _whole_sweep(uri: str, epochs: int):
     """The store holds one FINISHED parent and its 4 FINISHED children, each with every epoch's
-    train/error, weights.npz and normalizer.npz, the best one with a model; returns the parent."""
+    train/error, weights.npz and its model; returns the parent."""
     client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -134,9 +134,9 @@ def _whole_sweep(uri: str, epochs: int):
     for child in children:
         assert child.info.status == "FINISHED"
         assert len(client.get_metric_history(child.info.run_id, "train/error")) == epochs
-        assert {"weights.npz", "normalizer.npz"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
-    best = client.get_run(parent.data.tags["catnet.best_run_id"])  # its model, made at the sweep's end
-    assert best.data.tags["catnet.model_uri"].startswith("models:/m-")
+        assert "weights.npz" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert child.data.tags["catnet.model_uri"].startswith("models:/m-")
+        assert [o.model_id for o in child.outputs.model_outputs] == [child.data.tags["catnet.model_uri"][8:]]
     return parent
 
 

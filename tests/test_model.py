@@ -143,42 +143,31 @@ def test_predict_takes_one_path_and_says_what_it_converted(trained):
         assert csv.read_text().splitlines()[1].endswith(f",{expected}")
 
 
-def test_a_model_made_from_the_process_s_first_is_the_one_mlflow_would_save(tmp_path):
-    """A sweep logs a model per job: the first is saved by MLflow, the later ones are its folder with
-    their own arrays and ids. That folder equals, file by file, what MLflow saves for those arrays
-    (MLmodel but for the ids, time and size it states), and predicts with them."""
-    import yaml
-
-    from catnet.network import init_network
-    from pipeline.tracking import model as tracking_model
-
-    rng = np.random.default_rng(0)
-
-    def arrays(hidden):
-        net = init_network([12288, hidden, 1], rng)
-        weights = {**{f"W{i + 1}": w for i, w in enumerate(net.weights)},
-                   "activation": np.array("sigmoid"), "image_shape": np.array([64, 64, 3])}
-        return weights, {"method": np.array("scale"), "shift": np.zeros(12288), "scale": np.full(12288, 255.0)}
-
-    example = np.zeros((2, 64, 64, 3), np.uint8)
-    first, second = arrays(5), arrays(9)
-    tracking_model._save(tmp_path / "a", tmp_path / "a" / "model", *first, example, "run-a", "m-a")
-    template = {str(f.relative_to(tmp_path / "a" / "model")): f.read_bytes()
-                for f in (tmp_path / "a" / "model").rglob("*") if f.is_file()}
-    tracking_model._from_template(template, tmp_path / "made", *second, "run-b", "m-b")
-    tracking_model._save(tmp_path / "b", tmp_path / "saved", *second, example, "run-b", "m-b")
-    made = {str(f.relative_to(tmp_path / "made")): f for f in (tmp_path / "made").rglob("*") if f.is_file()}
-    saved = {str(f.relative_to(tmp_path / "saved")): f for f in (tmp_path / "saved").rglob("*") if f.is_file()}
-    assert sorted(made) == sorted(saved)
-    for name in made:
-        if name != "MLmodel":
-            assert made[name].read_bytes() == saved[name].read_bytes(), name
-    a, b = (yaml.safe_load(x["MLmodel"].read_text()) for x in (made, saved))
-    assert a.pop("utc_time_created") and b.pop("utc_time_created")
-    assert a == b  # run and model ids, size: as MLflow states them for this model
+@pytest.mark.slow
+def test_predict_gives_the_model_the_pixels_of_an_rgba_or_greyscale_image(trained):
+    """An RGBA image reaches the model as its RGB channels (alpha dropped), a greyscale one as its
+    grey level in each of the three channels: the inputs predict writes (json=) are those pixels,
+    and the probabilities it reports (csv=) are the model's for them."""
+    import csv as csv_module
 
     import mlflow
+    from PIL import Image
 
-    x = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(tmp_path / "made")).predict(x)["probability"],
-                                  mlflow.pyfunc.load_model(str(tmp_path / "saved")).predict(x)["probability"])
+    rng = np.random.default_rng(0)
+    x, _ = _test_images()
+    rgba = np.concatenate([x[0], rng.integers(0, 256, (64, 64, 1), dtype=np.uint8)], axis=2)
+    grey = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    folder = trained["tmp"] / "modes"
+    folder.mkdir()
+    Image.fromarray(rgba, "RGBA").save(folder / "a_rgba.png")
+    Image.fromarray(grey, "L").save(folder / "b_grey.png")
+    expected = np.stack([x[0], np.repeat(grey[:, :, None], 3, axis=2)])
+    run_cli(f"tracking.uri={trained['uri']}", f"images={folder}", f"json={folder / 'in.json'}",
+            f"csv={folder / 'out.csv'}", module="pipeline.predict")
+    np.testing.assert_array_equal(np.array(json.loads((folder / "in.json").read_text())["inputs"]), expected)
+    with open(folder / "out.csv") as f:
+        reported = [float(row["probability"]) for row in csv_module.DictReader(f)]
+    mlflow.set_tracking_uri(trained["uri"])
+    model = mlflow.pyfunc.load_model("models:/catnet@champion")
+    np.testing.assert_allclose(reported, model.predict(expected)["probability"], rtol=1e-12)
+    assert reported[0] != reported[1]

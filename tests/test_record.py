@@ -306,18 +306,15 @@ def test_sigterm_marks_the_sweep_and_its_running_children_killed(tmp_path, launc
     assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
 
 
-@pytest.mark.parametrize("knob", ["process", "thread"])
-def test_a_parent_whose_summary_fails_is_failed(tmp_path, knob):
+def test_a_parent_whose_summary_fails_is_failed(tmp_path):
     """The store refuses the parent's summary (a trigger of the SQLite file): the parent is FAILED
-    with the store's words and the sweep exits 1, whether the sweep's helper process holds the
-    record (``process``) or the sweep's own process writes it (``thread``)."""
+    with the store's words and the sweep exits 1."""
     import sqlite3
 
     from hydra import compose, initialize_config_dir
 
     from pipeline import sweep
     from pipeline.common import CONF_DIR
-    from pipeline.tracking import writer
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs_of(uri)  # the store's tables, for the trigger
@@ -328,18 +325,16 @@ def test_a_parent_whose_summary_fails_is_failed(tmp_path, knob):
     db.close()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=[f"tracking.uri={uri}", "tracking.experiment=test", f"tracking.sweep_writer={knob}"])
+                      overrides=[f"tracking.uri={uri}", "tracking.experiment=test"])
     handler = signal.getsignal(signal.SIGTERM)
     callback = sweep.MlflowSweep()
     try:
         callback.on_multirun_start(cfg)
-        assert isinstance(callback.record, sweep.parent.Helped) == (knob == "process")
         with pytest.raises(SystemExit) as exit_:
             callback.on_multirun_end(cfg)
         assert exit_.value.code == 1
     finally:
         signal.signal(signal.SIGTERM, handler)
-        writer.close()
     client, runs = runs_of(uri)
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "the sweep's summary could not be written" in runs[0].data.tags["catnet.failure"]

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import numpy as np
-from conftest import REAL_TRAIN, make_images, needs_data, runs_of, slow_metric_inserts, write_h5
+from conftest import REAL_TRAIN, make_images, needs_data, runs_of, write_h5
 
 from pipeline.common import ROOT
 
@@ -124,13 +124,9 @@ def test_a_sweep_run_twice_trains_each_job_once(project):
     assert len(rows) == len(trained_runs(project["uri"])) == 4 + 1 + 2 + 2 + 2 + 2
 
 
-def test_a_job_identical_to_the_one_before_it_is_reused_while_the_helper_still_writes_that_record(project):
-    """seed=0,0,0: the second and third jobs find the first's run RUNNING, its record still being
-    written by the sweep's helper (slowed to a few ms a point by a trigger of the store), wait
-    for it to end FINISHED, and reuse it instead of training again."""
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("one core: no helper, each job writes its own record before the next starts")
-    slow_metric_inserts(project["uri"], 300)
+def test_a_job_identical_to_the_one_before_it_is_reused(project):
+    """seed=0,0,0: the second and third jobs find the first's FINISHED run and reuse it instead of
+    training again."""
     log, _ = sweep(project, "seed=0,0,0", "train.epochs=200", "train.check_learned=false")
     assert counts(log) == (1, 2), log[-3000:]
     assert log.count("] - train: 200 epochs") == 1

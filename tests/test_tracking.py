@@ -129,22 +129,16 @@ def test_dataset_insert_race_is_retried_and_other_errors_are_not():
 
     race = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name"
     client = Client([race, race])
-    tracking.record._log_inputs(client, "run", [])
+    tracking.run.log_data(client, "run", "md5", {})
     assert client.calls == 3
     client = Client(["RESOURCE_DOES_NOT_EXIST: run"])
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
-        tracking.record._log_inputs(client, "run", [])
+        tracking.run.log_data(client, "run", "md5", {})
     assert client.calls == 1
     client = Client([race] * 5)
     with pytest.raises(MlflowException, match="UNIQUE"):
-        tracking.record._log_inputs(client, "run", [])
+        tracking.run.log_data(client, "run", "md5", {})
     assert client.calls == 5
-    # a server killed in the middle of the request (seen in tests/test_cluster.py's short outage)
-    cut = ("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-inputs failed with exception "
-           "('Connection broken: IncompleteRead(0 bytes read, 2 more expected)')")
-    client = Client([cut])
-    tracking.record._log_inputs(client, "run", [])
-    assert client.calls == 2
 
 
 def test_mlflow_is_imported_once_with_the_garbage_collector_paused_then_out_of_its_reach():
@@ -166,32 +160,26 @@ def test_mlflow_is_imported_once_with_the_garbage_collector_paused_then_out_of_i
     assert enabled == "True" and store_code == "True"
 
 
-def test_a_model_is_saved_without_mapping_every_installed_package(cfg, store, monkeypatch, tmp_path):
-    """MLflow checks a model's pip requirements against the installed packages; its map of every
-    installed distribution (importlib.metadata.packages_distributions, ~0.4 s) is not made for
-    it. The requirements are still the imported versions, and MLflow's map is left unmade."""
+def test_a_model_pins_the_versions_this_process_imported(cfg, store, tmp_path):
+    """The model's requirements are numpy, pandas and mlflow at the versions that trained it; it is
+    logged as the run's LoggedModel (models:/<id>), the run's output."""
     import numpy as np
     import pandas
-    from mlflow.utils import requirements_utils
 
     import mlflow
     from pipeline.tracking import model
 
-    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
-    scans = []
-    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions",
-                        lambda: scans.append(1) or {})
     weights = {"W1": np.ones((12288, 1), np.float32), "activation": np.array("sigmoid"),
                "image_shape": np.array([64, 64, 3])}
     normalizer = {"scale": np.array(255.0)}
     with tracking.open_run(cfg) as run:
-        uri = model.log_model(run.recorder.client, run.run_id, run.recorder.experiment_id, tmp_path, weights, normalizer,
-                              np.zeros((2, 64, 64, 3), np.uint8), {})
-    assert scans == []
-    assert requirements_utils._MODULES_TO_PACKAGES is None and requirements_utils._PACKAGES_TO_MODULES is None
-    requirements = (tmp_path / "model" / "requirements.txt").read_text().split()
+        uri = model.log_model(run.client, run.run_id, tmp_path, weights, normalizer)
+        requirements = (tmp_path / "model" / "requirements.txt").read_text().split()
     assert requirements == [f"numpy=={np.__version__}", f"pandas=={pandas.__version__}", f"mlflow=={mlflow.__version__}"]
     assert uri.startswith("models:/")
+    client, _ = runs_of(store["uri"])
+    outputs = client.get_run(run.run_id).outputs
+    assert [o.model_id for o in outputs.model_outputs] == [uri.removeprefix("models:/")]
 
 
 @pytest.mark.parametrize("tracked", [True, False])

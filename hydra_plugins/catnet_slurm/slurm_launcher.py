@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from hydra.core.utils import JobReturn
 

@@ -3,16 +3,12 @@
 Its modules, in layers: each imports only modules of the layers above it (docs/architecture.md).
 
 - ``store``: where the record is (URIs, client, experiments) and closing runs of dead processes;
-- ``points``: a run's epoch points into a SQL store in one statement, a run with a chosen id;
-  ``model``: the network as an MLflow model (log, register, load; its code: ``pyfunc``);
+- ``model``: the network as an MLflow model (log, register, load; its code: ``pyfunc``);
   ``query``: searching runs, and the one ranking rule of sweeps, ``register`` and ``compare`` (never test/);
-- ``writer``: the record helper as its clients reach it (one connection each; the helper's state here);
-  ``names``: a run's name and provenance;
-- ``record``: what a run records (``Recorder``), written here (``Direct``) or by the helper (``Handed``);
+- ``names``: a run's name and provenance;
 - ``run``: a run's life (params, batched per-epoch metrics, files from a private folder, status);
   ``reuse``: a run's identity, and the link that spares a job from training twice;
-- ``parent``: a sweep's parent run (opened before the jobs, closed with counts and the best child);
-- ``helper``: the record helper's own process, which writes a sweep's record with the above.
+- ``parent``: a sweep's parent run (opened before the jobs, closed with counts and the best child).
 
 ``mlflow`` itself is imported only when tracking is on: it costs over a second. tests/test_layout.py
 checks that no module outside this package imports it, and that the imports form no circle.
@@ -33,8 +29,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import logging  # noqa: E402
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
+# nor its "Validating input example against model signature" for every model logged
+logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 
 from pipeline.tracking.names import PARENT_ENV, SWEPT_ENV, provenance_tags  # noqa: F401,E402
-from pipeline.tracking.run import MlflowRun, NullRun, failed_run, open_run  # noqa: F401,E402 - the stages' interface
+from pipeline.tracking.run import MlflowRun, NullRun, open_run  # noqa: F401,E402 - the stages' interface
 from pipeline.tracking.store import open_store, store_uri  # noqa: F401,E402
-from pipeline.tracking import names, reuse, writer  # noqa: F401,E402 - after run and store, which it uses
+from pipeline.tracking import names, parent, reuse  # noqa: F401,E402 - after run and store, which they use

@@ -8,7 +8,6 @@ keeps no path of the machine that logged it.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from pathlib import Path
@@ -27,137 +26,72 @@ def weights_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-# (image shape, normalizer's arrays) -> the files of a model folder MLflow saved in this process
-_TEMPLATES: dict[tuple, dict[str, bytes]] = {}
-
-
-def log_model(client, run_id: str, experiment_id: str, folder: Path, weights: dict[str, np.ndarray],
-              normalizer: dict[str, np.ndarray], example: np.ndarray, params: dict[str, str]) -> str:
-    """Log the pyfunc model ``model`` of run ``run_id`` (a LoggedModel of ``experiment_id``,
-    linked to the run as its output) and return its URI, ``models:/<model id>``.
+def log_model(client, run_id: str, folder: Path, weights: dict[str, np.ndarray], normalizer: dict[str, np.ndarray],
+              example: np.ndarray | None = None) -> str:
+    """Log the pyfunc model ``model`` of run ``run_id`` (a LoggedModel of the run's experiment,
+    linked to the run as its output, with the run's params) and return its URI, ``models:/<model id>``.
 
     ``weights``: the arrays of weights.npz (with the network's description, see
-    catnet.network.Network.to_file_arrays); ``normalizer``: those of normalizer.npz.
-
-    The first model of a process is saved by MLflow (``mlflow.pyfunc.save_model``: the signature,
-    the input example checked against it, the requirements, the code); the later ones of the same
-    image shape are that folder with their own arrays and ids (``_from_template``), which is what
-    MLflow would save for them (tests/test_model.py) at a fraction of the cost: a sweep logs one
-    per job."""
+    catnet.network.Network.to_file_arrays); ``normalizer``: those of normalizer.npz; ``example``:
+    raw images for the model's input example (default: two black images). MLflow
+    saves the model (``mlflow.pyfunc.save_model``) into ``folder``, private to the run, and the
+    client logs that folder as the model's artifacts."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
 
-    model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, params=params,
-                                       model_type="catnet")
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                       params=dict(run.data.params), model_type="catnet")
     local = folder / "model"
-    key = (example.shape, example.dtype.str, hash(example.tobytes()), tuple(sorted(normalizer)))
-    if key in _TEMPLATES:
-        _from_template(_TEMPLATES[key], local, weights, normalizer, run_id, model.model_id)
-    else:
-        _save(folder, local, weights, normalizer, example, run_id, model.model_id)
-        _TEMPLATES[key] = {str(f.relative_to(local)): f.read_bytes() for f in local.rglob("*") if f.is_file()}
+    save(folder, local, weights, normalizer, example, Model(run_id=run_id, model_id=model.model_id))
     client.log_model_artifacts(model.model_id, str(local))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     return f"models:/{model.model_id}"
 
 
-def _save(folder: Path, local: Path, weights: dict[str, np.ndarray], normalizer: dict[str, np.ndarray],
-          example: np.ndarray, run_id: str, model_id: str) -> None:
-    """The model folder, saved by MLflow."""
+def signature(image_shape: tuple[int, ...]):
+    """Raw uint8 images (N, *image_shape) in; a table of ``probability`` (float) and ``label``
+    (int) out. Declared, not inferred from an example: nothing to validate, nothing to warn of."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))]),
+                          outputs=Schema([ColSpec("double", "probability"), ColSpec("long", "label")]))
+
+
+def save(folder: Path, local: Path, weights: dict[str, np.ndarray], normalizer: dict[str, np.ndarray],
+         example: np.ndarray | None = None, mlflow_model=None) -> None:
+    """The model folder ``local``, saved by MLflow from code, with its pinned requirements."""
     import shutil
 
     import mlflow
     import pandas
-    from mlflow.models import Model, infer_signature
 
-    quiet_model_warnings()
     src = folder / "model-src"
     src.mkdir(parents=True, exist_ok=True)
     (src / "weights.npz").write_bytes(weights_bytes(weights))
     (src / "normalizer.npz").write_bytes(weights_bytes(normalizer))
-    signature = infer_signature(example, pandas.DataFrame(
-        {"probability": np.zeros(len(example)), "label": np.zeros(len(example), np.int64)}))
+    shape = tuple(int(n) for n in weights["image_shape"])
     requirements = {"numpy": np.__version__, "pandas": pandas.__version__, "mlflow": mlflow.__version__}
-    with _known_packages(requirements):
-        mlflow.pyfunc.save_model(
-            path=str(local), python_model=str(Path(__file__).with_name("pyfunc.py")),
-            artifacts={"weights": str(src / "weights.npz"), "normalizer": str(src / "normalizer.npz")},
-            code_paths=[str(ROOT / "src" / "catnet")],
-            signature=signature, input_example=example,
-            pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
-            mlflow_model=Model(run_id=run_id, model_id=model_id, model_uuid=model_id),
-        )
+    mlflow.pyfunc.save_model(
+        path=str(local), python_model=str(Path(__file__).with_name("pyfunc.py")),
+        artifacts={"weights": str(src / "weights.npz"), "normalizer": str(src / "normalizer.npz")},
+        code_paths=[str(ROOT / "src" / "catnet")],
+        signature=signature(shape), input_example=np.zeros((2, *shape), np.uint8) if example is None else example,
+        pip_requirements=[f"{name}=={version}" for name, version in requirements.items()],
+        mlflow_model=mlflow_model,
+    )
     _strip_machine_paths(local / "MLmodel")
     for pycache in local.rglob("__pycache__"):
         shutil.rmtree(pycache, ignore_errors=True)
 
 
-# what MLmodel says of one model and not of another of the same shape (MLflow's Model.save)
-PER_MODEL = ("run_id", "model_id", "model_uuid", "utc_time_created", "model_size_bytes")
-
-
-def _from_template(template: dict[str, bytes], local: Path, weights: dict[str, np.ndarray],
-                   normalizer: dict[str, np.ndarray], run_id: str, model_id: str) -> None:
-    """The folder ``_save`` would make: ``template`` (the files of a model MLflow saved in this
-    process, of the same image shape) with these arrays, and this run's and model's ids, time and
-    size in MLmodel."""
-    import datetime
-
-    import yaml
-
-    arrays = {"artifacts/weights.npz": weights_bytes(weights), "artifacts/normalizer.npz": weights_bytes(normalizer)}
-    for name, data in {**template, **arrays}.items():
-        (local / name).parent.mkdir(parents=True, exist_ok=True)
-        (local / name).write_bytes(data)
-    doc = yaml.load(template["MLmodel"], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    # MLflow's count of the folder's bytes (taken part-way through its save): the arrays' sizes differ
-    size = doc["model_size_bytes"] + sum(len(data) - len(template[name]) for name, data in arrays.items())
-    doc.update(run_id=run_id, model_id=model_id, model_uuid=model_id, model_size_bytes=size,
-               utc_time_created=str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)))
-    (local / "MLmodel").write_text(yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
-
-
-def log_from_files(client, run_id: str, folder: str, params: dict[str, str]) -> str:
-    """Log run ``run_id``'s model (with the run's ``params``) from the weights.npz and
-    normalizer.npz it logged from ``folder`` (a sweep's job: the process that writes its record
-    makes its model, off the job's way), tag the run with its URI and return it."""
-    folder_ = Path(folder)
-    arrays = {name: _npz(str(folder_ / f"{name}.npz")) for name in ("weights", "normalizer")}
-    shape = tuple(int(n) for n in arrays["weights"]["image_shape"])
-    example = np.zeros((2, *shape), dtype=np.uint8)  # the signature's example: two black images
-    uri = log_model(client, run_id, client.get_run(run_id).info.experiment_id, folder_, arrays["weights"],
-                    arrays["normalizer"], example, params)
-    client.set_tag(run_id, "catnet.model_uri", uri)
-    return uri
-
-
-@contextlib.contextmanager
-def _known_packages(packages):
-    """While a model is saved, MLflow knows the modules of ``packages`` only.
-
-    ``save_model`` checks each pip requirement against the installed version, and first maps
-    every installed distribution to its modules (``importlib.metadata.packages_distributions``:
-    about 0.4 s, once per process). The requirements here are the versions this process
-    imported, and each package is its own module: the map of those packages gives MLflow the
-    same answer. MLflow's own map is left as it was (not yet made) for anything else."""
-    from mlflow.utils import requirements_utils
-
-    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None:  # made already, or renamed
-        yield
-        return
-    requirements_utils._MODULES_TO_PACKAGES = {name: [name] for name in packages}
-    try:
-        yield
-    finally:
-        requirements_utils._MODULES_TO_PACKAGES = None
-        requirements_utils._PACKAGES_TO_MODULES = None
-
-
 def ensure(client, run) -> str:
     """The model URI of ``run`` (a run that trained): its ``catnet.model_uri``, or, for a run
-    that has weights.npz and normalizer.npz but no model (a sweep's child whose model could not be
-    logged, or one recorded before every child had one), the model made now from those two
-    artifacts, logged as the run's and tagged."""
+    that has weights.npz and normalizer.npz but no model (one whose model could not be logged,
+    or one recorded before every run had one), the model made now from those two artifacts,
+    logged as the run's and tagged."""
     import tempfile
 
     uri = run.data.tags.get("catnet.model_uri")
@@ -171,10 +105,7 @@ def ensure(client, run) -> str:
         except Exception as e:  # noqa: BLE001 - MlflowException, OSError: say which run
             raise ConfigError(f"run {run_id}: no model, and its weights.npz and normalizer.npz cannot be read "
                               f"to make one ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        shape = tuple(int(n) for n in arrays["weights"]["image_shape"])
-        example = np.zeros((2, *shape), dtype=np.uint8)  # the signature's example: two black images
-        uri = log_model(client, run_id, run.info.experiment_id, Path(tmp), arrays["weights"], arrays["normalizer"],
-                        example, dict(run.data.params))
+        uri = log_model(client, run_id, Path(tmp), arrays["weights"], arrays["normalizer"])
     client.set_tag(run_id, "catnet.model_uri", uri)
     return uri
 
@@ -224,31 +155,9 @@ def load(model_uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    quiet_model_warnings()
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
         hint = ("; pipeline.register run_id=<id> makes the model of a run that logged its weights.npz but has none"
                 if model_uri.startswith("runs:/") else "")
         raise ConfigError(f"model_uri={model_uri}: cannot load it ({str(e).splitlines()[0]}){hint}") from None
-
-
-def quiet_model_warnings() -> None:
-    """Drop two MLflow hints that do not apply here: "add type hints to predict" (the model
-    validates its input itself) and "integer column(s)" (the label column is never missing).
-    MLflow re-enables UserWarnings inside its own calls (a "once" filter put in front of ours),
-    so a filter cannot do it; the display hook can."""
-    import warnings
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a user's own setting wins
-    if getattr(warnings.showwarning, "_catnet", False):
-        return
-    shown = warnings.showwarning
-    hints = ("type hints to the `predict` method", "Inferred schema contains integer column")
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if not any(h in str(message) for h in hints):
-            shown(message, category, filename, lineno, file, line)
-
-    showwarning._catnet = True
-    warnings.showwarning = showwarning

@@ -7,28 +7,19 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from pipeline.common import ROOT, is_multirun
 
 PARENT_ENV = "CATNET_MLFLOW_PARENT_RUN_ID"
-PARENT_FILE_ENV = "CATNET_MLFLOW_PARENT_RUN_FILE"  # where the sweep writes it, for workers started before it
 SWEPT_ENV = "CATNET_SWEPT_KEYS"  # the keys the sweep varies: children are named by their values
 SHORT_KEYS = {"hidden_sizes": "hidden"}  # names in run names, where the last part of a key is long
 
 
 def parent_run_id() -> str | None:
-    """The id of the sweep's parent run, for a job's run: ``PARENT_ENV``, or, in a worker started
-    before the parent existed (joblib's, warmed up while the sweep creates it), the file the sweep
-    wrote it in once created (jobs start only after that)."""
-    if os.environ.get(PARENT_ENV):
-        return os.environ[PARENT_ENV]
-    path = os.environ.get(PARENT_FILE_ENV)
-    if path and os.path.isfile(path):
-        return Path(path).read_text().strip() or None
-    return None
+    """The id of the sweep's parent run, for a job's run (``PARENT_ENV``, set by the sweep)."""
+    return os.environ.get(PARENT_ENV) or None
 
 
 def _git(*args: str) -> str | None:

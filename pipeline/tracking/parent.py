@@ -1,10 +1,6 @@
 """A sweep's parent run: opened before any job starts, closed with the job counts and the best
-child (by the one ranking rule, query.rank), or KILLED with its running children.
-
-``sweep_record`` chooses, once when the sweep opens, who writes it: this process (``Here``) or
-the record helper that holds the sweep's record (``Helped``, pipeline/tracking/writer.py), which
-hands it back to ``Here`` if it ends. The sweep (pipeline/sweep.py) only calls ``open``,
-``finish`` and ``abort``."""
+child (by the one ranking rule, query.rank), or KILLED with its running children. The sweep's
+process writes it (``Parent``); pipeline/sweep.py only calls ``open``, ``finish`` and ``abort``."""
 
 from __future__ import annotations
 
@@ -14,110 +10,51 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig
 
 from catnet.metrics import HEADLINE
-from pipeline.tracking import model, names, query, reuse, store, writer
-from pipeline.tracking.record import write_to
+from pipeline import config
+from pipeline.common import told
+from pipeline.tracking import model, names, query, reuse, store
+from pipeline.tracking.names import parent_run_id, provenance_tags, run_name
 
 log = logging.getLogger("catnet")
 
 
 def describe(name: str, description: str, params: dict[str, str]) -> dict:
-    """A sweep's parent run as ``open_parent`` and the sweep's helper (pipeline/tracking/writer.py:
-    Helper.open) create it: an id chosen now, its name, tags (``description`` as its note), params
-    and start (ms)."""
+    """A sweep's parent run as ``Parent.open`` creates it: its name, tags (``description`` as its
+    note), params and start (ms)."""
     import time
-    import uuid
 
-    return {"id": uuid.uuid4().hex, "name": name[:250], "start": int(time.time() * 1000),
+    return {"name": name[:250], "start": int(time.time() * 1000),
             "tags": {"catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
                      "mlflow.note.content": description[:5000],
                      **names.provenance_tags(), **store.process_tags()},
             "params": {k: str(v)[:6000] for k, v in params.items()}}
 
 
-def open_parent(config: DictConfig, parent: dict) -> Any:
-    """The client of the configured store, where the RUNNING parent run ``parent``
-    (``describe``) now exists in the configured experiment (made now, unless it is there). A
-    server chooses the run's id itself: ``parent["id"]`` becomes its."""
-    from pipeline.tracking import points
+class Parent:
+    """The sweep's parent run ``parent`` (``describe``), written by the sweep's process.
+    ``before()``: what to wait for before the end (a server's return)."""
 
-    client, experiment_id = store.open_store(config)  # first: it imports MLflow (store.import_code)
-    if not points.sql_store(client):
-        parent["id"] = client.create_run(experiment_id, start_time=parent["start"], tags=parent["tags"],
-                                         run_name=parent["name"]).info.run_id
-        write_to(client, parent["id"], "params", parent["params"])
-    elif points.create_run(client, parent["id"], experiment_id, parent["name"], parent["tags"], parent["start"]):
-        write_to(client, parent["id"], "params", parent["params"])
-    return client
-
-
-class Here:
-    """The sweep's parent run written by this process. ``helped``: a helper wrote the jobs'
-    records (``finish``); ``before()``: what to wait for before the end (a server's return)."""
-
-    def __init__(self, config: DictConfig, parent: dict, helped: bool = False, before: Callable | None = None):
-        self.config, self.parent, self.helped, self.before = config, parent, helped, before
+    def __init__(self, config: DictConfig, parent: dict, before: Callable | None = None):
+        self.config, self.parent, self.before = config, parent, before
         self.client = None
 
-    def open(self) -> None:
-        """The store opened and the parent run made, unless it is there (``open_parent``)."""
+    def open(self) -> str:
+        """The store opened (the experiment made if new) and the RUNNING parent run created; its id."""
+        from mlflow.entities import Param
+
         if self.client is None:
-            self.client = open_parent(self.config, self.parent)
+            self.client, experiment_id = store.open_store(self.config)
+            p = self.parent
+            p["id"] = self.client.create_run(experiment_id, start_time=p["start"], tags=p["tags"],
+                                             run_name=p["name"]).info.run_id
+            self.client.log_batch(p["id"], params=[Param(k, v) for k, v in p["params"].items()])
+        return self.parent["id"]
 
     def finish(self, outcomes: list[dict], order: Sequence[str], direction: str) -> dict:
-        try:
-            self.open()
-        except Exception as e:  # noqa: BLE001 - the store cannot even be opened
-            return unchecked(outcomes, f"the tracking store could not be opened: {store.brief(e)}", self.parent["id"])
-        return finish(self.client, self.parent["id"], outcomes, order, direction, self.helped, before=self.before)
+        return finish(self.client, self.parent["id"], outcomes, order, direction, before=self.before)
 
     def abort(self, status: str, reason: str) -> None:
-        self.open()
         abort(self.client, self.parent["id"], status, reason)
-
-
-class Helped:
-    """The sweep's parent run written by the record helper that holds the sweep's record; if it
-    ends, this process takes the parent over (``Here``: made if the helper had not made it)."""
-
-    def __init__(self, helper: writer.Helper, config: DictConfig, parent: dict, before: Callable | None = None):
-        self.helper, self.config, self.parent = helper, config, parent
-        self.here = Here(config, parent, helped=True, before=before)
-        writer.when_lost(self._take_over)
-
-    def open(self) -> None:
-        root = store.store_uri(self.config)[1]
-        self.helper.open(self.config.tracking.experiment, str(root) if root else None, self.parent)
-
-    def finish(self, outcomes: list[dict], order: Sequence[str], direction: str) -> dict:
-        """Once the helper wrote what the last jobs handed over and ended their runs."""
-        try:
-            return self.helper.ask("finish", self.parent["id"], outcomes, order, direction)
-        except writer.RecordError as e:  # the store could not be opened, or the end not written
-            return unchecked(outcomes, str(e), self.parent["id"])
-        except writer.WriterLost:
-            writer.close()
-            return self.here.finish(outcomes, order, direction)
-
-    def abort(self, status: str, reason: str) -> None:
-        """Once the helper wrote what the jobs handed over (a finished job's run stays FINISHED)."""
-        try:
-            self.helper.ask("abort", self.parent["id"], status, reason)
-        except (writer.WriterLost, writer.RecordError):
-            writer.close()
-            self.here.abort(status, reason)
-
-    def _take_over(self) -> None:
-        try:
-            self.here.open()
-        except Exception as e:  # noqa: BLE001 - the sweep's end says what could not be recorded
-            log.error("tracking: the sweep's parent run %s could not be made here: %s", self.parent["id"], e)
-
-
-def sweep_record(config: DictConfig, parent: dict, before: Callable | None = None) -> Here | Helped:
-    """Who writes the sweep's parent run ``parent`` (``describe``): the helper this process
-    started for the configured store, if it has one, else this process."""
-    helper = writer.for_store(store.store_uri(config)[0])
-    return Helped(helper, config, parent, before) if helper is not None else Here(config, parent, before=before)
 
 
 def close(client, run_id: str, status: str, reason: str | None, end_time: int | None = None) -> None:
@@ -185,13 +122,11 @@ def unchecked(outcomes: list[dict], why: str, parent_id: str) -> dict:
             "lost": unsettled(outcomes) + [f"the sweep's parent run {parent_id}"]}
 
 
-def finish(client, parent_id: str, outcomes: list[dict], order: Sequence[str], direction: str, helped: bool,
-           before=None) -> dict:
+def finish(client, parent_id: str, outcomes: list[dict], order: Sequence[str], direction: str, before=None) -> dict:
     """A sweep's end in the store: the jobs' outcomes checked against their runs (``reconcile``;
     ``before()`` first: waiting for a server), what the jobs could not record recorded
     (``settle``), the counts and best child on the parent (``summarize``), the parent closed.
-    ``helped``: a helper wrote the runs' records after their jobs ended, so a FINISHED job whose
-    run cannot be checked does not count as a success. Returns the ``counts``, the sweep's
+    Returns the ``counts``, the sweep's
     ``status`` and ``reason``, the ``summary`` and what the store did not take (``lost``)."""
     unchecked = None  # why the jobs' runs could not be compared with what the jobs said
     try:
@@ -200,9 +135,6 @@ def finish(client, parent_id: str, outcomes: list[dict], order: Sequence[str], d
         outcomes = reconcile(client, parent_id, outcomes)
     except Exception as e:  # noqa: BLE001 - said below, with the parent's other troubles
         unchecked = e
-        if helped:  # what the helper wrote after a job ended is unknown: not counted a success
-            outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
-                        if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
     counts = count(outcomes)
     status, reason = "FINISHED", None
     failed = failures(counts)
@@ -256,10 +188,8 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
 
 def reconcile(client, parent_id: str, outcomes: list[dict]) -> list[dict]:
     """The jobs' outcomes, each FINISHED job's checked against its run in the store, which has
-    the last word: a sweep's record helper (pipeline/tracking/writer.py) writes a run's
-    record, and ends it, after its job ended. A job whose run is not FINISHED counts as FAILED
-    with the run's reason; one whose run is still RUNNING (the writer did not end it), also as
-    ``unfinished``, for ``settle`` to close it FAILED."""
+    the last word. A job whose run is not FINISHED counts as FAILED with the run's reason; one
+    whose run is still RUNNING, also as ``unfinished``, for ``settle`` to close it FAILED."""
     ids = {o["run"] for o in outcomes if o.get("status") == "FINISHED" and o.get("run")}
     if not ids:
         return outcomes
@@ -273,7 +203,7 @@ def reconcile(client, parent_id: str, outcomes: list[dict]) -> list[dict]:
             checked.append({**outcome, "status": "FAILED", "reason": f"its run {outcome['run']} is not in the store"})
         elif run.info.status == "RUNNING":
             checked.append({**outcome, "status": "FAILED", "unfinished": outcome["run"],
-                            "reason": "its record was not written whole: the record helper did not end its run"})
+                            "reason": "its job ended without closing its run"})
         else:
             checked.append({**outcome, "status": "FAILED",
                             "reason": run.data.tags.get("catnet.failure") or f"its run is {run.info.status}"})
@@ -316,3 +246,37 @@ def attach(client, run_id: str, paths, folder: str) -> None:
     """Log files (a comparison of the sweep's runs, say) to a run under ``folder``."""
     for path in paths:
         client.log_artifact(run_id, str(path), folder)
+
+
+def job_record(cfg: DictConfig) -> dict:
+    """What a failed run of ``cfg`` records (its name, params as given, process tags), for the
+    sweep to record when this job could not (parent.settle)."""
+    try:
+        params = {k: v[:6000] for k, v in config.flatten(cfg, resolve=False).items()}
+    except Exception:  # noqa: BLE001 - a config that cannot even be flattened: its name is enough
+        params = {}
+    return {"name": run_name(cfg), "params": params, "tags": {**provenance_tags(), **store.process_tags()}}
+
+
+def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
+    """Record a job that failed before its run could start (a bad value, say): a FAILED run
+    with the reason, its params as given. None when the store cannot be reached."""
+    from mlflow.entities import Param
+
+    try:
+        tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
+                **provenance_tags(), **store.process_tags()}
+        if parent := parent_run_id():
+            tags["mlflow.parentRunId"] = parent
+        client, experiment_id = store.open_store(cfg)
+        run_id = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags).info.run_id
+        try:
+            client.log_batch(run_id, params=[Param(k, v[:6000])
+                                             for k, v in config.flatten(cfg, resolve=False).items()])
+        finally:
+            client.set_terminated(run_id, "FAILED")
+        return run_id
+    except Exception as e:  # noqa: BLE001 - the store is down or the config unusable: the log says it
+        log.error("tracking: could not record the failed job (%s); the sweep records it if the store answers "
+                  "by its end", store.brief(e))
+        return None

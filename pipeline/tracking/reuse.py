@@ -5,8 +5,8 @@ config without the settings that only say where and how it is recorded (``tracki
 ``paths.*``, ``sweep.*``, ``train.progress``), the code (the git commit, and only when the tree
 is clean: a dirty tree has no identity and is never reused), the data (the md5 of the
 arrays the run learns from and is judged on), and the BLAS that computes it (library, version,
-kernel and thread count: each rounds float sums its own way, pipeline/blas.py). The look-up is one query on that tag, asked of
-whoever writes the sweep's record (a helper answers once it wrote what it was handed before).
+kernel and thread count: each rounds float sums its own way, pipeline/blas.py). The look-up is
+one query on that tag.
 
 A matched job links the earlier run under its own sweep's parent: a child run holding the same
 params, the earlier run's final metrics and model URI, and the tag ``catnet.reused_from``; it
@@ -24,7 +24,7 @@ import time
 from omegaconf import DictConfig
 
 from pipeline import config
-from pipeline.tracking import names, record, store
+from pipeline.tracking import names, query, store
 from pipeline.tracking.query import IDENTITY_TAG, REUSED_TAG, Earlier
 NOT_IDENTITY = ("tracking.", "paths.", "sweep.")  # where and how a run is recorded, not what it is
 NOT_IDENTITY_KEYS = {"train.progress"}
@@ -73,12 +73,17 @@ def run_tags(data_digest: str, key: str | None) -> dict[str, str]:
 
 def find(cfg: DictConfig, key: str) -> Earlier | None:
     """The earliest FINISHED run of the experiment that trained with this identity, or None."""
-    return record.recorder(cfg).find(key)
+    client, experiment_id = store.open_store(cfg)
+    return query.identical(client, experiment_id, key)
 
 
 def link(cfg: DictConfig, original: Earlier, tags: dict[str, str] | None = None) -> str:
     """A FINISHED child of this sweep's parent standing for ``original`` (with ``tags`` of its
     own: an Optuna trial's); returns its id."""
+    from mlflow.entities import Metric, Param
+
+    from pipeline.tracking.run import status_after
+
     tags = {**(tags or {}), "mlflow.source.name": "pipeline", REUSED_TAG: original.run_id,
             IDENTITY_TAG: original.tags[IDENTITY_TAG], **store.process_tags()}
     for key in ("catnet.model_uri", "catnet.trained", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
@@ -86,16 +91,16 @@ def link(cfg: DictConfig, original: Earlier, tags: dict[str, str] | None = None)
             tags[key] = original.tags[key]
     if parent := names.parent_run_id():
         tags["mlflow.parentRunId"] = parent
-    params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
-    recorder = record.recorder(cfg)
-    run_id = recorder.create(names.run_name(cfg), tags, int(time.time() * 1000))
+    client, experiment_id = store.open_store(cfg)
+    run_id = client.create_run(experiment_id, run_name=names.run_name(cfg), tags=tags,
+                               start_time=int(time.time() * 1000)).info.run_id
     try:
-        recorder.write(run_id, "params", params)
-        recorder.write(run_id, "metrics", original.metrics, 0)
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in config.flatten(cfg).items()],
+                         metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in original.metrics.items()])
     except BaseException as e:  # Ctrl-C / SIGTERM too: KILLED then
-        recorder.end(run_id, record.status_after(e))
+        client.set_terminated(run_id, status_after(e))
         raise
-    recorder.end(run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

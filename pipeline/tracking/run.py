@@ -4,11 +4,10 @@ A pipeline execution is one MLflow run. ``open_run`` creates it, or continues th
 train stage handed over (evaluate stage, when ``dvc repro`` runs the stages as separate
 processes), and sets its status honestly: FINISHED only when the last stage succeeded, FAILED
 (or KILLED on Ctrl-C / SIGTERM) with the reason as a tag when a stage raised. Per-epoch metrics
-are buffered and handed over in batches; a run ends only after they are written. Who writes the
-record (this process, or a sweep's record helper) is chosen once, when the run opens
-(pipeline/tracking/record.py); a run only calls that interface. Every file a run logs is first
-written into a folder private to that run, so what it uploads is its own, whatever else runs
-beside it.
+are buffered and written in batches (``log_batch``); a run ends only after they are written.
+Every run is written the same way, by its own process's MLflow client: a single run, a DVC
+stage, a job of any sweep on any launcher. Every file a run logs is first written into a folder
+private to that run, so what it uploads is its own, whatever else runs beside it.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from catnet.errors import ConfigError, TrainingDiverged, TrialPruned
 from pipeline import config
-from pipeline.common import atomic_write, told
-from pipeline.tracking import record, store, writer
+from pipeline.common import Terminated, atomic_write, told
+from pipeline.tracking import store
 from pipeline.tracking.names import parent_run_id, provenance_tags, run_name
-from pipeline.tracking.record import status_after
 
 log = logging.getLogger("catnet")
 PRUNED_TAG = "catnet.pruned_step"  # a run an Optuna search's pruner stopped (KILLED): at which step
@@ -47,9 +45,7 @@ class NullRun:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_model(self, weights: dict, normalizer: dict, example) -> None: ...
-    def log_arrays(self, name: str, arrays: dict) -> None: ...
-    def log_model_from_files(self, normalizer: dict) -> None: ...
+    def log_model(self, weights: dict, normalizer: dict, example=None) -> None: ...
     def send(self) -> None: ...
     def flush(self) -> None: ...
     def end(self, status: str, reason: str | None = None) -> None: ...
@@ -73,23 +69,27 @@ class NullRun:
 
 
 class MlflowRun(NullRun):
-    """A tracked run: what the stages log goes to its ``recorder`` (record.Recorder)."""
+    """A tracked run, written by this process's MLflow client (``store.client``: of a server, one
+    that waits out an outage), the same way for a single run, a DVC stage and any sweep's job."""
 
-    def __init__(self, recorder: record.Recorder, run_id: str, tracking_uri: str | None = None):
+    def __init__(self, client, run_id: str, tracking_uri: str | None = None, flush_seconds: float = 10.0):
         super().__init__()
-        self.recorder = recorder
+        self.client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.private = Path(tempfile.mkdtemp(prefix=f"catnet-run-{run_id[:8]}-"))  # this run's files
-        self._buffer: list[record.Point] = []
+        self.flush_seconds = flush_seconds
+        self._buffer: list = []  # (key, value, time, epoch) tuples not yet written
         self.published: list[Path] = []  # the stage outputs it wrote (log_output)
         self._last_send = time.time()
-        self._params: dict[str, str] = {}
+        self._unsent: BaseException | None = None  # why the points of the epochs are not written yet
 
     @classmethod
     def create(cls, cfg: DictConfig, tags: dict[str, str] | None = None) -> "MlflowRun":
         """A new run of ``cfg``, with its params and composed config."""
-        recorder = record.recorder(cfg)
+        from mlflow.entities import Param
+
+        client, experiment_id = store.open_store(cfg)
         tags = {
             "mlflow.source.name": "pipeline",
             "mlflow.source.type": "LOCAL",
@@ -101,13 +101,14 @@ class MlflowRun(NullRun):
         if parent := parent_run_id():
             tags["mlflow.parentRunId"] = parent
         name = run_name(cfg)
-        self = cls(recorder, recorder.create(name, tags, int(time.time() * 1000)), store.store_uri(cfg)[0])
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags,
+                                   start_time=int(time.time() * 1000)).info.run_id
+        self = cls(client, run_id, store.store_uri(cfg)[0], float(cfg.tracking.flush_seconds))
         try:
-            self._params = {k: v[:6000] for k, v in config.flatten(cfg).items()}
-            self._record("params", self._params)
+            client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in config.flatten(cfg).items()])
             composed = self.private / "config.yaml"
             composed.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            self._record("log_artifact", str(composed))
+            client.log_artifact(run_id, str(composed))
         except BaseException as e:  # Ctrl-C / SIGTERM here too: a sweep stopped as this job's run starts
             mark(e, ended=self.run_id)
             _end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
@@ -125,8 +126,7 @@ class MlflowRun(NullRun):
         from mlflow.exceptions import MlflowException
 
         resolved = OmegaConf.merge(cfg, {"tracking": {"uri": info.get("tracking_uri")}})
-        direct = record.Direct(resolved)
-        client = direct.client
+        client, _ = store.open_store(resolved)
         run_id = info["run_id"]
         try:
             run = client.get_run(run_id)
@@ -135,8 +135,7 @@ class MlflowRun(NullRun):
                         run_id, client.tracking_uri)
             return cls.create(resolved, tags={"catnet.weights_run_id": run_id})
         if run.info.status == "RUNNING":
-            self = cls(direct, run_id, client.tracking_uri)
-            self._params = dict(run.data.params)
+            self = cls(client, run_id, client.tracking_uri, float(cfg.tracking.flush_seconds))
             if store.HANDOFF_TAG in run.data.tags:
                 client.delete_tag(run_id, store.HANDOFF_TAG)
             self.set_tags(store.process_tags())
@@ -153,38 +152,48 @@ class MlflowRun(NullRun):
         """The data this run reads, as an MLflow dataset input: the md5 of its arrays as the
         digest (the run's tag catnet.data.md5 too: ``reuse.run_tags``) and the files they came from
         (paths relative to the project)."""
-        self._record("inputs", digest, sources)
-
-    def _record(self, kind: str, *args) -> None:
-        self.recorder.write(self.run_id, kind, *args)
+        log_data(self.client, self.run_id, digest, sources)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Buffer one epoch's metrics (a tuple append: training steps can take microseconds);
-        every ``recorder.send_seconds`` the buffer is handed over (``send``)."""
+        every ``tracking.flush_seconds`` the buffer is written (``send``)."""
         now = time.time()
-        for key, value in metrics.items():  # flat tuples of atomic values: the garbage collector
-            self._buffer.append((key, value, now, epoch))  # stops tracking them, unlike kept dicts
-        if now - self._last_send >= self.recorder.send_seconds:
-            self.send()
+        for key, value in metrics.items():
+            self._buffer.append((key, value, now, epoch))
+        if now - self._last_send >= self.flush_seconds and self._unsent is None:
+            try:
+                self.send()
+            except Exception as e:  # noqa: BLE001 - training goes on; the points stay, flush() says it
+                if not store.unreachable(e):
+                    raise
+                self._unsent = e  # the server stayed away longer than tracking.retry_seconds
 
     def send(self) -> None:
-        """Hand the buffered epochs to the recorder, which writes them while the caller trains."""
+        """Write the buffered epochs: one ``log_batch`` (MLflow splits it in requests of 1,000
+        points); they stay buffered if the store does not take them."""
+        from mlflow.entities import Metric
+
         if self._buffer:
-            self.recorder.points(self.run_id, self._buffer)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), int(t * 1000), step)
+                                                        for k, v, t, step in self._buffer])
             self._buffer = []
         self._last_send = time.time()
 
     def flush(self) -> None:
-        """Send the buffer and wait until what this process writes itself is written (raises if
-        writing failed); a sweep's record helper writes the run's end after its points."""
+        """Write what is buffered (one more wait for a server that stayed away while it trained)."""
+        self._unsent = None
         self.send()
-        self.recorder.flush()
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        self._record("metrics", {k: float(v) for k, v in metrics.items()}, int(time.time() * 1000))
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._record("tags", {k: str(v) for k, v in tags.items()})
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_output(self, path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
         """Write the file into this run's private folder, publish it as the stage output ``path``
@@ -195,42 +204,63 @@ class MlflowRun(NullRun):
             write(f)
         atomic_write(path, lambda f: f.write(private.read_bytes()), mode="wb")
         self.published.append(path)
-        self._record("log_artifact", str(private))
+        self.client.log_artifact(self.run_id, str(private))
 
     def kept(self) -> str:
         """Where this run's trained weights are on disk, for the reason of a run the store lost."""
         weights = [str(p) for p in self.published if p.name == "weights.npz" and p.exists()]
         return f"; its trained weights are kept in {weights[0]}" if weights else ""
 
-    def log_model(self, weights: dict, normalizer: dict, example) -> None:
-        """The network as the pyfunc model ``model`` of this run, in its experiment; its URI
-        (``models:/<model id>``) goes in the tag catnet.model_uri."""
-        self._record("model", str(self.private), weights, normalizer, example, self._params)
+    def log_model(self, weights: dict, normalizer: dict, example=None) -> None:
+        """The network as the pyfunc model ``model`` of this run (pipeline/tracking/model.py); its
+        URI (``models:/<model id>``) goes in the tag catnet.model_uri."""
+        from pipeline.tracking.model import log_model
 
-    def log_arrays(self, name: str, arrays: dict) -> None:
-        """Log named arrays as the artifact ``name`` (a .npz file)."""
-        from pipeline.tracking.model import weights_bytes
-
-        path = self.private / name
-        path.write_bytes(weights_bytes(arrays))
-        self._record("log_artifact", str(path))
-
-    def log_model_from_files(self, normalizer: dict) -> None:
-        """A sweep's job: normalizer.npz beside the weights.npz it logged, and the model made from
-        the two by whoever writes the run's record (the sweep's helper, while the next job trains,
-        if it has one); tag catnet.model_uri."""
-        self.log_arrays("normalizer.npz", normalizer)
-        self._record("model_from_files", str(self.private), self._params)
+        uri = log_model(self.client, self.run_id, self.private, weights, normalizer, example)
+        self.set_tags({"catnet.model_uri": uri})
 
     def end(self, status: str, reason: str | None = None) -> None:
-        """End the run with ``status`` (record.Recorder.end); its private folder goes once logged.
-        RecordLost if the store does not take it; WriterLost if the helper writing it ended (the
-        run is FAILED then)."""
+        """End the run with ``status`` (the reason in tag catnet.failure); its private folder goes.
+        RecordLost if the store does not take it."""
         try:
-            self.recorder.end(self.run_id, status, reason, str(self.private))
-        except writer.WriterLost as lost:
-            mark(lost, ended=self.run_id)  # ended FAILED
-            raise
+            if reason:
+                self.client.set_tag(self.run_id, "catnet.failure", reason[:5000])
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:  # noqa: BLE001 - the server is gone: say which run stays RUNNING
+            raise store.RecordLost(self.run_id, status, e) from e
+        finally:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+def status_after(error: BaseException) -> str:
+    """The status of a run that ``error`` stopped: KILLED for Ctrl-C / SIGTERM and for a search's
+    pruner, else FAILED."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated, TrialPruned)) else "FAILED"
+
+
+UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def log_data(client, run_id: str, digest: str, sources: dict[str, str], attempts: int = 5) -> None:
+    """The dataset input of a run: ``client.log_inputs``, retried when a parallel job inserted the
+    same dataset first (MLflow's SQL store looks it up, then inserts it: two first runs on one
+    store can both insert it and one fails on the UNIQUE constraint of SQLite, PostgreSQL or
+    MySQL; on retry it finds the row and links it)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+
+    dataset = Dataset(name="catvnoncat", digest=digest, source_type="local", source=json.dumps(sources))
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as e:
+            if not any(m in str(e) for m in UNIQUE_VIOLATIONS) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 class ServerLost(store.ServerUnreachable):
@@ -299,39 +329,6 @@ def supersede(cfg: DictConfig, previous: dict) -> None:
         client.set_tag(run.info.run_id, "catnet.failure",
                        "superseded: the train stage ran again before the evaluate stage continued this run")
         client.set_terminated(run.info.run_id, "KILLED")
-
-
-def job_record(cfg: DictConfig) -> dict:
-    """What a failed run of ``cfg`` records (its name, params as given, process tags), for the
-    sweep to record when this job could not (parent.settle)."""
-    try:
-        params = {k: v[:6000] for k, v in config.flatten(cfg, resolve=False).items()}
-    except Exception:  # noqa: BLE001 - a config that cannot even be flattened: its name is enough
-        params = {}
-    return {"name": run_name(cfg), "params": params, "tags": {**provenance_tags(), **store.process_tags()}}
-
-
-def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
-    """Record a job that failed before its run could start (a bad value, say): a FAILED run
-    with the reason, its params as given. None when the store cannot be reached."""
-    try:
-        tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
-                **provenance_tags(), **store.process_tags()}
-        if parent := parent_run_id():
-            tags["mlflow.parentRunId"] = parent
-        recorder = record.recorder(cfg)  # a sweep's helper says at the sweep's end if it could not record it
-        run_id = recorder.create(run_name(cfg), tags, int(time.time() * 1000))
-        try:
-            recorder.write(run_id, "params", {k: v[:6000] for k, v in config.flatten(cfg, resolve=False).items()})
-        finally:
-            recorder.end(run_id, "FAILED")
-        return run_id
-    except writer.RecordError:  # the sweep's helper could not open the store: the sweep's end says so
-        return None
-    except Exception as e:  # noqa: BLE001 - the store is down or the config unusable: the log says it
-        log.error("tracking: could not record the failed job (%s); the sweep records it if the store answers "
-                  "by its end", store.brief(e))
-        return None
 
 
 @contextmanager

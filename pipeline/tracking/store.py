@@ -157,7 +157,7 @@ def patiently(uri: str, seconds: float | None, call, *args, **kwargs):
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             continue
         if since is not None:
-            with contextlib.suppress(IndexError):  # the points' thread may have said it first
+            with contextlib.suppress(IndexError):  # another thread may have said it first
                 log.info("tracking: the server at %s answers again after %.0f s", uri,
                          time.monotonic() - _LOST_SINCE.pop())
         return result
