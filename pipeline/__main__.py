@@ -12,13 +12,14 @@ import sys
 
 import logging  # noqa: E402
 import math  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from catnet.errors import CatnetError, TrainingDiverged, TrialPruned  # noqa: E402
-from pipeline import curve, evaluate, ledger, load, normalize, search, tracking, train  # noqa: E402
-from pipeline.common import CONF_DIR, ROOT, Terminated, blas_settled, is_multirun, run_cli, run_main, told  # noqa: E402
+from pipeline import curve, evaluate, load, normalize, search, tracking, train  # noqa: E402
+from pipeline.common import CONF_DIR, ROOT, blas_settled, is_multirun, run_cli, run_main, told  # noqa: E402
 from pipeline.config import prepare  # noqa: E402
 from pipeline.tracking.query import metric_order, objective_value  # noqa: E402
 
@@ -63,29 +64,22 @@ def objective(cfg: DictConfig, metrics: dict) -> float:
 
 def _job(raw: DictConfig) -> float | dict:
     """One job of a sweep: a bad value or file, or a diverging run, fails this job (its run
-    FAILED with the reason, one line in the log, FAILED in the sweep's ledger) and the sweep
-    goes on; any other error too, with its traceback. The sweeper gets the objective, or how the
-    job ended instead (pipeline/search.py: ``ended``). The sweep's summary counts a job whose
+    FAILED with the reason, one line in the log) and the sweep goes on; any other error too, with
+    its traceback. The sweeper gets the objective, or how the job ended instead
+    (pipeline/search.py: ``ended``). The sweep's summary, read from the runs, counts a job whose
     training diverged or collapsed apart (a result of its configuration: the sweep still exits
     0), and one an Optuna search pruned (its run KILLED, tagged with the step), any other
     failure as failed (exit 1)."""
-    entry = ledger.job_started()
     cfg = None  # until the values pass their checks
     blas_settled()
     try:
         cfg = prepare(raw, ROOT)
-        ledger.wait_for_store(cfg)
-        metrics = run_all(cfg)
-        value = objective(cfg, metrics)
-        ledger.job_ended(entry, "FINISHED", reused=metrics.get(REUSED), run=metrics.get(RUN))
+        tracking.store.wait_for_server(cfg, _sweep_dir())
+        value = objective(cfg, run_all(cfg))
         return search.ended("failed", reason=f"{cfg.sweep.objective} is NaN") if math.isnan(value) else value
     except TrialPruned as e:
         log.info("%s", e)
-        ledger.job_ended(entry, "KILLED", str(e), unfinished=tracking.run.unfinished(e), pruned=e.step)
         return search.ended("pruned", value=e.value, step=e.step)
-    except (KeyboardInterrupt, Terminated) as e:
-        ledger.job_ended(entry, "KILLED", type(e).__name__, unfinished=tracking.run.unfinished(e))
-        raise
     except Exception as e:  # noqa: BLE001 - a bug or an outage fails this job, not the whole sweep
         reason = f"{type(e).__name__}: {told(e)}"
         if isinstance(e, CatnetError):
@@ -99,10 +93,17 @@ def _job(raw: DictConfig) -> float | dict:
         if raw.tracking.enabled and not tracking.run.recorded(e):  # failed before its run existed
             if tracking.parent.failed_run(cfg or raw, e) is None:  # the store is down: the sweep records it later
                 unrecorded = tracking.parent.job_record(cfg or raw)
-        diverged = isinstance(e, TrainingDiverged)
-        ledger.job_ended(entry, "FAILED", reason, unfinished=tracking.run.unfinished(e), unrecorded=unrecorded,
-                         diverged=diverged)
-        return search.ended("failed", reason=reason, diverged=diverged)
+        return search.ended("failed", reason=reason, diverged=isinstance(e, TrainingDiverged),
+                            run=tracking.run.unfinished(e), job=unrecorded)
+
+
+def _sweep_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(str(HydraConfig.get().sweep.dir))
+    except ValueError:  # no Hydra config: a job called outside Hydra (a test)
+        return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from catnet.errors import ConfigError
 from pipeline.common import ROOT
-from pipeline.tracking.names import lock_digest as digest
+from pipeline.provenance import lock_digest as digest
 
 CACHE = ROOT / ".cache" / "envs"
 TRY_CURRENT = "env=current trains in this environment instead"

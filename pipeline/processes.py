@@ -161,3 +161,18 @@ def _first_holder(pid: int, port: int) -> int:
         return proc.pid
     except psutil.Error:
         return pid
+
+
+def process_alive(pid: int, started: float) -> bool:
+    """Whether the process that started the run still exists (same pid and start time)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started != started or abs(proc.create_time() - started) < 1.0  # NaN: start unknown
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # no permission to look: it exists
+        return True

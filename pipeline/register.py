@@ -7,7 +7,7 @@
 Picks, among the FINISHED runs that trained, the best by the one ranking rule
 (pipeline/tracking/query.py: ``metric``, validation balanced accuracy by default, then the
 cross-validated one, then ``fallback``, the training set's; never a test metric), registers its
-model under ``name`` (made from its weights first if it is a sweep's child that has none: model.ensure)
+model under ``name``
 and points ``alias`` at that version. With ``run_id``, that run is registered instead (a FINISHED
 run that trained, or a sweep's link to one: the run it reuses).
 """

@@ -97,9 +97,24 @@ def check(conf: Mapping[str, Any]) -> None:
 
 
 def ended(state: str, *, value: float | None = None, step: int | None = None, reason: str | None = None,
-          diverged: bool = False) -> dict:
-    """What a job that did not complete returns to the sweeper (module doc)."""
-    return {"state": state, "value": value, "step": step, "reason": reason, "diverged": diverged}
+          diverged: bool = False, run: str | None = None, job: dict | None = None) -> dict:
+    """What a job that did not complete returns to the sweeper (module doc); ``run``: its MLflow
+    run, if it has one; ``job``: its run's name and params, for the sweep to record it if it has
+    none (the store was down: pipeline/tracking/parent.py)."""
+    return {"state": state, "value": value, "step": step, "reason": reason, "diverged": diverged, "run": run,
+            "job": job}
+
+
+def lost(overrides, reason: str):
+    """A job its launcher lost (a Ray task, a SLURM job ended without a result): its return to the
+    sweeper, failed with ``reason``, so the sweep goes on (its run, if it made one and could not
+    end it, is closed FAILED at the sweep's end)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    log.error("catnet: error: job %s: %s", " ".join(overrides), reason)
+    job = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    job.return_value = ended("failed", reason=reason)
+    return job
 
 
 class SearchStopped(Terminated):

@@ -3,10 +3,11 @@
 ``MlflowSweep`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``); it runs in the
 process that launches the sweep. Before any job starts it creates the SQLite store, the
 experiment and the parent run, so parallel jobs never race to create them, and hands the
-parent's id to the jobs through the environment (``names.PARENT_ENV``, inherited by joblib's and
-local Ray's workers, carried by the Ray cluster and SLURM launchers). Every job also leaves its
-outcome in the sweep's ledger (pipeline/ledger.py), so the sweep knows how many jobs finished and
-failed even with tracking off or the store down.
+parent's id to the jobs through the environment (``provenance.PARENT_ENV``, inherited by joblib's and
+local Ray's workers, carried by the Ray cluster and SLURM launchers). Each job's outcome is its
+run in the store (status and tags), which the sweep reads at its end; catnet's sweepers also hand
+it each job's return (``returned``), so that it knows the jobs of an untracked sweep, or of one whose
+store does not answer at its end, and a job that failed without a run.
 
 When the sweep ends the parent records the number of jobs, finished, failed and diverged, and the
 best child by the one ranking rule (pipeline/tracking/query.py: validation, then cross-validation,
@@ -20,10 +21,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from catnet.errors import CatnetError, ConfigError, check_choice
-from pipeline import common, ledger, search
-from pipeline.ledger import LEDGER_ENV
+from pipeline import common, search
 from pipeline.tracking import parent
+from pipeline.tracking.store import UNREACHABLE
+
 log = logging.getLogger("catnet")
+JOBS: list = []  # the returns (Hydra JobReturns) of the jobs of the sweep this process runs
+
+
+def returned(job) -> None:
+    """A job of this process's sweep ended: its JobReturn (catnet's sweepers call this)."""
+    JOBS.append(job)
 
 
 def _optuna_logs_as_hydra_s(config: DictConfig) -> None:
@@ -51,7 +57,6 @@ class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.record: parent.Parent | None = None  # the parent run, if tracked
         self.parent_id: str | None = None  # until the parent run is closed
-        self.ledger: Path | None = None
 
     def __getstate__(self) -> dict:
         """Hydra pickles its callbacks into joblib's workers, which call none of these hooks: the
@@ -71,8 +76,7 @@ class MlflowSweep(Callback):
             print(f"catnet: error: {common.told(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         _optuna_logs_as_hydra_s(config)
-        self.ledger = Path(tempfile.mkdtemp(prefix="catnet-sweep-"))
-        os.environ[LEDGER_ENV] = str(self.ledger)
+        JOBS.clear()
         signal.signal(signal.SIGTERM, common.raise_terminated)  # stop the way Ctrl-C stops
         common.ABORT_HOOKS.append(self.abort)
         atexit.register(self._abandoned)  # the sweep stopped another way: on_multirun_end never came
@@ -99,23 +103,21 @@ class MlflowSweep(Callback):
             **({"sweep.study": str(hc.sweeper.study_name), "sweep.storage": search.shown(hc.sweeper.storage),
                 "sweep.pruner": str(hc.sweeper.pruner)} if hc.sweeper.get("study_name") else {}),
         })
-        self.record = parent.Parent(config, top, before=lambda: ledger.wait_for_store(config))
+        self.record = parent.Parent(config, top, before=lambda: tracking.store.wait_for_server(
+            config, Path(str(config.hydra.sweep.dir))))
         self.parent_id = self.record.open()
         os.environ[tracking.PARENT_ENV] = self.parent_id
         log.info("sweep: MLflow parent run %s", self.parent_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        outcomes = self._close_ledger()
-        result = None
+        jobs, JOBS[:] = list(JOBS), []
         if self.parent_id is not None:
-            result = self.record.finish(outcomes, _order(config), config.sweep.direction)
+            result = self.record.finish(jobs, _order(config), config.sweep.direction)
             self.parent_id = None
             _clear_env()
-        if result is None:  # untracked
-            counts = parent.count(outcomes)
-            failed = parent.failures(counts)
-            result = {"counts": counts, "status": "FAILED" if failed else "FINISHED", "summary": {}, "lost": [],
-                      "reason": f"{failed} of {counts['jobs']} jobs failed" if failed else None}
+        else:  # untracked: what the jobs returned
+            result = parent.summary_of([parent.returned(job) for job in jobs])
+        (Path(str(config.hydra.sweep.dir)) / UNREACHABLE).unlink(missing_ok=True)
         counts, status, reason, summary, lost = (result[k] for k in ("counts", "status", "reason", "summary", "lost"))
         best = (f"; best {summary['best_run_name']!r} ({summary['best_run_id']}) by {summary['objective']}"
                 if summary.get("best_run_id") else "")
@@ -133,7 +135,7 @@ class MlflowSweep(Callback):
         """Ctrl-C / SIGTERM in the launching process: the parent and every child still running
         are KILLED (a child's own process marks its run too, if it gets the chance); a finished
         job's run stays FINISHED."""
-        self._close_ledger()
+        JOBS.clear()
         if self.parent_id is not None:
             self.parent_id = None
             try:
@@ -144,15 +146,6 @@ class MlflowSweep(Callback):
     def _abandoned(self) -> None:
         if self.parent_id is not None:
             self.abort("FAILED", "it ended before its summary")
-
-    def _close_ledger(self) -> list[dict]:
-        if self.ledger is None:
-            return []
-        outcomes = ledger.read(self.ledger)
-        shutil.rmtree(self.ledger, ignore_errors=True)
-        os.environ.pop(LEDGER_ENV, None)
-        self.ledger = None
-        return outcomes
 
 
 def _launcher(config: DictConfig) -> str:
@@ -226,8 +219,6 @@ def _order(config: DictConfig) -> list[str]:
 def remote_ray_address(config: DictConfig) -> str | None:
     """The Ray cluster address the sweep's launcher connects to, if that cluster lies on another
     host (neither ``auto``, ``local`` nor a loopback address)."""
-    from pipeline.tracking.store import is_loopback
-
     launcher = config.hydra.launcher
     if "ray" not in str(launcher.get("_target_", "")).lower():
         return None
@@ -242,8 +233,6 @@ def remote_ray_address(config: DictConfig) -> str | None:
 
 def refuse_unreachable_store(config: DictConfig) -> None:
     """Jobs on another host cannot write to this machine's SQLite file or loopback server."""
-    from pipeline.tracking.store import only_this_host
-
     address = remote_ray_address(config)
     if address and config.tracking.enabled and only_this_host(config):
         raise ConfigError(f"tracking.uri={config.tracking.uri}: the jobs run on the Ray cluster at {address}, "
@@ -259,7 +248,7 @@ def sweep_name(config: DictConfig) -> tuple[str, str]:
     description (the run's note): the whole command line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from pipeline.tracking.names import short_keys, short_name
+    from pipeline.provenance import short_keys, short_name
 
     overrides = [o for o in config.hydra.overrides.task
                  if not o.lstrip("+~").startswith(("tracking.", "hydra", "paths.", "hparams_search="))]
@@ -296,3 +285,22 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys = [o.get_key_element() for o in parsed if o.is_sweep_override()]
     params = config.hydra.sweeper.get("params") or {}
     return keys + [k for k in params if k not in keys]
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def only_this_host(cfg: DictConfig) -> bool:
+    """Whether the configured store can be reached from this machine only: a SQLite file, or a
+    server at a loopback address (which, on another machine, names that machine)."""
+    from urllib.parse import urlparse
+
+    uri = cfg.tracking.uri or ""
+    if not uri or uri.startswith("sqlite:"):
+        return True
+    return uri.startswith(("http://", "https://")) and is_loopback(urlparse(uri).hostname or "")

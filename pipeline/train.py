@@ -187,7 +187,7 @@ def _stage(cfg: DictConfig) -> None:
     for stale in (out.run_info, out.weights):  # a failed run leaves no weights to evaluate
         stale.unlink(missing_ok=True)
     if cfg.tracking.enabled and previous and previous.get("run_id"):
-        tracking.run.supersede(cfg, previous)  # its weights are gone: evaluate can never continue it
+        tracking.life.supersede(cfg, previous)  # its weights are gone: evaluate can never continue it
     splits, normalizer = load.read(cfg), normalize.read(cfg)
     digest = load.digest(splits)
     key = tracking.reuse.identity(cfg, digest) if cfg.tracking.enabled else None

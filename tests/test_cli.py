@@ -333,7 +333,7 @@ def test_a_run_records_which_blas_computed_it_and_with_how_many_threads():
     when the run opens, which the sums, and so the weights' last bits, may depend on."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from pipeline.tracking.names import blas
+    from pipeline.provenance import blas
 
     lib = next(i for i in threadpool_info() if i["user_api"] == "blas")
     with threadpool_limits(limits=1):

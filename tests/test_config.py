@@ -183,7 +183,7 @@ def _sweep_config(*overrides: str):
 
 
 def test_names_keep_numbers_short():
-    from pipeline.tracking.names import short_name, short_value
+    from pipeline.provenance import short_name, short_value
 
     assert short_value("2.0876396919207562e-05") == "2.09e-05" and short_value("0.000214") == "0.000214"
     assert short_value("0.005") == "0.005" and short_value("1000") == "1000" and short_value("[64,16]") == "[64,16]"

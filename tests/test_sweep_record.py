@@ -104,3 +104,49 @@ def test_a_store_that_cannot_be_opened_fails_the_sweep_before_any_job_on_one_lin
     assert "Traceback" not in out
     _, runs = runs_of(store["uri"], "gone")
     assert runs == []
+
+
+def test_a_sweeps_counts_and_best_child_come_from_its_runs(tmp_path):
+    """parent.finish reads the children in the store: a child left RUNNING is closed FAILED, a job
+    whose return says it failed without a run gets a FAILED child (its name and params), results
+    (diverged, pruned, reused) are counted apart; the best child is the best FINISHED one."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from mlflow.entities import Metric, RunTag
+
+    from pipeline import search
+    from pipeline.tracking import parent
+
+    client, _ = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("test")
+    top = client.create_run(exp, run_name="sweep").info.run_id
+
+    def child(name, status, metric=None, **tags):
+        run = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": top, **tags}).info.run_id
+        if metric is not None:
+            client.log_batch(run, metrics=[Metric("val/balanced_accuracy", metric, 0, 0)],
+                             tags=[RunTag("catnet.model_uri", f"models:/m-{name}")])
+        if status:
+            client.set_terminated(run, status)
+        return run
+
+    child("good", "FINISHED", 0.8)
+    best = child("better", "FINISHED", 0.9)
+    child("link", "FINISHED", 0.7, **{"catnet.reused_from": best})
+    child("diverged", "FAILED", **{"catnet.diverged_epoch": "3"})
+    child("pruned", "KILLED", **{"catnet.pruned_step": "2"})
+    left = child("left", None)
+    job = JobReturn(overrides=["seed=9"], status=JobStatus.COMPLETED)
+    job.return_value = search.ended("failed", reason="ServerUnreachable: gone",
+                                    job={"name": "#9 seed=9", "params": {"seed": "9"}, "tags": {}})
+    result = parent.finish(client, top, [job], ["val/balanced_accuracy"], "maximize")
+    assert result["counts"] == {"jobs": 7, "finished": 3, "failed": 2, "diverged": 1, "pruned": 1, "killed": 0,
+                                "running": 0, "reused": 1}
+    assert result["status"] == "FAILED" and result["reason"] == "2 of 7 jobs failed" and result["lost"] == []
+    assert result["summary"]["best_run_id"] == best
+    assert client.get_run(left).info.status == "FAILED"
+    assert "its job ended without closing its run" in client.get_run(left).data.tags["catnet.failure"]
+    made = [r for r in parent.children(client, top) if r.info.run_name == "#9 seed=9"]
+    assert [(r.info.status, r.data.params) for r in made] == [("FAILED", {"seed": "9"})]
+    assert "recorded by the sweep" in made[0].data.tags["catnet.failure"]
+    finished = client.get_run(top)
+    assert finished.info.status == "FAILED" and finished.data.metrics["sweep/reused"] == 1

@@ -168,26 +168,23 @@ def test_a_job_in_another_process_gets_its_config_from_the_first_jobs_when_it_ch
     assert out["alone"] == {"same": True, "composed": [["seed=3", "train.lr=0.2"]]}
 
 
-def test_a_job_its_launcher_lost_is_counted_failed_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    """What the Ray and SLURM launchers do with a job their engine lost (ledger.lost), and with one
-    that came back (ledger.returned), without either engine: the lost one is FAILED in the sweep's
-    ledger with its reason and counted failed (the sweep exits 1), the sweeper gets a failed trial
-    and goes on; the returned one enters the outcomes it carried."""
+def test_a_job_its_launcher_lost_is_counted_failed_and_the_sweep_goes_on():
+    """What the Ray and SLURM launchers return for a job their engine lost (search.lost), without
+    either engine: a failed trial for the sweeper, which goes on; the sweep counts it failed (exit 1)
+    beside a job that came back, a pruned one and a diverged one (results, not failures)."""
     from hydra.core.utils import JobReturn, JobStatus
 
-    from pipeline import ledger
+    from pipeline import search
     from pipeline.tracking import parent
 
-    monkeypatch.setenv(ledger.LEDGER_ENV, str(tmp_path))
-    job = ledger.lost(["seed=3"], "the Ray task was lost: WorkerCrashedError: the worker died")
+    job = search.lost(["seed=3"], "the Ray task was lost: WorkerCrashedError: the worker died")
     assert job.status == JobStatus.COMPLETED and job.overrides == ["seed=3"]
     assert job.return_value["state"] == "failed" and "WorkerCrashedError" in job.return_value["reason"]
-    back = JobReturn(overrides=["seed=4"], status=JobStatus.COMPLETED)
-    back.return_value = (0.75, [{"status": "FINISHED", "run": "abc"}])
-    assert ledger.returned(back).return_value == 0.75
-    outcomes = ledger.read(tmp_path)
-    counts = parent.count(outcomes)
-    assert (counts["jobs"], counts["finished"], counts["failed"], counts["diverged"]) == (2, 1, 1, 0)
-    assert parent.failures(counts) == 1
-    assert [o["reason"] for o in outcomes if o["status"] == "FAILED"] == [
-        "the Ray task was lost: WorkerCrashedError: the worker died"]
+    others = []
+    for value in (0.75, search.ended("pruned", value=0.5, step=3), search.ended("failed", diverged=True)):
+        others.append(JobReturn(overrides=["seed=4"], status=JobStatus.COMPLETED))
+        others[-1].return_value = value
+    result = parent.summary_of([parent.returned(j) for j in [job, *others]])
+    counts = result["counts"]
+    assert (counts["jobs"], counts["finished"], counts["failed"], counts["pruned"], counts["diverged"]) == (4, 1, 1, 1, 1)
+    assert result["status"] == "FAILED" and result["reason"] == "1 of 4 jobs failed"

@@ -8,8 +8,7 @@ sweep folder (``${now:...}``) anew where it runs. This launcher, its subclass, c
 cluster at ``hydra.launcher.ray.init.address`` (``auto``, ``<host>:<port>`` or ``ray://<host>:10001``)
 with nothing but the address and a ``runtime_env`` that carries what each job needs (the parent
 run, the swept keys), and gives every job the sweep folder as the driver resolved it, absolute.
-Each job's outcome comes back with its value through Ray (the sweep's ledger is a folder on the
-driver's disk) and is entered there, so the sweep counts the jobs of every node. Each node needs
+Each job writes its own run (its outcome) to the store; a task Ray lost is a failed job. Each node needs
 the project's checkout at the same path and its data (``dvc pull``); the record goes to
 ``tracking.uri``, which must be a server every node reaches (pipeline/sweep.py refuses a local
 store for a cluster on another host).
@@ -44,8 +43,6 @@ class _RayClusterLauncher:
         from hydra.core.utils import configure_log, filter_overrides, setup_globals
         from hydra_plugins.hydra_ray_launcher._launcher_util import launch_job_on_ray
 
-        from pipeline import ledger
-
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
@@ -68,21 +65,19 @@ class _RayClusterLauncher:
                 sweep_config.hydra.job.num = idx
                 sweep_config.hydra.sweep.dir = str(sweep_dir)  # resolved here, once, for every node
             runs.append(launch_job_on_ray(self.hydra_context, self.ray_cfg.remote, sweep_config,
-                                          ledger.WithOutcome(self.task_function), Singleton.get_state()))
+                                          self.task_function, Singleton.get_state()))
         return [self._returned(ray, run, overrides) for run, overrides in zip(runs, job_overrides)]
 
     def _returned(self, ray, run, overrides: Sequence[str]) -> JobReturn:
-        """The job's return, its outcome entered in the sweep's ledger (the job ran where that
-        folder may not be). A task Ray lost (its worker or node died) is a FAILED job, and the
+        """The job's return. A task Ray lost (its worker or node died) is a failed job, and the
         sweep goes on."""
-        from pipeline import ledger
+        from pipeline import search
 
         try:
-            job = ray.get(run)
+            return ray.get(run)
         except Exception as e:  # noqa: BLE001 - ray.exceptions.RayError and what it wraps
-            return ledger.lost(overrides, f"the Ray task was lost: {type(e).__name__}: "
+            return search.lost(overrides, f"the Ray task was lost: {type(e).__name__}: "
                                           f"{(str(e).splitlines() or [''])[0][:300]}")
-        return ledger.returned(job)
 
 
 if RayLauncher is not None:

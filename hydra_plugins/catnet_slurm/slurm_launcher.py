@@ -6,8 +6,6 @@ hydra-submitit-launcher's SlurmLauncher, with what a sweep needs from it:
   job cancelled, timed out or killed on its node raises, and the sweep loses the other jobs'
   results. Here such a job is a FAILED job with its SLURM state as the reason (its return:
   pipeline.search.ended), and the sweep goes on and exits non-zero.
-- **Its outcome comes back with its value** (``ledger.WithOutcome``), as from a Ray cluster: the
-  sweep's ledger is a folder of the driver, which a node need not see.
 - **One sweep folder**: each job gets the folder the driver resolved (``${now:...}`` resolved
   on a node, later, would name another).
 - **scancel stops a job as SIGTERM stops a run**: submitit ignores SIGTERM in its jobs (SLURM sends
@@ -36,9 +34,7 @@ log = logging.getLogger(__name__)
 
 class _CatnetSlurm:
     def setup(self, *, hydra_context, task_function, config) -> None:
-        from pipeline import ledger
-
-        super().setup(hydra_context=hydra_context, task_function=ledger.WithOutcome(task_function), config=config)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir: str | None = None
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state) -> JobReturn:
@@ -85,16 +81,15 @@ class _CatnetSlurm:
         return [self._returned(job, overrides) for job, overrides in zip(jobs, job_overrides)]
 
     def _returned(self, job, overrides: Sequence[str]) -> JobReturn:
-        """The job's return, its outcome entered in the sweep's ledger; a job SLURM ended without
-        a result (cancelled, timed out, killed on its node) is a FAILED job, and the sweep goes on."""
-        from pipeline import ledger
+        """The job's return; a job SLURM ended without a result (cancelled, timed out, killed on its
+        node) is a failed job, and the sweep goes on."""
+        from pipeline import search
 
         try:
-            returned = job.results()[0]
+            return job.results()[0]
         except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError, FailedJobError
             state = job.watcher.get_state(job.job_id, mode="force")
-            return ledger.lost(overrides, f"SLURM job {job.job_id} ended {state}: {_last_error(str(e))[:300]}")
-        return ledger.returned(returned)
+            return search.lost(overrides, f"SLURM job {job.job_id} ended {state}: {_last_error(str(e))[:300]}")
 
 
 def _last_error(text: str) -> str:

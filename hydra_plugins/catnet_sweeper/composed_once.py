@@ -121,6 +121,17 @@ class CatnetSweeper(BasicSweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: Any, config: Any) -> None:
         context = HydraContext(config_loader=ComposedOnce(hydra_context.config_loader), callbacks=hydra_context.callbacks)
         super().setup(hydra_context=context, task_function=task_function, config=config)
+        self.launch_jobs = self.launcher.launch
+        self.launcher.launch = self.launch_counted  # this sweeper's launcher: the sweep hears of every job
+
+    def launch_counted(self, job_overrides: Any, initial_job_idx: int) -> Any:
+        """The launcher's jobs, each one's return handed to the sweep (pipeline/sweep.py: returned)."""
+        from pipeline import sweep
+
+        results = self.launch_jobs(job_overrides, initial_job_idx)
+        for result in results:
+            sweep.returned(result)
+        return results
 
     def validate_batch_is_legal(self, batch: Any) -> None:
         """Hydra's check that every job of the batch composes; the loader keeps what it composes."""

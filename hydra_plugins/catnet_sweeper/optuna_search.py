@@ -243,14 +243,19 @@ class OptunaSearch(Sweeper):
             raise
 
     def _launch(self, job: List[str], idx: int) -> tuple:
+        from pipeline import sweep
         from pipeline.common import Terminated
 
         try:
             (ret,) = self.launcher.launch([job], initial_job_idx=idx)
-            return ret.return_value, None
         except Terminated:  # SIGTERM (Ctrl-C is no Exception): the search stops
             raise
         except Exception as e:  # noqa: BLE001 - told to the study as FAIL; the sweep goes on
+            return None, e
+        sweep.returned(ret)
+        try:
+            return ret.return_value, None
+        except Exception as e:  # noqa: BLE001 - the job raised: told to the study as FAIL
             return None, e
 
     def _tell(self, study: Any, trial: Any, returned: Any, error: Optional[BaseException]) -> None:

@@ -3,9 +3,9 @@
 Its modules, in layers: each imports only modules of the layers above it (docs/architecture.md).
 
 - ``store``: where the record is (URIs, client, experiments) and closing runs of dead processes;
+- ``outage``: a server that stops answering (every request waits for it, ``tracking.retry_seconds``);
 - ``model``: the network as an MLflow model (log, register, load; its code: ``pyfunc``);
   ``query``: searching runs, and the one ranking rule of sweeps, ``register`` and ``compare`` (never test/);
-- ``names``: a run's name and provenance;
 - ``run``: a run's life (params, batched per-epoch metrics, files from a private folder, status);
   ``reuse``: a run's identity, and the link that spares a job from training twice;
 - ``parent``: a sweep's parent run (opened before the jobs, closed with counts and the best child).
@@ -32,7 +32,8 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 # nor its "Validating input example against model signature" for every model logged
 logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 
-from pipeline.tracking.names import PARENT_ENV, SWEPT_ENV, provenance_tags  # noqa: F401,E402
-from pipeline.tracking.run import MlflowRun, NullRun, open_run  # noqa: F401,E402 - the stages' interface
+from pipeline.provenance import PARENT_ENV, SWEPT_ENV, provenance_tags  # noqa: F401,E402
+from pipeline.tracking.life import open_run  # noqa: F401,E402 - the stages' interface
+from pipeline.tracking.run import MlflowRun, NullRun  # noqa: F401,E402
 from pipeline.tracking.store import open_store, store_uri  # noqa: F401,E402
-from pipeline.tracking import names, parent, reuse  # noqa: F401,E402 - after run and store, which they use
+from pipeline.tracking import life, parent, reuse  # noqa: F401,E402 - after run and store, which they use

@@ -88,31 +88,13 @@ def save(folder: Path, local: Path, weights: dict[str, np.ndarray], normalizer: 
 
 
 def ensure(client, run) -> str:
-    """The model URI of ``run`` (a run that trained): its ``catnet.model_uri``, or, for a run
-    that has weights.npz and normalizer.npz but no model (one whose model could not be logged,
-    or one recorded before every run had one), the model made now from those two artifacts,
-    logged as the run's and tagged."""
-    import tempfile
-
+    """The model URI of ``run``, a run that trained (every such run logs its model before it is
+    FINISHED): its tag ``catnet.model_uri``."""
     uri = run.data.tags.get("catnet.model_uri")
-    if uri:
-        return uri
-    run_id = run.info.run_id
-    with tempfile.TemporaryDirectory(prefix=f"catnet-model-{run_id[:8]}-") as tmp:
-        try:
-            arrays = {name: _npz(client.download_artifacts(run_id, f"{name}.npz", tmp))
-                      for name in ("weights", "normalizer")}
-        except Exception as e:  # noqa: BLE001 - MlflowException, OSError: say which run
-            raise ConfigError(f"run {run_id}: no model, and its weights.npz and normalizer.npz cannot be read "
-                              f"to make one ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        uri = log_model(client, run_id, Path(tmp), arrays["weights"], arrays["normalizer"])
-    client.set_tag(run_id, "catnet.model_uri", uri)
+    if not uri:
+        raise ConfigError(f"run {run.info.run_id}: it has no model (no tag catnet.model_uri); pick a run that "
+                          "trained: python -m pipeline.compare lists them")
     return uri
-
-
-def _npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
 
 
 def _strip_machine_paths(mlmodel: Path) -> None:

@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 from catnet.metrics import HEADLINE
 from pipeline import config
 from pipeline.common import told
-from pipeline.tracking import model, names, query, reuse, store
-from pipeline.tracking.names import parent_run_id, provenance_tags, run_name
+from pipeline import provenance
+from pipeline.tracking import model, query, reuse, store
+from pipeline.provenance import parent_run_id, provenance_tags, run_name
+from pipeline.tracking.run import PRUNED_TAG
 
 log = logging.getLogger("catnet")
 
@@ -26,7 +28,7 @@ def describe(name: str, description: str, params: dict[str, str]) -> dict:
     return {"name": name[:250], "start": int(time.time() * 1000),
             "tags": {"catnet.sweep": "parent", "mlflow.source.name": "pipeline -m",
                      "mlflow.note.content": description[:5000],
-                     **names.provenance_tags(), **store.process_tags()},
+                     **provenance.provenance_tags(), **provenance.process_tags()},
             "params": {k: str(v)[:6000] for k, v in params.items()}}
 
 
@@ -50,8 +52,8 @@ class Parent:
             self.client.log_batch(p["id"], params=[Param(k, v) for k, v in p["params"].items()])
         return self.parent["id"]
 
-    def finish(self, outcomes: list[dict], order: Sequence[str], direction: str) -> dict:
-        return finish(self.client, self.parent["id"], outcomes, order, direction, before=self.before)
+    def finish(self, jobs: list, order: Sequence[str], direction: str) -> dict:
+        return finish(self.client, self.parent["id"], jobs, order, direction, before=self.before)
 
     def abort(self, status: str, reason: str) -> None:
         abort(self.client, self.parent["id"], status, reason)
@@ -86,9 +88,10 @@ def abort(client, parent_id: str, status: str, reason: str) -> None:
 
 
 def count(outcomes: list[dict]) -> dict[str, int]:
-    """The jobs by outcome. ``diverged``: FAILED because the training diverged or collapsed (a
-    result of the configuration, not a failure of the sweep); ``failed``: FAILED for another reason;
-    ``pruned``: KILLED by the search's pruner (a result); ``killed``: KILLED otherwise (stopped)."""
+    """The jobs by outcome (``outcome``). ``diverged``: FAILED because the training diverged or
+    collapsed (a result of the configuration, not a failure of the sweep); ``failed``: FAILED for
+    another reason; ``pruned``: KILLED by the search's pruner (a result); ``killed``: KILLED otherwise
+    (stopped); ``running``: never ended."""
     statuses = [o.get("status") for o in outcomes]
     diverged = sum(1 for o in outcomes if o.get("status") == "FAILED" and o.get("diverged"))
     pruned = sum(1 for o in outcomes if o.get("status") == "KILLED" and o.get("pruned") is not None)
@@ -104,59 +107,76 @@ def failures(counts: dict[str, int]) -> int:
     return counts["failed"] + counts["killed"] + counts["running"]
 
 
-def unsettled(outcomes: list[dict]) -> list[str]:
-    """What the jobs left for the sweep to record (``settle``), described."""
-    return ([f"run {o['unfinished']} left RUNNING" for o in outcomes if o.get("unfinished")]
-            + [f"job {o['unrecorded'].get('name')!r} has no run" for o in outcomes if o.get("unrecorded")])
+def outcome(run) -> dict:
+    """How a job ended, as its MLflow run says: status, and the tags that tell a result (diverged,
+    pruned) or a reused run apart."""
+    tags = run.data.tags
+    return {"status": run.info.status, "diverged": "catnet.diverged_epoch" in tags,
+            "pruned": tags.get(PRUNED_TAG), "reused": tags.get(query.REUSED_TAG), "run": run.info.run_id}
 
 
-def unchecked(outcomes: list[dict], why: str, parent_id: str) -> dict:
-    """``finish``'s result for a sweep whose store could not be opened or written at its end:
-    a job that said FINISHED is not counted a success, its run unchecked."""
-    outcomes = [{**o, "status": "FAILED", "reason": "its record could not be checked in the store"}
-                if o.get("status") == "FINISHED" and o.get("run") else o for o in outcomes]
+def returned(job) -> dict:
+    """How a job ended, as its return to the sweeper says (a Hydra JobReturn): what an untracked
+    sweep counts, and a tracked one whose store does not answer at its end."""
+    import math
+
+    try:
+        value = job.return_value
+    except Exception as e:  # noqa: BLE001 - the job raised
+        return {"status": "FAILED", "reason": f"{type(e).__name__}: {e}"}
+    if isinstance(value, dict):
+        if value.get("state") == "pruned":
+            return {"status": "KILLED", "pruned": value.get("step")}
+        return {"status": "FAILED", "diverged": bool(value.get("diverged")), "reason": value.get("reason"),
+                "run": value.get("run"), "job": value.get("job")}
+    finite = isinstance(value, (int, float)) and math.isfinite(value)
+    return {"status": "FINISHED" if finite else "FAILED"}
+
+
+def summary_of(outcomes: list[dict], lost: list[str] | None = None, why: str | None = None) -> dict:
+    """The sweep's end: its ``counts``, ``status`` and ``reason``; what the store did not take (``lost``)."""
     counts = count(outcomes)
     failed = failures(counts)
-    reason = "; ".join(filter(None, [failed and f"{failed} of {counts['jobs']} jobs failed", why]))
-    return {"counts": counts, "status": "FAILED", "reason": reason, "summary": {},
-            "lost": unsettled(outcomes) + [f"the sweep's parent run {parent_id}"]}
+    reason = "; ".join(filter(None, [failed and f"{failed} of {counts['jobs']} jobs failed", why])) or None
+    return {"counts": counts, "status": "FAILED" if reason else "FINISHED", "reason": reason, "summary": {},
+            "lost": lost or []}
 
 
-def finish(client, parent_id: str, outcomes: list[dict], order: Sequence[str], direction: str, before=None) -> dict:
-    """A sweep's end in the store: the jobs' outcomes checked against their runs (``reconcile``;
-    ``before()`` first: waiting for a server), what the jobs could not record recorded
-    (``settle``), the counts and best child on the parent (``summarize``), the parent closed.
-    Returns the ``counts``, the sweep's
-    ``status`` and ``reason``, the ``summary`` and what the store did not take (``lost``)."""
-    unchecked = None  # why the jobs' runs could not be compared with what the jobs said
+def finish(client, parent_id: str, jobs: list, order: Sequence[str], direction: str, before=None) -> dict:
+    """A sweep's end in the store, whose runs have the last word: a child still RUNNING (its job
+    could not end it) closed FAILED, a FAILED child made for each job that has no run (the store
+    was down when it failed: its return names it), the counts and best child on the parent
+    (``summarize``), the parent closed. ``jobs``: the jobs' returns to the sweeper (Hydra
+    JobReturns); ``before()``: what to wait for first (a server's return). If the store cannot
+    be read, the counts are the returns' and ``lost`` says what the store lacks."""
+    said = [returned(job) for job in jobs]
     try:
         if before is not None:
             before()
-        outcomes = reconcile(client, parent_id, outcomes)
-    except Exception as e:  # noqa: BLE001 - said below, with the parent's other troubles
-        unchecked = e
-    counts = count(outcomes)
-    status, reason = "FINISHED", None
-    failed = failures(counts)
-    if failed:
-        status, reason = "FAILED", f"{failed} of {counts['jobs']} jobs failed"
-    summary: dict[str, Any] = {}
-    lost = unsettled(outcomes)
+        for child in children(client, parent_id, "RUNNING"):
+            close(client, child.info.run_id, "FAILED", "its job ended without closing its run; closed by the sweep")
+        for job in (o for o in said if o["status"] == "FAILED" and not o.get("run") and o.get("job")):
+            record_failed(client, parent_id, job)
+        outcomes = [outcome(r) for r in children(client, parent_id)]
+        result = summary_of(outcomes)
+    except Exception as e:  # noqa: BLE001 - the store is gone: what the jobs said, and what is lost
+        lost = [f"the sweep's parent run {parent_id} left RUNNING"]
+        lost += [f"run {o['run']} left RUNNING" for o in said if o["status"] == "FAILED" and o.get("run")]
+        lost += [f"job {o['job']['name']!r} has no run" for o in said if o["status"] == "FAILED"
+                 and not o.get("run") and o.get("job")]
+        return summary_of(said, lost, store.brief(e) if store.unreachable(e)
+                          else f"the sweep's summary could not be written: {store.brief(e)}")
     try:
-        if unchecked is not None:
-            raise unchecked
-        lost = settle(client, parent_id, outcomes)
-        summary = summarize(client, parent_id, counts, order, direction)
+        result["summary"] = summarize(client, parent_id, result["counts"], order, direction)
     except Exception as e:  # noqa: BLE001 - the parent must not stay RUNNING
-        status = "FAILED"
         why = store.brief(e) if store.unreachable(e) else f"the sweep's summary could not be written: {store.brief(e)}"
-        reason = "; ".join(filter(None, [reason, why]))
+        result.update(status="FAILED", reason="; ".join(filter(None, [result["reason"], why])))
     try:
-        close(client, parent_id, status, reason)
+        close(client, parent_id, result["status"], result["reason"])
     except Exception as e:  # noqa: BLE001
-        lost.insert(0, f"the sweep's parent run {parent_id} left RUNNING{_why(e)}")
-        status, reason = "FAILED", reason or "the sweep's parent run could not be closed"
-    return {"counts": counts, "status": status, "reason": reason, "summary": summary, "lost": lost}
+        result["lost"].insert(0, f"the sweep's parent run {parent_id} left RUNNING{_why(e)}")
+        result.update(status="FAILED", reason=result["reason"] or "the sweep's parent run could not be closed")
+    return result
 
 
 def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[str], direction: str) -> dict:
@@ -186,56 +206,16 @@ def summarize(client, parent_id: str, counts: dict[str, int], order: Sequence[st
     return summary
 
 
-def reconcile(client, parent_id: str, outcomes: list[dict]) -> list[dict]:
-    """The jobs' outcomes, each FINISHED job's checked against its run in the store, which has
-    the last word. A job whose run is not FINISHED counts as FAILED with the run's reason; one
-    whose run is still RUNNING, also as ``unfinished``, for ``settle`` to close it FAILED."""
-    ids = {o["run"] for o in outcomes if o.get("status") == "FINISHED" and o.get("run")}
-    if not ids:
-        return outcomes
-    runs = {r.info.run_id: r for r in children(client, parent_id) if r.info.run_id in ids}
-    checked = []
-    for outcome in outcomes:
-        run = runs.get(outcome.get("run") or "")
-        if outcome.get("status") != "FINISHED" or not outcome.get("run") or (run and run.info.status == "FINISHED"):
-            checked.append(outcome)
-        elif run is None:
-            checked.append({**outcome, "status": "FAILED", "reason": f"its run {outcome['run']} is not in the store"})
-        elif run.info.status == "RUNNING":
-            checked.append({**outcome, "status": "FAILED", "unfinished": outcome["run"],
-                            "reason": "its job ended without closing its run"})
-        else:
-            checked.append({**outcome, "status": "FAILED",
-                            "reason": run.data.tags.get("catnet.failure") or f"its run is {run.info.status}"})
-    return checked
-
-
-def settle(client, parent_id: str, outcomes: list[dict]) -> list[str]:
-    """Record what the jobs could not while the store was down: a run left RUNNING is FAILED
-    with its job's reason; a job with no run gets a FAILED child (its name, params, reason).
-    Returns what could still not be recorded, one description each."""
+def record_failed(client, parent_id: str, outcome: dict) -> None:
+    """A FAILED child for a job that has none (its name, params and reason, from its return)."""
     from mlflow.entities import Param
 
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    lost = []
-    for outcome in outcomes:
-        reason = f"{outcome.get('reason') or 'its job failed'}; closed by the sweep: the job could not record its end"
-        if outcome.get("unfinished"):
-            try:
-                close(client, outcome["unfinished"], "FAILED", reason)
-            except Exception as e:  # noqa: BLE001
-                lost.append(f"run {outcome['unfinished']} left RUNNING{_why(e)}")
-        job = outcome.get("unrecorded")
-        if job:
-            try:
-                tags = {**job.get("tags", {}), "mlflow.parentRunId": parent_id, "mlflow.source.name": "pipeline",
-                        "catnet.failure": f"{outcome.get('reason')}; recorded by the sweep: the store was down"[:5000]}
-                child = client.create_run(experiment_id, run_name=job.get("name"), tags=tags)
-                client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in job.get("params", {}).items()])
-                client.set_terminated(child.info.run_id, "FAILED")
-            except Exception as e:  # noqa: BLE001
-                lost.append(f"job {job.get('name')!r} has no run{_why(e)}")
-    return lost
+    job = outcome["job"]
+    tags = {**job.get("tags", {}), "mlflow.parentRunId": parent_id, "mlflow.source.name": "pipeline",
+            "catnet.failure": f"{outcome.get('reason')}; recorded by the sweep: the store was down"[:5000]}
+    child = client.create_run(client.get_run(parent_id).info.experiment_id, run_name=job.get("name"), tags=tags)
+    client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in job.get("params", {}).items()])
+    client.set_terminated(child.info.run_id, "FAILED")
 
 
 def _why(error: BaseException) -> str:
@@ -249,13 +229,13 @@ def attach(client, run_id: str, paths, folder: str) -> None:
 
 
 def job_record(cfg: DictConfig) -> dict:
-    """What a failed run of ``cfg`` records (its name, params as given, process tags), for the
-    sweep to record when this job could not (parent.settle)."""
+    """What a failed job's run records (its name, params as given, process tags): in its return to
+    the sweeper, for the sweep to record when the job could not (``record_failed``)."""
     try:
         params = {k: v[:6000] for k, v in config.flatten(cfg, resolve=False).items()}
     except Exception:  # noqa: BLE001 - a config that cannot even be flattened: its name is enough
         params = {}
-    return {"name": run_name(cfg), "params": params, "tags": {**provenance_tags(), **store.process_tags()}}
+    return {"name": run_name(cfg), "params": params, "tags": {**provenance_tags(), **provenance.process_tags()}}
 
 
 def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
@@ -265,7 +245,7 @@ def failed_run(cfg: DictConfig, error: BaseException) -> str | None:
 
     try:
         tags = {"mlflow.source.name": "pipeline", "catnet.failure": f"{type(error).__name__}: {told(error)}"[:5000],
-                **provenance_tags(), **store.process_tags()}
+                **provenance_tags(), **provenance.process_tags()}
         if parent := parent_run_id():
             tags["mlflow.parentRunId"] = parent
         client, experiment_id = store.open_store(cfg)

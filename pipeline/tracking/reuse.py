@@ -24,7 +24,8 @@ import time
 from omegaconf import DictConfig
 
 from pipeline import config
-from pipeline.tracking import names, query, store
+from pipeline import provenance
+from pipeline.tracking import query, store
 from pipeline.tracking.query import IDENTITY_TAG, REUSED_TAG, Earlier
 NOT_IDENTITY = ("tracking.", "paths.", "sweep.")  # where and how a run is recorded, not what it is
 NOT_IDENTITY_KEYS = {"train.progress"}
@@ -35,7 +36,7 @@ log = logging.getLogger("catnet")
 @functools.lru_cache(maxsize=1)
 def clean_commit() -> str | None:
     """The commit the code is at, if the tree is clean (the stages' own results aside)."""
-    tags = names.provenance_tags()
+    tags = provenance.provenance_tags()
     if tags.get("catnet.git.dirty") != "False":
         return None
     return tags.get("mlflow.source.git.commit")
@@ -45,10 +46,10 @@ def why_none() -> str | None:
     """Why runs have no identity here (so a sweep reuses nothing), or None when they have one."""
     if clean_commit() is not None:
         return None
-    tags = names.provenance_tags()
+    tags = provenance.provenance_tags()
     if "mlflow.source.git.commit" not in tags:
         return "the project is not a git checkout"
-    changed = names.changed_files()
+    changed = provenance.changed_files()
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     return f"the code or config differs from commit {tags['mlflow.source.git.commit'][:8]} ({shown})"
 
@@ -60,7 +61,7 @@ def identity(cfg: DictConfig, data_digest: str) -> str | None:
         return None
     params = {k: v for k, v in config.flatten(cfg).items()
               if not k.startswith(NOT_IDENTITY) and k not in NOT_IDENTITY_KEYS}
-    blob = json.dumps({"config": params, "commit": commit, "data": data_digest, "blas": names.blas()},
+    blob = json.dumps({"config": params, "commit": commit, "data": data_digest, "blas": provenance.blas()},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
@@ -85,14 +86,14 @@ def link(cfg: DictConfig, original: Earlier, tags: dict[str, str] | None = None)
     from pipeline.tracking.run import status_after
 
     tags = {**(tags or {}), "mlflow.source.name": "pipeline", REUSED_TAG: original.run_id,
-            IDENTITY_TAG: original.tags[IDENTITY_TAG], **store.process_tags()}
+            IDENTITY_TAG: original.tags[IDENTITY_TAG], **provenance.process_tags()}
     for key in ("catnet.model_uri", "catnet.trained", "mlflow.source.git.commit", "catnet.data.md5", "catnet.seed"):
         if key in original.tags:
             tags[key] = original.tags[key]
-    if parent := names.parent_run_id():
+    if parent := provenance.parent_run_id():
         tags["mlflow.parentRunId"] = parent
     client, experiment_id = store.open_store(cfg)
-    run_id = client.create_run(experiment_id, run_name=names.run_name(cfg), tags=tags,
+    run_id = client.create_run(experiment_id, run_name=provenance.run_name(cfg), tags=tags,
                                start_time=int(time.time() * 1000)).info.run_id
     try:
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in config.flatten(cfg).items()],

@@ -1,14 +1,7 @@
-"""A run's life: created (or continued), its params, metrics and files logged, its status set.
-
-A pipeline execution is one MLflow run. ``open_run`` creates it, or continues the run the
-train stage handed over (evaluate stage, when ``dvc repro`` runs the stages as separate
-processes), and sets its status honestly: FINISHED only when the last stage succeeded, FAILED
-(or KILLED on Ctrl-C / SIGTERM) with the reason as a tag when a stage raised. Per-epoch metrics
-are buffered and written in batches (``log_batch``); a run ends only after they are written.
-Every run is written the same way, by its own process's MLflow client: a single run, a DVC
-stage, a job of any sweep on any launcher. Every file a run logs is first written into a folder
-private to that run, so what it uploads is its own, whatever else runs beside it.
-"""
+"""A run as the stages write it: its params, per-epoch metrics (buffered, one ``log_batch`` every
+``tracking.flush_seconds``), files, model and status. Every run is written the same way, by its own
+process's MLflow client: a single run, a DVC stage, a job of any sweep on any launcher. Each file is
+first written into a folder private to the run, so what it uploads is its own."""
 
 from __future__ import annotations
 
@@ -16,17 +9,17 @@ import logging
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from catnet.errors import ConfigError, TrainingDiverged, TrialPruned
+from catnet.errors import TrialPruned
 from pipeline import config
 from pipeline.common import Terminated, atomic_write, told
+from pipeline import provenance
 from pipeline.tracking import store
-from pipeline.tracking.names import parent_run_id, provenance_tags, run_name
+from pipeline.provenance import parent_run_id, provenance_tags, run_name
 
 log = logging.getLogger("catnet")
 PRUNED_TAG = "catnet.pruned_step"  # a run an Optuna search's pruner stopped (KILLED): at which step
@@ -95,7 +88,7 @@ class MlflowRun(NullRun):
             "mlflow.source.type": "LOCAL",
             "catnet.seed": str(cfg.seed),
             **provenance_tags(),
-            **store.process_tags(),
+            **provenance.process_tags(),
             **(tags or {}),
         }
         if parent := parent_run_id():
@@ -111,41 +104,10 @@ class MlflowRun(NullRun):
             client.log_artifact(run_id, str(composed))
         except BaseException as e:  # Ctrl-C / SIGTERM here too: a sweep stopped as this job's run starts
             mark(e, ended=self.run_id)
-            _end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
+            end_after(self, e, status_after(e), f"{type(e).__name__}: {told(e)}")
             raise
         log.info("tracking: MLflow run %s '%s' in experiment '%s' (%s)", self.run_id, name,
                  cfg.tracking.experiment, self.tracking_uri)
-        return self
-
-    @classmethod
-    def continue_(cls, cfg: DictConfig, info: dict) -> "MlflowRun":
-        """The run the train stage handed over (``info``: its run id and tracking URI), if it is
-        still RUNNING. If an earlier evaluate already closed it (``dvc repro`` re-ran evaluate
-        alone), or the store no longer has it, a new run evaluates the same weights (tag
-        ``catnet.weights_run_id``). A run whose training did not succeed is never continued."""
-        from mlflow.exceptions import MlflowException
-
-        resolved = OmegaConf.merge(cfg, {"tracking": {"uri": info.get("tracking_uri")}})
-        client, _ = store.open_store(resolved)
-        run_id = info["run_id"]
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:  # another store, or a store made anew: the weights are still valid
-            log.warning("tracking: run %s (the train stage's) is not in %s: evaluating its weights in a new run",
-                        run_id, client.tracking_uri)
-            return cls.create(resolved, tags={"catnet.weights_run_id": run_id})
-        if run.info.status == "RUNNING":
-            self = cls(client, run_id, client.tracking_uri, float(cfg.tracking.flush_seconds))
-            if store.HANDOFF_TAG in run.data.tags:
-                client.delete_tag(run_id, store.HANDOFF_TAG)
-            self.set_tags(store.process_tags())
-            return self
-        if run.data.tags.get("catnet.trained") != "true":
-            raise ConfigError(f"MLflow run {run_id} is {run.info.status} and its training did not succeed; "
-                              "re-run training: dvc repro --force train")
-        self = cls.create(resolved, tags={"catnet.weights_run_id": run_id,
-                                          "catnet.data.md5": run.data.tags.get("catnet.data.md5", "")})
-        log.info("tracking: run %s is %s already: evaluating its weights in a new run", run_id, run.info.status)
         return self
 
     def record_data(self, digest: str, sources: dict[str, str]) -> None:
@@ -267,17 +229,7 @@ class ServerLost(store.ServerUnreachable):
     """A run's record that the tracking server did not take within tracking.retry_seconds."""
 
 
-def _lost(run: MlflowRun, error: BaseException) -> ServerLost:
-    """``error`` (the server did not answer) as one line that says where the trained weights are
-    kept, carrying what ``error`` carried of the run."""
-    lost = ServerLost(f"MLflow run {run.run_id}: the tracking server did not answer ({store.brief(error)})"
-                      f"{run.kept()}")
-    lost.__cause__ = error
-    mark(lost, ended=run.run_id)
-    return lost
-
-
-def _end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -> None:
+def end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -> None:
     """End ``run`` because ``error`` stopped it; if the store does not take the status, the
     error carries the run's id as unfinished (the sweep names it, or closes it later)."""
     try:
@@ -287,93 +239,22 @@ def _end_after(run: MlflowRun, error: BaseException, status: str, reason: str) -
         mark(error, unfinished=run.run_id)
 
 
-# What an error that stopped a run carries of that run. The error may be anyone's (Ctrl-C, an
-# OSError of MLflow's, a library's): ``mark`` is the one place that writes these attributes on it,
-# ``recorded`` and ``unfinished`` read them; store.RecordLost, catnet's own, carries both from birth.
-_ENDED, _UNFINISHED = "_catnet_run_id", "_catnet_unfinished"
-
-
+# What an error that stopped a run carries of it (the error may be anyone's: Ctrl-C, an OSError of
+# MLflow's): ``mark`` writes it, ``recorded`` and ``unfinished`` read it; store.RecordLost carries both.
 def mark(error: BaseException, *, ended: str | None = None, unfinished: str | None = None) -> None:
     """``error`` ``ended`` run <id> (FAILED or KILLED with the reason: no other run is made for this
     failure), or left run <id> ``unfinished`` (RUNNING: the store did not take its status)."""
     if ended is not None:
-        setattr(error, _ENDED, ended)
+        error.catnet_run = ended
     if unfinished is not None:
-        setattr(error, _UNFINISHED, unfinished)
+        error.catnet_unfinished = unfinished
 
 
 def unfinished(error: BaseException) -> str | None:
     """The id of the run ``error`` left RUNNING because the store did not take its status."""
-    if isinstance(error, store.RecordLost):
-        return error.run_id
-    return getattr(error, _UNFINISHED, None)
-
-
-UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+    return error.run_id if isinstance(error, store.RecordLost) else getattr(error, "catnet_unfinished", None)
 
 
 def recorded(error: BaseException) -> bool:
     """Whether ``error`` ended a run (which is then FAILED or KILLED with the reason)."""
-    return isinstance(error, store.RecordLost) or getattr(error, _ENDED, None) is not None
-
-
-def supersede(cfg: DictConfig, previous: dict) -> None:
-    """The train stage runs again: its previous run, if still waiting for evaluate (handoff),
-    will never be continued (its weights are replaced). KILLED, with the reason."""
-    try:
-        client, _ = store.open_store(OmegaConf.merge(cfg, {"tracking": {"uri": previous.get("tracking_uri")}}))
-        run = client.get_run(previous["run_id"])
-    except Exception:  # noqa: BLE001 - another store, or gone: nothing to close
-        return
-    if run.info.status == "RUNNING" and store.HANDOFF_TAG in run.data.tags:
-        client.set_tag(run.info.run_id, "catnet.failure",
-                       "superseded: the train stage ran again before the evaluate stage continued this run")
-        client.set_terminated(run.info.run_id, "KILLED")
-
-
-@contextmanager
-def open_run(cfg: DictConfig, *, resume: dict | None = None, finish: bool = True,
-             tags: dict[str, str] | None = None) -> Iterator[NullRun]:
-    """The run the stages inside the block log to.
-
-    ``resume``: the run info the train stage wrote ({'run_id', 'tracking_uri'}), to continue
-    that run instead of creating one. ``tags``: the new run's, written with it (one write less
-    per run than setting them after). On success the run is FINISHED if ``finish``, else left
-    RUNNING for the next stage (tag ``catnet.handoff``, so that no later command takes it for
-    an orphan). On any exception it is FAILED (KILLED for Ctrl-C / SIGTERM) and the reason is
-    tagged ``catnet.failure``; the exception propagates.
-    """
-    if not cfg.tracking.enabled or (resume is not None and not resume.get("run_id")):  # or training ran untracked
-        untracked = NullRun()
-        yield untracked
-        untracked.complete()
-        return
-    run = MlflowRun.continue_(cfg, resume) if resume is not None else MlflowRun.create(cfg, tags)
-    try:
-        yield run
-        run.complete()
-        run.flush()
-    except BaseException as e:
-        status = status_after(e)
-        mark(e, ended=run.run_id)
-        lost = store.unreachable(e)
-        if lost:  # the server stayed away longer than tracking.retry_seconds: one line, and what is kept
-            e = _lost(run, e)
-        try:
-            if not lost:
-                run.flush()
-            if isinstance(e, TrainingDiverged):
-                run.set_tags({"catnet.diverged_epoch": str(e.epoch)})
-            elif isinstance(e, TrialPruned):
-                run.set_tags({PRUNED_TAG: str(e.step)})
-        except Exception as unsent:  # noqa: BLE001 - the store is down: the status is what matters now
-            log.error("tracking: run %s: its last points could not be written (%s)", run.run_id, store.brief(unsent))
-        _end_after(run, e, status, f"{type(e).__name__}: {told(e)}")
-        if lost:
-            raise e from e.__cause__
-        raise
-    if finish:
-        run.end("FINISHED")
-    else:
-        run.set_tags({store.HANDOFF_TAG: "evaluate"})
-        shutil.rmtree(run.private, ignore_errors=True)
+    return isinstance(error, store.RecordLost) or hasattr(error, "catnet_run")

@@ -8,17 +8,18 @@ and marks as KILLED the runs of this host whose process died without closing the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from catnet.errors import CatnetError, ConfigError
+from catnet.errors import ConfigError
 from pipeline.common import ROOT, is_multirun
+from pipeline.processes import process_alive
+from pipeline.tracking.outage import (  # noqa: F401 - what callers name as store's
+    Patient, RecordLost, ServerUnreachable, bound_retries, brief, check_server, unreachable)
 
 log = logging.getLogger("catnet")
 
@@ -28,7 +29,6 @@ EXPERIMENT_DESCRIPTION = (
     "(tag catnet.sweep=parent) with one child per job. Jobs are ranked on validation, "
     "cross-validation or training metrics, never on test/."
 )
-SLURM_TAG = "catnet.slurm.job_id"  # the SLURM job a run ran in
 HANDOFF_TAG = "catnet.handoff"  # a train stage's run waiting for the evaluate stage (dvc repro)
 
 
@@ -52,153 +52,27 @@ def store_uri(cfg: DictConfig) -> tuple[str, Path | None]:
     )
 
 
-def server_answer(uri: str, timeout: float = 10.0) -> str | None:
-    """None when the MLflow server at ``uri`` answers its health check, else why not."""
-    import urllib.error
-    import urllib.request
+UNREACHABLE = ".catnet-server-unreachable"  # in a sweep's folder: a job gave up waiting for the server
 
+
+def wait_for_server(cfg: DictConfig, folder: Path | None) -> None:
+    """A sweep's job whose tracking server does not answer waits for it up to
+    ``tracking.retry_seconds`` (it answered when the sweep started: a restart, a short outage);
+    once a job gave up (a file in the sweep's ``folder`` says so), the next ones ask only once, so
+    a server gone for good fails the rest of the sweep quickly."""
+    uri = store_uri(cfg)[0] if cfg.tracking.enabled else ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    marker = folder / UNREACHABLE if folder is not None and folder.is_dir() else None
+    wait = 0.0 if marker is not None and marker.exists() else float(cfg.tracking.retry_seconds or 0)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            return None if r.status == 200 else f"HTTP {r.status}"
-    except urllib.error.HTTPError as e:
-        return f"HTTP {e.code}"
-    except (urllib.error.URLError, OSError) as e:
-        return str(getattr(e, "reason", e))
-
-
-def check_server(uri: str, wait: float = 0.0) -> None:
-    """Fail when no MLflow server answers at ``uri`` (MLflow's own client retries for minutes):
-    at once by default (a wrong URI is told in a second, before any training), or after
-    ``wait`` seconds of asking again every second (a sweep's job, whose server answered when the
-    sweep started, waits out a short outage)."""
-    deadline = time.monotonic() + wait
-    while (reason := server_answer(uri)) is not None and time.monotonic() < deadline:
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    if reason is not None:
-        waited = f" for {wait:g} s" if wait else ""
-        raise ServerUnreachable(f"tracking.uri={uri}: no MLflow server answers there{waited} ({reason})")
-
-
-class ServerUnreachable(CatnetError):
-    """The tracking server does not answer."""
-
-
-def unreachable(error: BaseException) -> bool:
-    """Whether ``error`` is the tracking server not answering (after MLflow's retries)."""
-    import requests
-    import urllib3
-
-    lost = (ServerUnreachable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-            requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)  # killed mid-answer
-    seen = error
-    while seen is not None:
-        if isinstance(seen, lost):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return any(m in str(error) for m in ("Max retries exceeded", "Connection broken", "Connection aborted"))
-
-
-def brief(error: BaseException) -> str:
-    """An MLflow client error's first line (after its retries, a long message), at most 300 characters;
-    SQLAlchemy's note that a flush raised it is not that line (the database's words follow it)."""
-    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith("(raised as a result of")]
-    return (lines or [type(error).__name__])[0][:300]
-
-
-class RecordLost(CatnetError):
-    """A run's final status could not be written: it stays RUNNING in the store until a later
-    catnet command (or the sweep's end) closes it."""
-
-    def __init__(self, run_id: str, status: str, error: BaseException):
-        super().__init__(f"MLflow run {run_id} could not be marked {status} ({brief(error)}); it stays RUNNING")
-        self.run_id = run_id  # run.recorded() and run.unfinished() read it: the run exists, RUNNING
-
-
-def bound_retries() -> None:
-    """Leave waiting out an outage to ``patiently``, with one rule for every request: MLflow's own
-    HTTP retries (7 with a backoff factor of 2 by default, about 4 minutes, then up to 2 minutes
-    between attempts after the server is back) are turned off, so a request that cannot reach the
-    server fails at once and ``patiently`` asks again as soon as the server answers. MLflow reads
-    these variables at each request, in this process and the processes it starts."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-
-
-_LOST_SINCE: list[float] = []  # when the server stopped answering, while it does not (for the log)
-
-
-def patiently(uri: str, seconds: float | None, call, *args, **kwargs):
-    """``call(*args, **kwargs)``, asked again while the server at ``uri`` does not answer, until
-    ``seconds`` (``tracking.retry_seconds``) have passed since it stopped answering; then what the
-    last attempt raised. Each attempt waits for the server's health check to answer (asked every
-    second) first. Any other error is raised at once. A request cut off mid-answer may have been
-    done: the calls a run makes are safe to ask twice (params and tags of the same value, metrics
-    MLflow skips when already there, artifacts written whole) except run creation, whose orphan
-    would stay RUNNING until its process ends and a later command closes it."""
-    since = None
-    while True:
-        try:
-            result = call(*args, **kwargs)
-        except Exception as e:
-            if seconds is None or not unreachable(e):
-                raise
-            now = time.monotonic()
-            since = since if since is not None else now
-            left = since + float(seconds) - now
-            if left <= 0:
-                raise
-            if not _LOST_SINCE:
-                _LOST_SINCE.append(now)
-                log.warning("tracking: the server at %s does not answer (%s); waiting up to %g s for it",
-                            uri, brief(e), float(seconds))
-            deadline = now + left
-            while server_answer(uri, timeout=max(0.5, min(5.0, deadline - time.monotonic()))) is not None:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            continue
-        if since is not None:
-            with contextlib.suppress(IndexError):  # another thread may have said it first
-                log.info("tracking: the server at %s answers again after %.0f s", uri,
-                         time.monotonic() - _LOST_SINCE.pop())
-        return result
-
-
-class Patient:
-    """An MlflowClient of a server whose every call waits out an outage of that server
-    (``patiently``); attributes that are not public methods are the client's own."""
-
-    def __init__(self, client, uri: str, seconds: float | None) -> None:
-        self.client, self.uri, self.seconds = client, uri, seconds
-
-    def __getattr__(self, name: str):
-        attr = getattr(self.client, name)
-        if name.startswith("_") or not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            return patiently(self.uri, self.seconds, attr, *args, **kwargs)
-
-        call.__name__ = name
-        return call
-
-
-LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    return host in LOOPBACK or host.startswith("127.")
-
-
-def only_this_host(cfg: DictConfig) -> bool:
-    """Whether the configured store can be reached from this machine only: a SQLite file, or a
-    server at a loopback address (which, on another machine, names that machine)."""
-    from urllib.parse import urlparse
-
-    uri = cfg.tracking.uri or ""
-    if not uri or uri.startswith("sqlite:"):
-        return True
-    return uri.startswith(("http://", "https://")) and is_loopback(urlparse(uri).hostname or "")
+        check_server(uri, wait)
+    except ServerUnreachable:
+        if marker is not None:
+            marker.touch()
+        raise
+    if marker is not None:
+        marker.unlink(missing_ok=True)
 
 
 def import_code(uri: str) -> None:
@@ -326,35 +200,6 @@ def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
 
 
 # ---- runs left RUNNING by a process that died (kill -9, a crashed machine) ----------------------
-
-def process_tags() -> dict[str, str]:
-    """Where this run runs: host, process id and that process's start time (a pid is reused), and
-    in a SLURM job its id (``<array job>_<task>`` for a sweep's job, as squeue and sacct name it)."""
-    import psutil
-
-    tags = {"catnet.host": socket.gethostname(), "catnet.pid": str(os.getpid()),
-            "catnet.pid_started": f"{psutil.Process().create_time():.3f}"}
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        tags[SLURM_TAG] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    elif os.environ.get("SLURM_JOB_ID"):
-        tags[SLURM_TAG] = os.environ["SLURM_JOB_ID"]
-    return tags
-
-
-def process_alive(pid: int, started: float) -> bool:
-    """Whether the process that started the run still exists (same pid and start time)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started != started or abs(proc.create_time() - started) < 1.0  # NaN: start unknown
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # no permission to look: it exists
-        return True
-
 
 def close_orphans(client, experiment_id: str) -> list[str]:
     """Mark KILLED, with the reason, the RUNNING runs of this host whose process is gone.

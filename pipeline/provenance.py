@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 
 from omegaconf import DictConfig
@@ -185,3 +186,20 @@ def dvc_exp_changes() -> list[str]:
         return []
     return [f"{k}={v.replace(', ', ',')}" for k, v in ran.items()
             if default.get(k) != v and not k.startswith(("tracking.", "paths.", "hydra"))]
+
+
+SLURM_TAG = "catnet.slurm.job_id"  # the SLURM job a run ran in
+
+
+def process_tags() -> dict[str, str]:
+    """Where this run runs: host, process id and that process's start time (a pid is reused), and
+    in a SLURM job its id (``<array job>_<task>`` for a sweep's job, as squeue and sacct name it)."""
+    import psutil
+
+    tags = {"catnet.host": socket.gethostname(), "catnet.pid": str(os.getpid()),
+            "catnet.pid_started": f"{psutil.Process().create_time():.3f}"}
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        tags[SLURM_TAG] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    elif os.environ.get("SLURM_JOB_ID"):
+        tags[SLURM_TAG] = os.environ["SLURM_JOB_ID"]
+    return tags
