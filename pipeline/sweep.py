@@ -68,6 +68,7 @@ class MlflowSweep(Callback):
             _order(config)
             check_choice("sweep.direction", config.sweep.direction, ("maximize", "minimize"))
             refuse_unreachable_store(config)
+            refuse_missing_engine(config)
             if config.hydra.sweeper.get("study_name"):  # an Optuna search's pruner and sampler
                 search.check(config.hydra.sweeper)
             if config.tracking.enabled:  # a store that cannot be opened (a server that does not answer,
@@ -238,6 +239,34 @@ def refuse_unreachable_store(config: DictConfig) -> None:
         raise ConfigError(f"tracking.uri={config.tracking.uri}: the jobs run on the Ray cluster at {address}, "
                           "whose nodes cannot reach this machine's local store; set tracking.uri to an MLflow "
                           "server every node reaches, e.g. http://<server>:5000 (README: Team mode)")
+
+
+def refuse_missing_engine(config: DictConfig) -> None:
+    """A launcher whose engine is not there fails the sweep before any run: SLURM's ``sbatch`` not on
+    this machine, a Ray cluster address (``<host>:<port>``, ``ray://<host>:<port>``, or
+    ``RAY_ADDRESS`` for ``auto``) where nothing answers."""
+    import shutil
+    import socket
+    from urllib.parse import urlparse
+
+    target = str(config.hydra.launcher.get("_target_", ""))
+    if "slurm" in target.lower() and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher=slurm: SLURM's sbatch is not on this machine's PATH; run the sweep where "
+                          "SLURM is (a login node), or choose another launcher (hydra/launcher=joblib)")
+    if "ray_cluster" not in target:
+        return
+    address = str(((config.hydra.launcher.get("ray") or {}).get("init") or {}).get("address") or "")
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "auto", "local", "None"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 10001), timeout=5):
+            pass
+    except OSError as e:
+        raise ConfigError(f"hydra.launcher.ray.init.address={address}: no Ray cluster answers there "
+                          f"({e.strerror or e}); start one (ray start --head) or give its address") from None
 
 
 def sweep_name(config: DictConfig) -> tuple[str, str]:
