@@ -50,7 +50,8 @@ def compare(cfg: DictConfig):
 
     order = query.metric_order(cfg.objective, cfg.fallback)  # refuses a test/ metric first
     client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
-    runs = query.finished_runs_frame(experiment_id, cfg.parent, cfg.max_runs)
+    top = query.run_of(client, cfg.parent, "parent").info.run_id if cfg.parent else None
+    runs = query.finished_runs_frame(experiment_id, top, cfg.max_runs)
     if runs.empty:
         raise ConfigError(f"no finished runs in experiment {cfg.experiment!r}"
                           + (f" under parent {cfg.parent}" if cfg.parent else "")
@@ -88,7 +89,7 @@ def compare(cfg: DictConfig):
     atomic_write(png, lambda f: _plot(f, histories), mode="wb")
     print(text)
     if cfg.parent:
-        parent.attach(client, cfg.parent, (md, csv, png), "compare")
+        parent.attach(client, top, (md, csv, png), "compare")
     log.info("compare: %d runs -> %s, %s, %s", len(table), md, csv, png)
     return table
 

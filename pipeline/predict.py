@@ -121,10 +121,13 @@ def predict(cfg: DictConfig) -> int:
 
 
 def load_model(cfg: DictConfig):
-    from pipeline.tracking import model, store
+    from pipeline.tracking import model, query, store
 
-    store.client(cfg)  # models:/ and runs:/ URIs resolve through the configured store
-    return model.load(cfg.model_uri)
+    client = store.client(cfg)  # models:/ and runs:/ URIs resolve through the configured store
+    uri = str(cfg.model_uri)
+    if uri.startswith("runs:/") and len(given := uri[6:].split("/", 1)[0]) < 32:  # a run id's prefix
+        uri = uri.replace(given, query.run_of(client, given, "model_uri").info.run_id, 1)
+    return model.load(uri)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")

@@ -49,7 +49,8 @@ def register(cfg: DictConfig) -> dict:
     if cfg.run_id:
         return _register_chosen(cfg, str(cfg.run_id))
     client, experiment_id = store.open_store(cfg, experiment=cfg.experiment, create=False)
-    runs = query.finished_runs(client, experiment_id, cfg.parent, with_model=True)
+    parent = query.run_of(client, cfg.parent, "parent").info.run_id if cfg.parent else None
+    runs = query.finished_runs(client, experiment_id, parent, with_model=True)
     metric, ranked = query.rank(runs, lambda r: r.data.metrics, order, cfg.direction)
     if not ranked:
         raise ConfigError(f"no finished run with a model and a metric among {', '.join(order)} "
@@ -68,15 +69,12 @@ def register(cfg: DictConfig) -> dict:
 
 def _register_chosen(cfg: DictConfig, chosen: str) -> dict:
     """Register run ``chosen`` (a link: the run it reuses) under ``name`` and point ``alias`` at it."""
-    from pipeline.tracking import model, reuse, store
+    from pipeline.tracking import model, query, reuse, store
 
     client = store.client(cfg)
-    try:
-        run = client.get_run(chosen)
-    except Exception as e:  # noqa: BLE001 - MlflowException: no such run in this store
-        raise ConfigError(f"run_id={chosen}: no such run in {client.tracking_uri} ({str(e).splitlines()[0]})") from None
+    run = query.run_of(client, chosen)
     run_id = reuse.origin(run)
-    if run_id != chosen:
+    if run_id != run.info.run_id:
         run = client.get_run(run_id)
     if run.info.status != "FINISHED":
         raise ConfigError(f"run_id={chosen}: the run is {run.info.status}, not FINISHED: it has no model to register")

@@ -69,7 +69,7 @@ ConfigStore.instance().store(name="reproduce_schema", node=ReproduceConfig)
 def reproduce(cfg: DictConfig) -> int:
     """Reproduce run ``cfg.run_id``; the exit status (0 identical, 1 differs). What stops it
     raises a ConfigError (exit 2)."""
-    from pipeline.tracking import reuse, store
+    from pipeline.tracking import query, reuse, store
 
     from catnet.errors import check_choice
 
@@ -80,11 +80,11 @@ def reproduce(cfg: DictConfig) -> int:
         raise ConfigError("run_id=<id> is required: the run to reproduce (the MLflow UI or python -m pipeline.compare "
                           "show run ids)")
     client = store.client(cfg)
-    run = _run(client, str(cfg.run_id))
+    run = query.run_of(client, str(cfg.run_id))
     if reuse.origin(run) != run.info.run_id:  # a sweep's link: the run that trained
         log.info("reproduce: run %s links run %s, which trained: reproducing that one", run.info.run_id,
                  reuse.origin(run))
-        run = _run(client, reuse.origin(run))
+        run = client.get_run(reuse.origin(run))
     commit, digest = refusal(run, client)
     experiment = client.get_experiment(run.info.experiment_id).name
     original = f"run {run.info.run_id} '{run.info.run_name}'"
@@ -139,15 +139,6 @@ def environment(cfg: DictConfig, tree: Path, run, commit: str) -> tuple[str, lis
                                int(cfg.envs_kept), commit)
     print(f"  {line}")
     return str(python), []
-
-
-def _run(client, run_id: str):
-    try:
-        return client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MlflowException: no such run in this store
-        hint = "" if client.tracking_uri.startswith("http") else "; a team's server: tracking.uri=http://<server>:5000"
-        raise ConfigError(f"run_id={run_id}: no such run in {client.tracking_uri} "
-                          f"({str(e).splitlines()[0]}{hint})") from None
 
 
 def refusal(run, client) -> tuple[str, str]:

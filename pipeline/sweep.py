@@ -199,7 +199,7 @@ def _warm(uri: str | None) -> int:
     if uri is not None:
         from pipeline.tracking import store
 
-        store.import_code(uri)
+        store.import_mlflow()
     gc.freeze()  # what was imported stays: the jobs' garbage collections (and the worker's exit) skip it
     return os.getpid()
 

@@ -161,7 +161,7 @@ def test_a_run_from_a_dirty_tree_or_an_unknown_commit_is_refused_in_one_line(rep
     with pytest.raises(ConfigError, match="its commit 0123456789ab is not in this repository"):
         reproduce_in_process(cfg)
     cfg.run_id = "f" * 32
-    with pytest.raises(ConfigError, match=f"run_id={'f' * 32}: no such run in sqlite:///"):
+    with pytest.raises(ConfigError, match=f"run_id={'f' * 32}: no run in sqlite:///"):
         reproduce_in_process(cfg)
 
 

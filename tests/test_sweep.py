@@ -81,7 +81,8 @@ def test_parallel_sweep_gives_one_parent_and_four_full_children(sweep_store):
 @pytest.mark.slow
 def test_register_picks_by_rank_or_takes_the_run_the_user_chose(sweep_store, tmp_path):
     """register picks the best child by a metric (either direction), or registers the run named by
-    ``run_id``; each version is that run's model, which predicts from image files."""
+    ``run_id`` (whole, or the 8 characters compare prints); each version is that run's model, which
+    predicts from image files, as does ``runs:/<8 characters>/model``."""
     import h5py
     from conftest import REAL_TEST
     from PIL import Image
@@ -103,21 +104,25 @@ def test_register_picks_by_rank_or_takes_the_run_the_user_chose(sweep_store, tmp
     by_id = {r.info.run_id: r for r in runs}
     assert picked["minimize"] != picked["maximize"]
     chosen = next(r.info.run_id for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.run_id not in picked.values())
-    reg = run_cli(f"tracking.uri={uri}", f"run_id={chosen}", "name=chosen", "alias=mine", module="pipeline.register")
+    reg = run_cli(f"tracking.uri={uri}", f"run_id={chosen[:8]}", "name=chosen", "alias=mine", module="pipeline.register")
     assert f"= run {chosen} (chosen by run_id)" in reg.stdout
+    pred = run_cli(f"model_uri=runs:/{chosen[:8]}/model", images, f"tracking.uri={uri}", module="pipeline.predict")
+    assert len(pred.stdout.strip().splitlines()) == 4
     from mlflow import MlflowClient
 
     version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("chosen", "mine")
     assert version.run_id == chosen and version.source == by_id[chosen].data.tags["catnet.model_uri"]
-    bad = run_cli(f"tracking.uri={uri}", "run_id=0123abc", module="pipeline.register", check=False)
-    assert bad.returncode == 2 and bad.stderr.startswith("catnet: error: run_id=0123abc: no such run")
+    for given, says in (("0123abc", "give a run's id, or at least its first 8 characters"),
+                        ("0123abcd", "no run in ")):
+        bad = run_cli(f"tracking.uri={uri}", f"run_id={given}", module="pipeline.register", check=False)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"catnet: error: run_id={given}: {says}"), bad.stderr
 
 
 def test_compare_report_lists_the_sweep_and_logs_to_its_parent(sweep_store):
     client, runs = runs_of(sweep_store["uri"])
     parent = next(r for r in runs if r.data.tags.get("catnet.sweep") == "parent")
     out = sweep_store["tmp"] / "compare"
-    proc = run_cli(f"tracking.uri={sweep_store['uri']}", "experiment=test", f"parent={parent.info.run_id}",
+    proc = run_cli(f"tracking.uri={sweep_store['uri']}", "experiment=test", f"parent={parent.info.run_id[:8]}",
                    f"out_dir={out}", module="pipeline.compare")
     import pandas as pd
 

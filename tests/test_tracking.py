@@ -150,14 +150,14 @@ def test_mlflow_is_imported_once_with_the_garbage_collector_paused_then_out_of_i
     from pipeline.common import ROOT
 
     code = ("import gc, sys; from pipeline.tracking import store\n"
-            "store.import_code('sqlite:///x.db'); frozen = gc.get_freeze_count()\n"
-            "store.import_code('sqlite:///x.db')\n"
-            "print(frozen, gc.get_freeze_count(), gc.isenabled(), 'mlflow.store.tracking.sqlalchemy_store' in sys.modules)")
+            "store.import_mlflow(); frozen = gc.get_freeze_count()\n"
+            "store.import_mlflow()\n"
+            "print(frozen, gc.get_freeze_count(), gc.isenabled())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    frozen, again, enabled, store_code = out.stdout.split()
+    frozen, again, enabled = out.stdout.split()
     assert int(frozen) > 100_000 and int(again) == int(frozen)
-    assert enabled == "True" and store_code == "True"
+    assert enabled == "True"
 
 
 def test_a_model_pins_the_versions_this_process_imported(cfg, store, tmp_path):
@@ -250,3 +250,33 @@ def test_reproduce_sees_a_difference_of_one_unit_in_the_last_place():
     assert weight_differences(a, {**a, "W1": a["W1"].astype(np.float64)})[1].startswith("    W1: float32(6, 4)")
     assert weight_differences(a, {"W1": a["W1"]}) == ["  weights.npz: arrays ['W1', 'W2'] -> ['W1']"]
     assert _same(float("nan"), float("nan")) and not _same(0.5, np.nextafter(0.5, 1.0))
+
+
+def test_a_run_is_found_by_its_whole_id_or_a_unique_prefix_of_8(store):
+    """query.run_of: the whole id, 8 or more of its first characters (any case), in any experiment;
+    fewer, or a prefix no run or several runs have, is a one-line error naming the knob."""
+    from catnet.errors import ConfigError
+    from pipeline.tracking import query
+
+    client, _ = runs_of(store["uri"])
+    other = client.create_experiment("other")
+    run_id = client.create_run(other).info.run_id
+    for given in (run_id, run_id[:8], run_id[:12].upper()):
+        assert query.run_of(client, given).info.run_id == run_id
+    with pytest.raises(ConfigError, match=f"parent={run_id[:7]}: give a run's id, or at least its first 8"):
+        query.run_of(client, run_id[:7], "parent")
+    absent = ("0" if run_id[0] != "0" else "1") * 8
+    with pytest.raises(ConfigError, match=f"run_id={absent}: no run in sqlite:///"):
+        query.run_of(client, absent)
+
+    class Two:  # two runs share 8 characters: rare with uuid4 ids, so a stub says it
+        tracking_uri = "sqlite:///x.db"
+
+        def search_experiments(self, view_type):
+            return [type("E", (), {"experiment_id": "1"})]
+
+        def search_runs(self, *args, **kwargs):
+            return [type("R", (), {"info": type("I", (), {"run_id": f"abcdef01{n * 24}"})}) for n in "12"]
+
+    with pytest.raises(ConfigError, match="run_id=abcdef01: 2 runs .* give more of it"):
+        query.run_of(Two(), "abcdef01")

@@ -80,11 +80,8 @@ class RecordLost(CatnetError):
 
 
 def bound_retries() -> None:
-    """Leave waiting out an outage to ``patiently``, with one rule for every request: MLflow's own
-    HTTP retries (7 with a backoff factor of 2 by default, about 4 minutes, then up to 2 minutes
-    between attempts after the server is back) are turned off, so a request that cannot reach the
-    server fails at once and ``patiently`` asks again as soon as the server answers. MLflow reads
-    these variables at each request, in this process and the processes it starts."""
+    """MLflow's own HTTP retries off (7, with backoff: about 4 minutes, then up to 2 minutes late once
+    the server is back): ``patiently`` asks again as soon as the server answers. Read per request."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 

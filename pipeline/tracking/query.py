@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
+from catnet.errors import ConfigError
 from pipeline.config import refuse_test_metric  # noqa: F401 - the rule lives with the config's checks
 
 CV_METRIC = "cv/balanced_accuracy"
@@ -123,3 +124,24 @@ def identical(client, experiment_id: str, key: str) -> Earlier | None:
         return None
     run = trained[0]
     return Earlier(run.info.run_id, run.info.run_name, dict(run.data.metrics), dict(run.data.tags))
+
+
+def run_of(client, given: str, knob: str = "run_id"):
+    """The run ``given`` names: its whole id, or a prefix of at least 8 characters that only it has
+    (``compare`` prints 8), in any experiment of the store. A ConfigError naming ``knob`` if none
+    or several do."""
+    import re
+
+    from mlflow.entities import ViewType
+
+    given = str(given).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,32}", given):
+        raise ConfigError(f"{knob}={given}: give a run's id, or at least its first 8 characters")
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(experiments, f"attributes.run_id LIKE '{given}%'", run_view_type=ViewType.ALL,
+                              max_results=3) if experiments else []
+    if len(runs) != 1:
+        what = "no run" if not runs else f"{'more than 2' if len(runs) > 2 else 2} runs ({', '.join(r.info.run_id for r in runs[:2])})"
+        raise ConfigError(f"{knob}={given}: {what} in {client.tracking_uri} {'has' if not runs else 'have'} that id"
+                          + ("; a team's server: tracking.uri=http://<server>:5000" if not runs else "; give more of it"))
+    return runs[0]

@@ -75,27 +75,19 @@ def wait_for_server(cfg: DictConfig, folder: Path | None) -> None:
         marker.unlink(missing_ok=True)
 
 
-def import_code(uri: str) -> None:
-    """Import MLflow and the code of the store at ``uri`` (SQLAlchemy and Alembic for a database),
-    without opening it: what a process that will write there pays once.
-
-    The imports make about 200,000 objects that live as long as the process; the garbage
-    collector, left on, went over them again and again while they were made and after (about 1 s
-    of a run). So it pauses for the imports, and what is alive then is frozen out of its reach
-    (``gc.freeze``): objects that become garbage later are collected as before."""
+def import_mlflow() -> None:
+    """Import MLflow, once. Its import makes about 200,000 objects that live as long as the process;
+    the garbage collector pauses for it, then they are frozen out of its reach (``gc.freeze``), which
+    spares a run about a second of collections."""
     import gc
-    import importlib
     import sys
 
-    modules = ["mlflow"] + ([] if uri.startswith(("http://", "https://")) else ["mlflow.store.tracking.sqlalchemy_store"])
-    missing = [m for m in modules if m not in sys.modules]
-    if not missing:
+    if "mlflow" in sys.modules:
         return
     enabled = gc.isenabled()
     gc.disable()
     try:
-        for name in missing:
-            importlib.import_module(name)
+        import mlflow  # noqa: F401
     finally:
         gc.freeze()
         if enabled:
@@ -106,7 +98,7 @@ def client(cfg: DictConfig):
     """An MlflowClient on the configured store (tracking and registry), which must answer; of a
     server, one that waits out an outage of it (``Patient``: tracking.retry_seconds)."""
     uri, _ = store_uri(cfg)
-    import_code(uri)
+    import_mlflow()
     import mlflow
 
     mlflow.set_tracking_uri(uri)  # model logging and loading resolve URIs through the fluent API
@@ -121,8 +113,7 @@ def client(cfg: DictConfig):
 
 
 def check_login(client, uri: str) -> None:
-    """Fail in one line when the server asks for a login this process does not give, or refuses
-    it (MLflow's basic-auth app: make team-up's server), before anything is written."""
+    """One line, before anything is written, when the server wants a login not given, or refuses it."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -138,13 +129,9 @@ def check_login(client, uri: str) -> None:
 
 
 def open_store(cfg: DictConfig, experiment: str | None = None, create: bool = True):
-    """(client, experiment id) of ``experiment`` (default ``tracking.experiment``), created
-    with its description if ``create`` and new; runs of this host orphaned by a dead process are
-    closed on the way. Without ``create`` a missing experiment is a ConfigError.
-
-    A sweep's jobs that run in one process (Hydra's basic launcher) open a database store once:
-    the later ones take the same client and experiment, and leave runs of dead processes to the
-    next command. A server is asked each time: one that went away fails a job at once."""
+    """(client, experiment id) of ``experiment`` (default ``tracking.experiment``), created with its
+    description if ``create`` and new (else a ConfigError); runs of this host's dead processes closed.
+    A sweep's jobs in one process open a database store once; a server is asked each time."""
     name = experiment or cfg.tracking.experiment
     key = (store_uri(cfg)[0], name)
     if create and key in _OPENED and is_multirun() and not key[0].startswith(("http://", "https://")):
