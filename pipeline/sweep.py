@@ -104,8 +104,8 @@ class MlflowSweep(Callback):
             **({"sweep.study": str(hc.sweeper.study_name), "sweep.storage": search.shown(hc.sweeper.storage),
                 "sweep.pruner": str(hc.sweeper.pruner)} if hc.sweeper.get("study_name") else {}),
         })
-        self.record = parent.Parent(config, top, before=lambda: tracking.store.wait_for_server(
-            config, Path(str(config.hydra.sweep.dir))))
+        # the sweep's end waits tracking.retry_seconds for a server, even one a job gave up on
+        self.record = parent.Parent(config, top, before=lambda: tracking.store.wait_for_server(config, None))
         self.parent_id = self.record.open()
         os.environ[tracking.PARENT_ENV] = self.parent_id
         log.info("sweep: MLflow parent run %s", self.parent_id)

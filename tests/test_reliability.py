@@ -218,11 +218,11 @@ class _Server:
 
 
 def test_a_request_waits_for_the_server_until_retry_seconds_since_it_stopped_answering():
-    """tracking.retry_seconds is one rule for every request (store.patiently): a request that
+    """tracking.retry_seconds is one rule for every request (outage.patiently): a request that
     cannot reach the server is asked again once the server answers its health check, however
     long that takes within the seconds; past them, the request's own error; any other error at
     once. Counted, not timed."""
-    from pipeline.tracking.store import patiently
+    from pipeline.tracking.outage import patiently
 
     back = _Server(up_after=3)  # the health check answers at its 4th asking (about 3 s)
     assert patiently(back.uri, 60, back.request) == "written"
@@ -243,7 +243,7 @@ def test_a_request_waits_for_the_server_until_retry_seconds_since_it_stopped_ans
 
 def test_mlflow_s_own_retries_are_off_so_that_one_rule_waits():
     """A server that hangs up on every request sees exactly one attempt of an MLflow request (its
-    own default is 7 retries over about 4 minutes): the waiting is catnet's (store.patiently)."""
+    own default is 7 retries over about 4 minutes): the waiting is catnet's (outage.patiently)."""
     import socket
     import threading
 

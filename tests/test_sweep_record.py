@@ -144,7 +144,7 @@ def test_a_sweeps_counts_and_best_child_come_from_its_runs(tmp_path):
     assert result["status"] == "FAILED" and result["reason"] == "2 of 7 jobs failed" and result["lost"] == []
     assert result["summary"]["best_run_id"] == best
     assert client.get_run(left).info.status == "FAILED"
-    assert "its job ended without closing its run" in client.get_run(left).data.tags["catnet.failure"]
+    assert "its job ended; closed by the sweep" in client.get_run(left).data.tags["catnet.failure"]
     made = [r for r in parent.children(client, top) if r.info.run_name == "#9 seed=9"]
     assert [(r.info.status, r.data.params) for r in made] == [("FAILED", {"seed": "9"})]
     assert "recorded by the sweep" in made[0].data.tags["catnet.failure"]

@@ -248,8 +248,10 @@ class OptunaSearch(Sweeper):
 
         try:
             (ret,) = self.launcher.launch([job], initial_job_idx=idx)
-        except Terminated:  # SIGTERM (Ctrl-C is no Exception): the search stops
-            raise
+        except Terminated as e:  # SIGTERM (Ctrl-C is no Exception): the search stops, from its main thread;
+            if threading.current_thread() is threading.main_thread():  # a trial's thread hands it over
+                raise
+            return None, e
         except Exception as e:  # noqa: BLE001 - told to the study as FAIL; the sweep goes on
             return None, e
         sweep.returned(ret)

@@ -88,10 +88,8 @@ def abort(client, parent_id: str, status: str, reason: str) -> None:
 
 
 def count(outcomes: list[dict]) -> dict[str, int]:
-    """The jobs by outcome (``outcome``). ``diverged``: FAILED because the training diverged or
-    collapsed (a result of the configuration, not a failure of the sweep); ``failed``: FAILED for
-    another reason; ``pruned``: KILLED by the search's pruner (a result); ``killed``: KILLED otherwise
-    (stopped); ``running``: never ended."""
+    """The jobs by outcome: ``diverged`` (FAILED by its training: a result, as ``pruned`` by the search
+    is), ``failed`` (FAILED otherwise), ``killed`` (stopped), ``running`` (never ended)."""
     statuses = [o.get("status") for o in outcomes]
     diverged = sum(1 for o in outcomes if o.get("status") == "FAILED" and o.get("diverged"))
     pruned = sum(1 for o in outcomes if o.get("status") == "KILLED" and o.get("pruned") is not None)
@@ -153,8 +151,10 @@ def finish(client, parent_id: str, jobs: list, order: Sequence[str], direction: 
     try:
         if before is not None:
             before()
+        why = {o["run"]: o.get("reason") for o in said if o.get("run")}  # a job's reason, if it returned one
         for child in children(client, parent_id, "RUNNING"):
-            close(client, child.info.run_id, "FAILED", "its job ended without closing its run; closed by the sweep")
+            close(client, child.info.run_id, "FAILED", f"{why.get(child.info.run_id) or 'its job ended'}; "
+                  "closed by the sweep: the job could not close its run")
         for job in (o for o in said if o["status"] == "FAILED" and not o.get("run") and o.get("job")):
             record_failed(client, parent_id, job)
         outcomes = [outcome(r) for r in children(client, parent_id)]
