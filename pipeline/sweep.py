@@ -243,10 +243,11 @@ def refuse_unreachable_store(config: DictConfig) -> None:
 
 def refuse_missing_engine(config: DictConfig) -> None:
     """A launcher whose engine is not there fails the sweep before any run: SLURM's ``sbatch`` not on
-    this machine, a Ray cluster address (``<host>:<port>``, ``ray://<host>:<port>``, or
-    ``RAY_ADDRESS`` for ``auto``) where nothing answers."""
+    this machine, a Ray cluster address (``<host>:<port>``, ``ray://<host>:<port>``, or for ``auto``
+    what Ray would use: ``RAY_ADDRESS``, else the cluster ``ray start`` recorded) where nothing answers."""
     import shutil
     import socket
+    import tempfile
     from urllib.parse import urlparse
 
     target = str(config.hydra.launcher.get("_target_", ""))
@@ -256,9 +257,13 @@ def refuse_missing_engine(config: DictConfig) -> None:
     if "ray_cluster" not in target:
         return
     address = str(((config.hydra.launcher.get("ray") or {}).get("init") or {}).get("address") or "")
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS", "")
-    if address in ("", "auto", "local", "None"):
+    if address == "auto":  # as Ray resolves it: RAY_ADDRESS, else the cluster `ray start` last recorded here
+        recorded = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        address = os.environ.get("RAY_ADDRESS") or (recorded.read_text().strip() if recorded.is_file() else "")
+        if not address:
+            raise ConfigError("hydra.launcher.ray.init.address=auto: no Ray cluster runs on this machine; start "
+                              "one (ray start --head) or give its address")
+    if address in ("local", "None"):
         return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
     try:

@@ -301,8 +301,9 @@ def test_a_remote_ray_cluster_with_a_store_only_this_host_reaches_is_refused(tmp
 
 
 def test_a_launcher_whose_engine_is_missing_is_refused_before_any_run(tmp_path):
-    """SLURM's sbatch not on PATH, or a Ray cluster address where nothing answers: exit 2 with one
-    line naming what is missing, no traceback, no run in the store (not even the sweep's parent)."""
+    """SLURM's sbatch not on PATH, or a Ray cluster address where nothing answers (given, or ``auto``
+    with no cluster or a stale one): exit 2 with one line naming what is missing, no traceback, no
+    run in the store (not even the sweep's parent)."""
     import shutil
 
     import_or_skip("ray", reason="the cluster extra is not installed (make setup-cluster)")
@@ -313,10 +314,14 @@ def test_a_launcher_whose_engine_is_missing_is_refused_before_any_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cases = [(["hydra/launcher=slurm"], {"PATH": str(tools)}, "hydra/launcher=slurm: SLURM's sbatch is not on"),
              (["hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address=127.0.0.1:{free_port()}"], {},
+              "no Ray cluster answers there"),
+             (["hydra/launcher=ray_cluster"], {"RAY_TMPDIR": str(tmp_path / "no-ray")},  # auto, no cluster here
+              "address=auto: no Ray cluster runs on this machine"),
+             (["hydra/launcher=ray_cluster"], {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"},  # auto, a stale address
               "no Ray cluster answers there")]
     for args, env, says in cases:
         proc = run_cli("-m", "seed=0,1", *args, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
-                       env=env, check=False)
+                       env=env, check=False, drop=("RAY_ADDRESS",))
         assert proc.returncode == 2, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("catnet: error: ") and says in last, proc.stderr[-2000:]
